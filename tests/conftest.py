@@ -1,0 +1,64 @@
+"""Shared fixtures: offline models and real media. Nothing here reaches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["YOLO_OFFLINE"] = "1"  # before ultralytics is imported anywhere
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from yolo_vq import assets
+
+DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
+
+# Architecture-only models (random weights, built from YAML, offline). Ultralytics 8.4 predicts YOLO26 with its
+# one-to-many head + NMS unless predict(..., nms=False) selects the end-to-end (one-to-one) head.
+FAMILIES = [
+    ("yolov8n.yaml", "detect"),
+    ("yolo11n.yaml", "detect"),
+    ("yolo11n-seg.yaml", "segment"),
+    ("yolo11n-pose.yaml", "pose"),
+    ("yolo11n-obb.yaml", "obb"),
+    ("yolo26n.yaml", "detect"),
+]
+
+
+def yolo(cfg: str):
+    """A fresh YOLO model from a YAML (or .pt) path, seeded for reproducible random weights."""
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    return YOLO(cfg, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def pose_model_path():
+    return str(assets.pose_weights())
+
+
+@pytest.fixture(scope="session")
+def bus():
+    return cv2.imread(str(assets.ultralytics_image("bus.jpg")))
+
+
+@pytest.fixture(scope="session")
+def zidane():
+    return cv2.imread(str(assets.ultralytics_image("zidane.jpg")))
+
+
+@pytest.fixture(scope="session")
+def bikes_frames() -> list[np.ndarray]:
+    """Frames 30-41 of bikes.mp4 (640x272 BGR), where riders and pedestrians appear (none before frame 30)."""
+    cap = cv2.VideoCapture(str(assets.bikes_video()))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 30)
+    frames = []
+    while len(frames) < 12:
+        ok, f = cap.read()
+        assert ok, "bikes.mp4 could not be decoded"
+        frames.append(f)
+    cap.release()
+    return frames

@@ -1,0 +1,202 @@
+"""Per-detection embeddings: dims per family, box mapping, anchor parity with Ultralytics, real-image identity."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+import yolo_vq.embed
+from tests.conftest import FAMILIES, yolo
+from yolo_vq import BoxEmbedder, Detections, Embedder, Tap, load_recipe
+from yolo_vq._rows import head_candidates, match_rows
+from yolo_vq.embed import anchor_features
+from yolo_vq.letterbox import image_region, to_input
+
+LOW = 1e-9  # random-weight YAML models score ~1e-5: keep their boxes for plumbing tests
+
+
+@pytest.mark.parametrize("recipe", ["default", "head-avg", "anchor", "colour"])
+@pytest.mark.parametrize("cfg,task", FAMILIES + [("yolo26n.yaml", "e2e")])
+def test_embedding_dims_every_family(cfg, task, recipe, bus):
+    model = yolo(cfg)
+    with Embedder(model, recipe) as emb:
+        r = model.predict(bus, imgsz=320, conf=LOW, verbose=False, **({"nms": False} if task == "e2e" else {}))[0]
+    assert model.predictor.model.end2end == (task == "e2e")
+    e = r.vq_embeddings
+    n = len(r.obb if task == "obb" else r.boxes)
+    assert n > 0
+    assert e.shape == (n, emb.dim) and e.dtype == np.float32
+    assert np.isfinite(e).all()
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    assert r.vq_image_embedding.ndim == 1 and np.isfinite(r.vq_image_embedding).all()
+    if recipe == "default":  # stride-4 stripes (C x 6) + 6 stripes x 72 HSV bins
+        assert emb.dim == emb.taps[0].channels * 6 + 6 * 72 and emb.taps[0].stride == 4
+    d = Detections.from_ultralytics(r)
+    assert d.embeddings.shape == e.shape
+
+
+def test_empty_frame_gives_empty_rows(pose_model_path):
+    from ultralytics import YOLO
+
+    model = YOLO(pose_model_path)
+    with Embedder(model) as emb:
+        r = model.predict(np.zeros((240, 320, 3), np.uint8), verbose=False)[0]
+    assert len(r.boxes) == 0
+    assert r.vq_embeddings.shape == (0, emb.dim) and r.vq_embeddings.dtype == np.float32
+    assert Detections.from_ultralytics(r).embeddings.shape == (0, emb.dim)
+
+
+def test_deterministic(pose_model_path, zidane):
+    from ultralytics import YOLO
+
+    model = YOLO(pose_model_path)
+    with Embedder(model) as emb:
+        a = model.predict(zidane, verbose=False)[0].vq_embeddings
+        b = model.predict(zidane, verbose=False)[0].vq_embeddings
+    assert len(a) >= 2
+    np.testing.assert_array_equal(a, b)
+
+
+def test_roi_pooling_equals_manual_roi_align_on_letterboxed_input(pose_model_path, bikes_frames):
+    """640x272 at imgsz 320: gain 0.5, input 320x160 with 12 px bands top and bottom (computed here by hand)."""
+    from ultralytics import YOLO
+
+    model = YOLO(pose_model_path)
+    recipe = {"mode": "roi", "levels": [{"layer": "s8", "grid": [2, 1], "samples": 1}], "level_norm": False,
+              "final_norm": False}
+    frame = bikes_frames[5]
+    with Embedder(model, recipe) as emb, Tap(model, ["s8"]) as tap:
+        r = model.predict(frame, imgsz=320, conf=0.05, verbose=False)[0]
+        im, (fmap,) = tap.pop()
+    assert im.shape[2:] == (160, 320)
+    n = len(r.boxes)
+    assert n > 0
+    boxes = r.boxes.xyxy.clone() * 0.5  # gain = min(160/272, 320/640)
+    boxes[:, [1, 3]] += 12  # pad = round((160 - 136) / 2 - 0.1)
+    ref = roi_align(fmap.float().contiguous(), [boxes], (2, 1), spatial_scale=1 / 8, sampling_ratio=2, aligned=True)
+    ref = ref.permute(0, 2, 3, 1).flatten(1).numpy()  # cell-major, as documented
+    np.testing.assert_allclose(r.vq_embeddings, ref, atol=1e-4, rtol=1e-4)
+    assert emb.dim == ref.shape[1]
+
+
+def test_window_crops_equal_whole_map_pooling(pose_model_path, bikes_frames, monkeypatch):
+    """The CPU fast path (each box pooled on its own window of a channels_last map) equals whole-map RoIAlign."""
+    from ultralytics import YOLO
+
+    model = YOLO(pose_model_path)
+    with Tap(model, ["s4"]) as tap:
+        r = model.predict(bikes_frames[3], imgsz=640, conf=0.05, verbose=False)[0]
+        im, maps = tap.pop()
+    be = BoxEmbedder(load_recipe("default"), tap.info)
+    xy = to_input(r.boxes.xyxy, r.orig_shape, im.shape[2:])
+    rois = torch.cat([torch.zeros(len(xy), 1), xy], 1)
+    fast, fast_img = be.embed(im, maps, rois, image=True)
+    monkeypatch.setattr(yolo_vq.embed, "_crops_pay", lambda t: False)
+    slow, slow_img = be.embed(im, maps, rois, image=True)
+    assert len(rois) > 0
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast_img, slow_img)
+
+
+@pytest.mark.parametrize("source", ["pose-pt", "yolov8n.yaml"])
+def test_anchor_mode_equals_ultralytics_reid_features(source, pose_model_path, zidane):
+    """Ultralytics' own per-box features: the tracker's Detect pre-hook (trackers/track.py) + get_obj_feats."""
+    model = yolo(pose_model_path if source == "pose-pt" else source)
+    conf = 0.25 if source == "pose-pt" else LOW
+    model.predict(zidane, conf=conf, verbose=False)  # build the predictor
+    predictor = model.predictor
+
+    def pre_hook(module, args):  # exactly what trackers/track.py registers for ReID "auto"
+        predictor._feats = list(args[0])
+
+    handle = predictor.model.model.model[-1].register_forward_pre_hook(pre_hook)
+    try:
+        with Embedder(model, {"mode": "anchor", "final_norm": False}):
+            r = model.predict(zidane, conf=conf, verbose=False)[0]
+    finally:
+        handle.remove()
+        predictor._feats = None
+    assert len(r.boxes) > 0
+    np.testing.assert_allclose(r.vq_embeddings, r.feats.cpu().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_anchor_recovered_for_end_to_end_head(bus):
+    """YOLO26's one-to-one head: the recovered anchor's own decoded box and score are the detection's."""
+    model = yolo("yolo26n.yaml")
+    with Tap(model, ["head"], capture_head=True) as tap, Embedder(model, {"mode": "anchor", "final_norm": False}):
+        r = model.predict(bus, imgsz=320, conf=LOW, verbose=False, nms=False)[0]  # nms=False: one-to-one head
+        out = tap.head_output
+        im, maps = tap.pop()
+        head = tap.module.model[-1]
+    assert head.end2end and len(r.boxes) > 0
+    xyxy = to_input(r.boxes.xyxy, r.orig_shape, im.shape[2:])
+    region = image_region(r.orig_shape, im.shape[2:])
+    conf, cls, geom, anchor = head_candidates(head, out, 0, region)
+    a = anchor[match_rows(r.boxes.conf, r.boxes.cls, xyxy, conf, cls, geom)]
+    raw = out[1].get("one2one", out[1])
+    decoded = head._inference(raw)[0]  # (4 + nc, A): xyxy boxes and scores of every anchor, one-to-one branch
+    lo, hi = torch.tensor(region[:2]), torch.tensor(region[2:])
+    raw_boxes = decoded[:4, a].T
+    clipped = torch.cat([raw_boxes[:, :2].clamp(lo, hi), raw_boxes[:, 2:].clamp(lo, hi)], 1)  # as scale_boxes clips
+    torch.testing.assert_close(clipped, xyxy, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(decoded[4:, a].max(dim=0).values, r.boxes.conf.float())
+    feats = anchor_features(maps, torch.zeros_like(a), a)
+    np.testing.assert_allclose(r.vq_embeddings, feats.numpy(), rtol=1e-6)
+
+
+def test_tracking_keeps_embeddings_on_their_boxes(pose_model_path, bikes_frames):
+    """model.track() drops, reorders and smooths boxes; each row keeps the embedding of its detection."""
+    from ultralytics import YOLO
+
+    frames = bikes_frames[:8]
+    plain_model, track_model = YOLO(pose_model_path), YOLO(pose_model_path)
+    with Embedder(plain_model) as _:
+        plain = [plain_model.predict(f, conf=0.1, verbose=False)[0] for f in frames]
+    with Embedder(track_model) as _:
+        tracked = [track_model.track(f, conf=0.1, persist=True, verbose=False)[0] for f in frames]
+    checked = 0
+    for p, t in zip(plain, tracked):
+        assert t.vq_embeddings.shape == (len(t.boxes), p.vq_embeddings.shape[1])
+        for j in range(len(t.boxes)):
+            i = int(np.argmin(np.abs(p.boxes.conf.numpy() - float(t.boxes.conf[j]))))
+            np.testing.assert_allclose(t.vq_embeddings[j], p.vq_embeddings[i], atol=1e-6)
+            checked += 1
+    assert checked > 0 and any(t.boxes.id is not None for t in tracked)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+    inter = np.prod(np.clip(rb - lt, 0, None))
+    return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
+
+
+@pytest.mark.parametrize("recipe", ["default", "s4-stripes", "colour"])
+def test_same_person_closer_after_shift_and_rescale(recipe, pose_model_path, zidane):
+    """Real weights, real image: each person re-found in a shifted, 0.8x-rescaled copy is nearest to itself."""
+    from ultralytics import YOLO
+
+    model = YOLO(pose_model_path)
+    s, dx, dy = 0.8, 37, 21
+    moved = np.full((640, 1100, 3), 114, np.uint8)
+    small = cv2.resize(zidane, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    moved[dy : dy + small.shape[0], dx : dx + small.shape[1]] = small
+    with Embedder(model, recipe):
+        a = model.predict(zidane, verbose=False)[0]
+        b = model.predict(moved, verbose=False)[0]
+    boxes_a = a.boxes.xyxy.numpy()
+    boxes_b = (b.boxes.xyxy.numpy() - [dx, dy, dx, dy]) / s  # back to the original frame
+    pairs = [(i, max(range(len(boxes_b)), key=lambda j: _iou(boxes_a[i], boxes_b[j]))) for i in range(len(boxes_a))]
+    pairs = [(i, j) for i, j in pairs if _iou(boxes_a[i], boxes_b[j]) > 0.7]
+    assert len(pairs) >= 2, "expected both people of zidane.jpg in both images"
+    for i, j in pairs:
+        same = _cos(a.vq_embeddings[i], b.vq_embeddings[j])
+        others = [_cos(a.vq_embeddings[i], b.vq_embeddings[k]) for _, k in pairs if k != j]
+        print(f"{recipe}: person {i}: cos to itself {same:.3f}, to others {np.round(others, 3).tolist()}")
+        assert same > max(others)

@@ -1,0 +1,30 @@
+"""yolo_vq: a searchable, compressed visual memory for Ultralytics YOLO pipelines."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import DEFAULT_RECIPE, ColourSpec, EmbedConfig, LevelSpec, list_recipes, load_recipe
+from .detections import Detections
+from .embed import BoxEmbedder
+from .embedder import Embedder
+from .tap import Tap, TapInfo, resolve_layers
+
+try:
+    __version__ = version("yolo-vq")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BoxEmbedder",
+    "ColourSpec",
+    "DEFAULT_RECIPE",
+    "Detections",
+    "EmbedConfig",
+    "Embedder",
+    "LevelSpec",
+    "Tap",
+    "TapInfo",
+    "list_recipes",
+    "load_recipe",
+    "resolve_layers",
+    "__version__",
+]
