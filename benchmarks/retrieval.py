@@ -45,8 +45,7 @@ RECIPES = {
                                       "colour": {"stripes": 6, "bins": [8, 3, 3], "weight": 0.7}},
     "s4-stripes-colour-center-c1.4": {"mode": "roi", "center": True, "levels": [{"layer": "s4", "grid": [6, 1]}],
                                       "colour": {"stripes": 6, "bins": [8, 3, 3], "weight": 1.4}},
-    "s4-8stripes-colour-center": {"mode": "roi", "center": True, "levels": [{"layer": "s4", "grid": [8, 1]}],
-                                  "colour": {"stripes": 8, "bins": [8, 3, 3]}},
+    "s4-8stripes-colour-center": "s4-8stripes-colour-center",
 }
 
 
@@ -101,7 +100,8 @@ def box_geometry(data: dict) -> np.ndarray:
 
 def main() -> None:
     from yolo_vq import assets
-    from yolo_vq.metrics import cosine_scores, retrieval_scores, valid_queries
+    from yolo_vq.config import DEFAULT_RECIPE
+    from yolo_vq.metrics import bootstrap_map, cosine_scores, retrieval_scores, valid_queries
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--video", type=Path, default=None, help="default: vtest.avi from Debian's opencv-doc")
@@ -136,12 +136,23 @@ def main() -> None:
     n_tracks = len(np.unique(data["track"][data["track"] >= 0]))
     print(f"\nvideo {args.video.name}, model {args.model.name}, imgsz {args.imgsz}, {data['frame'].max() + 1} frames, "
           f"{len(data['track'])} detections, {n_tracks} tracks, {len(q)} queries, G={args.gap}\n")
-    print(f"| {'recipe':28s} | {'dim':>5s} | {'mAP':>6s} | {'Rank-1':>6s} | {'R@10':>6s} |")
-    print(f"|{'-' * 30}|{'-' * 7}|{'-' * 8}|{'-' * 8}|{'-' * 8}|")
-    table = [("box-geometry (sanity)", box_geometry(data))] + [(n, data[n]) for n in RECIPES if n in data]
-    for name, emb in table:
-        s = retrieval_scores(cosine_scores(emb, q), q, data["track"], data["frame"], args.gap)
-        print(f"| {name:28s} | {emb.shape[1]:5d} | {s.mAP:6.3f} | {s.rank1:6.3f} | {s.recall10:6.3f} |")
+    ref_name = DEFAULT_RECIPE if DEFAULT_RECIPE in data else None
+    scores = {name: retrieval_scores(cosine_scores(emb, q), q, data["track"], data["frame"], args.gap)
+              for name, emb in [("box-geometry (sanity)", box_geometry(data))] + [(n, data[n]) for n in RECIPES
+                                                                             if n in data]}
+    qt = data["track"][q]
+    print(f"mAP 95% intervals resample whole tracks; 'vs default' is the paired mAP difference to {ref_name}.\n")
+    print(f"| {'recipe':30s} | {'dim':>5s} | {'mAP':>6s} | {'mAP 95% CI':>13s} | {'vs default':>15s} | "
+          f"{'Rank-1':>6s} | {'R@10':>6s} |")
+    print(f"|{'-' * 32}|{'-' * 7}|{'-' * 8}|{'-' * 15}|{'-' * 17}|{'-' * 8}|{'-' * 8}|")
+    for name, s in scores.items():
+        dim = 4 if name.startswith("box") else data[name].shape[1]
+        lo, hi = bootstrap_map(s.ap, qt)
+        vs = "" if ref_name is None or name == ref_name else \
+            "{:+.3f} {:+.3f}".format(*bootstrap_map(s.ap, qt, baseline=scores[ref_name].ap))
+        print(f"| {name:30s} | {dim:5d} | {s.mAP:6.3f} | {lo:5.3f}..{hi:5.3f} | {vs:>15s} | {s.rank1:6.3f} | "
+              f"{s.recall10:6.3f} |")
+    print("\nR@10: share of queries with a positive among the first 10 (CMC rank-10).")
 
 
 if __name__ == "__main__":

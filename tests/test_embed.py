@@ -32,8 +32,8 @@ def test_embedding_dims_every_family(cfg, task, recipe, bus):
     assert np.isfinite(e).all()
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
     assert r.vq_image_embedding.ndim == 1 and np.isfinite(r.vq_image_embedding).all()
-    if recipe == "default":  # stride-4 stripes (C x 6) + 6 stripes x 72 HSV bins
-        assert emb.dim == emb.taps[0].channels * 6 + 6 * 72 and emb.taps[0].stride == 4
+    if recipe == "default":  # stride-4 stripes (C x 8) + 8 stripes x 72 HSV bins
+        assert emb.dim == emb.taps[0].channels * 8 + 8 * 72 and emb.taps[0].stride == 4
     d = Detections.from_ultralytics(r)
     assert d.embeddings.shape == e.shape
 

@@ -16,8 +16,8 @@ import yaml
 
 __all__ = ["ColourSpec", "EmbedConfig", "LevelSpec", "DEFAULT_RECIPE", "load_recipe", "list_recipes"]
 
-# Chosen from the recipe table in docs/benchmarks.md (vtest.avi, yolo11n-pose, imgsz 1280): best mAP.
-DEFAULT_RECIPE = "s4-stripes-colour"
+# Chosen from the recipe table in docs/benchmarks.md (vtest.avi, yolo11n-pose, imgsz 1280, ByteTrack identities).
+DEFAULT_RECIPE = "s4-8stripes-colour-center"
 
 _MODES = ("roi", "anchor")
 

@@ -131,27 +131,28 @@ class BoxEmbedder(nn.Module):
         cfg = self.config
         rois = rois.float()
         if rois.shape[0] == 0 and _crops_pay(rois):  # nothing to pool (tracing keeps the general path)
-            img = image_embedding(images, maps, cfg.colour) if image else None
+            img = image_embedding(maps, images=images, colour=cfg.colour) if image else None
             return rois.new_zeros((0, self.dim)), img
         parts = []
-        for t, lv, fmap in zip(self.taps, cfg.levels, maps):
+        means = [m.float().mean(dim=(2, 3)) for m in maps] if cfg.center or image else None  # (B, C) per level
+        for i, (t, lv, fmap) in enumerate(zip(self.taps, cfg.levels, maps)):
             scale = 1.0 / t.stride
             win = _windows(rois, scale, fmap.shape[2:]) if _crops_pay(fmap) else None
             cells = _roi_grid(fmap, rois, lv.grid, lv.samples, scale, cfg.sampling_ratio, win)  # (n, C, r, c)
             if cfg.center:  # minus the frame's average feature, per image
-                cells = cells - fmap.float().mean(dim=(2, 3))[rois[:, 0].long()][:, :, None, None]
+                cells = cells - means[i][rois[:, 0].long()][:, :, None, None]
             v = cells.permute(0, 2, 3, 1).flatten(1)  # cell-major: (n, r * c * C)
             parts.append((_l2(v) if cfg.level_norm else v) * lv.weight)
-        idx = None
         if (c := cfg.colour) is not None:
-            nb = c.bins[0] * c.bins[1] * c.bins[2]
-            idx = hsv_bin_index(images, c)
-            scale = 1.0 / c.stride
-            if _crops_pay(idx):
-                src = lambda b, x0, y0, x1, y1: _one_hot(idx[b : b + 1, y0:y1, x0:x1], nb)  # noqa: E731
-                win = _windows(rois, scale, idx.shape[1:])
+            nb, st = c.bins[0] * c.bins[1] * c.bins[2], c.stride
+            scale = 1.0 / st
+            if _crops_pay(images):  # bin only the pixels under each box's window
+                def src(b, x0, y0, x1, y1):
+                    return _one_hot(hsv_bin_index(images[b : b + 1, :, y0 * st : y1 * st, x0 * st : x1 * st], c), nb)
+
+                win = _windows(rois, scale, (images.shape[2] // st, images.shape[3] // st))
             else:
-                src, win = _one_hot(idx, nb), None
+                src, win = _one_hot(hsv_bin_index(images, c), nb), None
             hist = _roi_grid(src, rois, (c.stripes, 1), 2, scale, cfg.sampling_ratio, win)  # (n, nb, stripes, 1)
             hist = hist.flatten(2).transpose(1, 2)  # (n, stripes, nb)
             hist = hist / hist.sum(-1, keepdim=True).clamp_min(1e-6)
@@ -159,23 +160,25 @@ class BoxEmbedder(nn.Module):
             parts.append((_l2(v) if cfg.level_norm else v) * c.weight)
         out = torch.cat(parts, dim=1)
         out = _l2(out) if cfg.final_norm else out
-        return out, (image_embedding(images, maps, cfg.colour, idx) if image else None)
+        return out, (image_embedding(maps, means, images=images, colour=cfg.colour) if image else None)
 
 
 def image_embedding(
-    images: torch.Tensor, maps: Sequence[torch.Tensor], colour: ColourSpec | None = None,
-    bin_index: torch.Tensor | None = None,
+    maps: Sequence[torch.Tensor], means: Sequence[torch.Tensor] | None = None, *,
+    images: torch.Tensor | None = None, colour: ColourSpec | None = None,
 ) -> torch.Tensor:
-    """Global-average-pooled maps, each L2-normalised (plus the frame's colour histogram), concatenated and
-    L2-normalised again: (B, D_img) float32."""
-    parts = [_l2(m.float().mean(dim=(2, 3))) for m in maps]
-    if colour is not None:
-        idx = hsv_bin_index(images, colour) if bin_index is None else bin_index
+    """Whole-frame vectors (B, D_img) float32: each tapped map global-average-pooled and L2-normalised, concatenated
+    and L2-normalised again (``means`` reuses per-level (B, C) averages already computed). A recipe without maps
+    (colour only) gets the frame's HSV histogram (sqrt, L2) from ``images`` and ``colour`` instead."""
+    if not maps:
+        if images is None or colour is None:
+            raise ValueError("image_embedding needs maps, or images and a colour spec")
+        idx = hsv_bin_index(images, colour).flatten(1).long()  # (B, cells)
         nb = colour.bins[0] * colour.bins[1] * colour.bins[2]
-        flat = idx.flatten(1).long()
-        hist = torch.zeros(flat.shape[0], nb, device=flat.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
-        parts.append(_l2(hist.sqrt()))
-    return _l2(torch.cat(parts, dim=1))
+        hist = torch.zeros(idx.shape[0], nb, device=idx.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+        return _l2(hist.sqrt())
+    means = [m.float().mean(dim=(2, 3)) for m in maps] if means is None else means
+    return _l2(torch.cat([_l2(m) for m in means], dim=1))
 
 
 def anchor_features(maps: Sequence[torch.Tensor], batch_index: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

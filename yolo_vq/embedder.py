@@ -151,7 +151,7 @@ class Embedder:
             emb, img = self._box.embed(images, maps, rois_t, image=True)
         else:
             emb = self._anchor_embeddings(head_out, maps, results, input_hw, geoms)
-            img = image_embedding(images, maps)
+            img = image_embedding(maps)
         emb_np = emb.float().cpu().numpy()  # one device->host copy per batch
         img_np = img.float().cpu().numpy()
         self._seen = []

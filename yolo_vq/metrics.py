@@ -7,11 +7,11 @@ Positives are the remaining detections of the same track.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RetrievalScores", "retrieval_scores", "valid_queries", "cosine_scores"]
+__all__ = ["RetrievalScores", "retrieval_scores", "valid_queries", "cosine_scores", "bootstrap_map"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class RetrievalScores:
     rank1: float
     recall10: float
     queries: int
+    ap: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # per-query average precision
 
     def row(self) -> str:
         return f"{self.mAP:6.3f} {self.rank1:6.3f} {self.recall10:7.3f}"
@@ -65,4 +66,20 @@ def retrieval_scores(
         aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
         r1.append(float(hits[0]))
         r10.append(float(hits[:10].any()))
-    return RetrievalScores(float(np.mean(aps)), float(np.mean(r1)), float(np.mean(r10)), len(queries))
+    return RetrievalScores(float(np.mean(aps)), float(np.mean(r1)), float(np.mean(r10)), len(queries), np.asarray(aps))
+
+
+def bootstrap_map(
+    ap: np.ndarray, query_track: np.ndarray, n: int = 1000, seed: int = 0, baseline: np.ndarray | None = None
+) -> tuple[float, float]:
+    """95% interval of mAP (or of ``mAP - mAP(baseline)``, paired, when ``baseline`` per-query APs are given),
+    resampling whole tracks: queries of one person are not independent."""
+    diff = np.asarray(ap) - (0 if baseline is None else np.asarray(baseline))
+    tracks = np.unique(query_track)
+    sums = np.array([diff[query_track == t].sum() for t in tracks])
+    counts = np.array([(query_track == t).sum() for t in tracks])
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(tracks), size=(n, len(tracks)))
+    stats = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
