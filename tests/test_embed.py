@@ -53,7 +53,7 @@ def test_deterministic(pose_model_path, zidane):
     from ultralytics import YOLO
 
     model = YOLO(pose_model_path)
-    with Embedder(model) as emb:
+    with Embedder(model):
         a = model.predict(zidane, verbose=False)[0].vq_embeddings
         b = model.predict(zidane, verbose=False)[0].vq_embeddings
     assert len(a) >= 2

@@ -70,10 +70,9 @@ def test_tap_inside_track(bikes_frames):
 
 def test_tap_removed_on_exception(bus):
     model = yolo("yolo11n.yaml")
-    with pytest.raises(ZeroDivisionError):
-        with Tap(model, ["s8"]):
-            model.predict(bus, imgsz=IMGSZ, verbose=False)
-            1 / 0
+    with pytest.raises(ZeroDivisionError), Tap(model, ["s8"]):
+        model.predict(bus, imgsz=IMGSZ, verbose=False)
+        1 / 0
     net = model.predictor.model.model
     assert not any(m._forward_hooks for m in net.modules())
     assert not net._forward_pre_hooks

@@ -14,17 +14,17 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "BoxEmbedder",
     "ColourSpec",
-    "DEFAULT_RECIPE",
     "Detections",
     "EmbedConfig",
     "Embedder",
     "LevelSpec",
     "Tap",
     "TapInfo",
+    "__version__",
     "list_recipes",
     "load_recipe",
     "resolve_layers",
-    "__version__",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["match_rows", "head_candidates"]
+__all__ = ["head_candidates", "match_rows"]
 
 _MISMATCH = 1e9
 

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["pose_weights", "bikes_video", "ultralytics_image", "vtest_video", "cache_dir"]
+__all__ = ["bikes_video", "cache_dir", "pose_weights", "ultralytics_image", "vtest_video"]
 
 
 def _package_dir(package: str, extra: str) -> Path:

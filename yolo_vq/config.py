@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ColourSpec", "EmbedConfig", "LevelSpec", "DEFAULT_RECIPE", "load_recipe", "list_recipes"]
+__all__ = ["DEFAULT_RECIPE", "ColourSpec", "EmbedConfig", "LevelSpec", "list_recipes", "load_recipe"]
 
 # Chosen from the recipe table in docs/benchmarks.md (vtest.avi, yolo11n-pose, imgsz 1280, ByteTrack identities).
 DEFAULT_RECIPE = "s4-8stripes-colour-center"

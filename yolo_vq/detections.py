@@ -80,7 +80,7 @@ class Detections:
 
     @classmethod
     def from_ultralytics(cls, result: Any, *, prefix: str = "vq", **data: Any) -> Detections:
-        """From an Ultralytics ``Results`` (boxes or oriented boxes; track ids if tracked; embeddings if an
+        """From an Ultralytics ``Results`` (boxes or oriented boxes; track ids if tracked; embeddings and codes if an
         :class:`~yolo_vq.Embedder` with this ``prefix`` was attached). Extra keyword arrays/scalars go to ``data``
         (scalars broadcast)."""
         b = result.obb if getattr(result, "obb", None) is not None else result.boxes
@@ -95,6 +95,7 @@ class Detections:
             class_id=b.cls.cpu().numpy(),
             track_id=b.id.cpu().numpy() if b.id is not None else None,
             embeddings=emb,
+            codes=getattr(result, f"{prefix}_codes", None),
             data=extra,
         )
 

@@ -17,7 +17,7 @@ from torchvision.ops import roi_align
 from .config import ColourSpec, EmbedConfig
 from .tap import TapInfo
 
-__all__ = ["BoxEmbedder", "hsv_bin_index", "image_embedding", "anchor_features"]
+__all__ = ["BoxEmbedder", "anchor_features", "hsv_bin_index", "image_embedding"]
 
 
 def _l2(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -4,7 +4,8 @@ The :class:`Embedder` taps the recipe's layers and, through two ``on_predict_pos
 batch's detections in one batched pass and attaches the vectors to the ``Results``:
 
 * ``result.vq_embeddings``: (n, D) float32 numpy, one row per box of the result, in its row order;
-* ``result.vq_image_embedding``: (D_img,) float32 numpy, the whole frame.
+* ``result.vq_image_embedding``: (D_img,) float32 numpy, the whole frame;
+* ``result.vq_codes``: (n, code_len) uint8/uint16 numpy codebook codes, when a codebook is given.
 
 The first callback runs before any tracker and embeds the detector's own boxes (the boxes an exported graph sees too);
 the second runs last and follows the rows through the tracker's re-ordering (``model.track()``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,7 @@ from .config import DEFAULT_RECIPE, EmbedConfig, load_recipe
 from .embed import BoxEmbedder, anchor_features, image_embedding
 from .tap import Tap, TapInfo, detect_head
 
-__all__ = ["Embedder", "EMBEDDINGS", "IMAGE_EMBEDDING"]
+__all__ = ["EMBEDDINGS", "IMAGE_EMBEDDING", "Embedder"]
 
 EMBEDDINGS = "vq_embeddings"  # attribute names with the default prefix "vq"
 IMAGE_EMBEDDING = "vq_image_embedding"
@@ -47,7 +49,7 @@ def _geometry(result, input_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Te
 class _Seen:
     """What the first callback saw of one result: its object and rows, to follow them through a tracker."""
 
-    __slots__ = ("result", "emb", "conf", "cls", "geom", "input_hw")
+    __slots__ = ("cls", "conf", "emb", "geom", "input_hw", "result")
 
     def __init__(self, result, emb, conf, cls, geom, input_hw):
         self.result, self.emb, self.conf, self.cls, self.geom = result, emb, conf, cls, geom
@@ -67,20 +69,33 @@ class Embedder:
     Args:
         model: an ``ultralytics.YOLO`` with PyTorch weights (``.pt`` or ``.yaml``), Detect/Segment/Pose/OBB head.
         recipe: a preset name (``yolo_vq.list_recipes()``), a YAML path, a dict or an :class:`EmbedConfig`.
-        prefix: attribute prefix on ``Results`` (``{prefix}_embeddings``, ``{prefix}_image_embedding``), so several
-            embedders (e.g. recipes compared in one pass) can share one model.
+        codebook: a trained quantizer (``yolo_vq.quant``) or the path of a saved one; each batch's embeddings are then
+            also encoded, on the model's device, into ``{prefix}_codes``. A saved codebook must belong to this model
+            and recipe (see :meth:`load_codebook`).
+        prefix: attribute prefix on ``Results`` (``{prefix}_embeddings``, ``{prefix}_image_embedding``,
+            ``{prefix}_codes``), so several embedders (e.g. recipes compared in one pass) can share one model.
     """
 
-    def __init__(self, model: Any, recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, *, prefix: str = "vq"):
+    def __init__(
+        self, model: Any, recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, *, codebook: Any = None,
+        prefix: str = "vq",
+    ):
         self.config = load_recipe(recipe)
         self.model = model
         self.attr, self.image_attr = f"{prefix}_embeddings", f"{prefix}_image_embedding"
+        self.codes_attr = f"{prefix}_codes"
         anchor = self.config.mode == "anchor"
         layers = ["head"] if anchor else [lv.layer for lv in self.config.levels]
         self.tap = Tap(model, layers, capture_head=anchor)
         self._box = None if anchor else BoxEmbedder(self.config, self.tap.info)
         self._seen: list[_Seen] = []
         self._callbacks: dict[str, Any] = {}
+        self.codebook = self.load_codebook(codebook) if isinstance(codebook, str | Path) else codebook
+        if self.codebook is not None and getattr(self.codebook, "dim", None) != self.dim:
+            raise ValueError(
+                f"codebook encodes dim={getattr(self.codebook, 'dim', None)} vectors, but recipe "
+                f"{self.config.name!r} on this model gives dim={self.dim}: train a codebook on these embeddings"
+            )
 
     @property
     def taps(self) -> list[TapInfo]:
@@ -93,6 +108,49 @@ class Embedder:
         if self._box is not None:
             return self._box.dim
         return min(t.channels for t in self.tap.info)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the weights the embeddings depend on: every layer up to the deepest tapped one (the head
+        too in ``anchor`` mode), as loaded (unfused). Codebooks record it so they are never used with another model."""
+        from .quant.io import fingerprint_module
+
+        layers = self.tap._module.model
+        last = len(layers) - 1 if self.config.mode == "anchor" else max((t.layer for t in self.taps), default=0)
+        return fingerprint_module(*(layers[i] for i in range(last + 1)))
+
+    def save_codebook(self, quantizer: Any, path: str | Path) -> tuple[Path, Path]:
+        """Save a quantizer trained on these embeddings, recording this model's fingerprint and recipe."""
+        from .quant import save_codebook
+
+        if quantizer.dim != self.dim:
+            raise ValueError(f"quantizer encodes dim={quantizer.dim} vectors, these embeddings have dim={self.dim}")
+        return save_codebook(quantizer, path, embedding=self.describe(), model_fingerprint=self.fingerprint)
+
+    def load_codebook(self, path: str | Path, *, allow_mismatch: bool = False) -> Any:
+        """Load a saved codebook, checking it was trained on this model's weights and this embedding size.
+
+        Raises:
+            yolo_vq.quant.CodebookError: corrupt files, or a codebook of another model/recipe (it says which one),
+                unless ``allow_mismatch`` (then a warning).
+        """
+        from .quant import load_codebook
+
+        return load_codebook(path, expect_dim=self.dim, expect_fingerprint=self.fingerprint,
+                             allow_mismatch=allow_mismatch, device=next(self.tap._module.parameters()).device)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description of these embeddings, stored with codebooks and indexes."""
+        yaml_file = getattr(self.tap._module, "yaml", {}).get("yaml_file", "")
+        return {
+            "recipe": self.config.name,
+            "mode": self.config.mode,
+            "layers": [t.layer for t in self.taps],
+            "strides": [t.stride for t in self.taps],
+            "dim": self.dim,
+            "model": f"{type(self.tap._module).__name__} {Path(str(yaml_file)).stem}".strip(),
+            "config": self.config.to_dict(),
+        }
 
     # -- context ---------------------------------------------------------------------------------------------------
     def __enter__(self) -> Embedder:
@@ -154,6 +212,10 @@ class Embedder:
             img = image_embedding(maps)
         emb_np = emb.float().cpu().numpy()  # one device->host copy per batch
         img_np = img.float().cpu().numpy()
+        codes_np = None
+        if self.codebook is not None:
+            self.codebook.to(emb.device)
+            codes_np = self.codebook.encode(emb.float()).cpu().numpy()
         self._seen = []
         start = 0
         for i, r in enumerate(results):
@@ -162,6 +224,8 @@ class Embedder:
             start += len(b)
             setattr(r, self.attr, e)
             setattr(r, self.image_attr, img_np[i])
+            if codes_np is not None:
+                setattr(r, self.codes_attr, codes_np[start - len(b) : start])
             self._seen.append(_Seen(r, e, b.conf, b.cls, geoms[i], input_hw))
 
     def _anchor_embeddings(self, head_out, maps, results, input_hw, geoms) -> torch.Tensor:
@@ -184,10 +248,13 @@ class Embedder:
                 continue
             b = _boxes(r)
             if len(b) == 0 or len(src.conf) == 0:
-                setattr(r, self.attr, src.emb[:0])
+                rows = np.zeros(0, dtype=np.int64)
             else:
                 # the tracker replaced the Results: same scores and classes, Kalman-smoothed boxes, new row order
                 rows = match_rows(b.conf, b.cls, _geometry(r, src.input_hw)[1], src.conf, src.cls, src.geom)
-                setattr(r, self.attr, src.emb[rows.cpu().numpy()])
+                rows = rows.cpu().numpy()
+            setattr(r, self.attr, src.emb[rows])
+            if (codes := getattr(src.result, self.codes_attr, None)) is not None:
+                setattr(r, self.codes_attr, codes[rows])
             setattr(r, self.image_attr, getattr(src.result, self.image_attr))
         self._seen = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["letterbox_params", "image_region", "to_input", "to_original"]
+__all__ = ["image_region", "letterbox_params", "to_input", "to_original"]
 
 
 def letterbox_params(orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[float, float, float, float]:

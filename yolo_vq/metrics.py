@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RetrievalScores", "retrieval_scores", "valid_queries", "cosine_scores", "bootstrap_map"]
+__all__ = ["RetrievalScores", "bootstrap_map", "cosine_scores", "retrieval_scores", "valid_queries"]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Tap", "TapInfo", "resolve_layers", "detect_head"]
+__all__ = ["Tap", "TapInfo", "detect_head", "resolve_layers"]
 
 _STRIDE_GROUPS = {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
 _HEAD_LEVELS = ("p3", "p4", "p5")

@@ -1,0 +1,245 @@
+"""Codebook files: tensors in ``<stem>.safetensors``, everything else in ``<stem>.json``.
+
+Loading never unpickles (``safetensors.torch.load_file`` + ``json``). The JSON records what the codebook belongs to
+(the caller's embedding config and model fingerprint) so a mismatch can say which model/layers it was made for.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Quantizer
+from .pq import ProductQuantizer
+from .rq import ResidualQuantizer
+from .vq import VectorQuantizer
+
+__all__ = ["CodebookError", "codebook_paths", "fingerprint_module", "load_codebook", "save_codebook"]
+
+FORMAT_VERSION = 1
+_QUANTIZERS: dict[str, type[Quantizer]] = {
+    c.__name__: c for c in (ProductQuantizer, ResidualQuantizer, VectorQuantizer)
+}
+
+
+class CodebookError(ValueError):
+    """A codebook file is unreadable, or does not belong to the model/embedding it is used with."""
+
+
+def codebook_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``"cb"``, ``"cb.safetensors"`` or ``"cb.json"`` -> ``(cb.safetensors, cb.json)``."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("yolo-vq")
+    except PackageNotFoundError:  # not installed: running from a checkout
+        return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_codebook(
+    quantizer: Quantizer,
+    path: str | os.PathLike,
+    *,
+    embedding: Mapping[str, Any] | None = None,
+    model_fingerprint: str | None = None,
+) -> tuple[Path, Path]:
+    """Write a trained quantizer as ``<stem>.safetensors`` (its buffers) + ``<stem>.json`` (everything else).
+
+    Args:
+        quantizer: a fitted :class:`Quantizer`.
+        path: ``stem``, ``stem.safetensors`` or ``stem.json``; parent folders are created.
+        embedding: JSON-serialisable description of the vectors (e.g. tap layers, mode, pool, dim).
+        model_fingerprint: identifies the model the vectors come from (e.g. :func:`fingerprint_module`).
+
+    Returns:
+        The two paths written. Each file is written to a temporary name and renamed, so a crash leaves no half file.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"quantizer must be a yolo_vq Quantizer, got {type(quantizer).__name__}")
+    if not quantizer.fitted:
+        raise ValueError(f"{type(quantizer).__name__} is not trained: call .fit(x) before save_codebook()")
+    if model_fingerprint is not None and not isinstance(model_fingerprint, str):
+        raise TypeError(f"model_fingerprint must be a str or None, got {type(model_fingerprint).__name__}")
+    try:  # checked before anything is written, so a bad call leaves an existing codebook intact
+        json.dumps(embedding)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"embedding must be JSON-serialisable (str, int, float, list, dict), got {embedding!r}: {e}"
+        ) from None
+    st_path, js_path = codebook_paths(path)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in quantizer.state_dict().items()}
+    tmp = st_path.with_name(st_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "yolo_vq_format_version": str(FORMAT_VERSION)})
+    os.replace(tmp, st_path)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "quantizer": {"type": type(quantizer).__name__, "params": quantizer.config()},
+        "dim": quantizer.dim,
+        "code_size": quantizer.code_size,
+        "embedding": dict(embedding) if embedding is not None else None,
+        "model_fingerprint": model_fingerprint,
+        "stats": quantizer.stats,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "yolo_vq_version": _version(),
+        "tensors": {"file": st_path.name, "sha256": _sha256(st_path)},
+    }
+    tmp = js_path.with_name(js_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, js_path)
+    return st_path, js_path
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _describe(meta: Mapping[str, Any]) -> str:
+    emb = meta.get("embedding") or {}
+    emb_s = ", ".join(f"{k}={v}" for k, v in emb.items()) if isinstance(emb, Mapping) else str(emb)
+    return f"model fingerprint {meta.get('model_fingerprint')!r}, embedding ({emb_s or 'not recorded'})"
+
+
+def load_codebook(
+    path: str | os.PathLike,
+    *,
+    expect_dim: int | None = None,
+    expect_fingerprint: str | None = None,
+    allow_mismatch: bool = False,
+    device: str | torch.device = "cpu",
+) -> Quantizer:
+    """Read a codebook written by :func:`save_codebook`; no pickle involved.
+
+    Args:
+        path: ``stem``, ``stem.safetensors`` or ``stem.json``.
+        expect_dim: the embedding size it will be used with; None skips the check.
+        expect_fingerprint: the model fingerprint it will be used with; None skips the check.
+        allow_mismatch: warn (``UserWarning``) instead of raising on a dim or fingerprint mismatch.
+        device: where the buffers go.
+
+    Returns:
+        The fitted quantizer; the JSON metadata (embedding, model_fingerprint, stats, created_utc, ...) is on
+        ``quantizer.meta`` and the training stats on ``quantizer.stats``.
+
+    Raises:
+        CodebookError: missing/corrupt/truncated files, unknown format version or quantizer type, missing or
+            misshapen tensors, checksum mismatch; dim or fingerprint mismatch unless ``allow_mismatch``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    st_path, js_path = codebook_paths(path)
+    try:
+        meta = json.loads(js_path.read_text())
+    except FileNotFoundError:
+        raise CodebookError(f"{js_path}: codebook metadata file missing (expected next to {st_path.name})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodebookError(
+            f"{js_path}: not valid codebook JSON ({_one_line(e)}); re-save it with save_codebook()"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CodebookError(f"{js_path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CodebookError(
+            f"{js_path}: format_version {meta.get('format_version')!r} is not supported (this yolo_vq reads "
+            f"{FORMAT_VERSION}); re-save the codebook with this version"
+        )
+    q = meta.get("quantizer")
+    qtype = q.get("type") if isinstance(q, dict) else None
+    if qtype not in _QUANTIZERS:
+        raise CodebookError(f"{js_path}: unknown quantizer type {qtype!r}, expected one of {sorted(_QUANTIZERS)}")
+    if not st_path.is_file():
+        raise CodebookError(f"{st_path}: codebook tensor file missing (its metadata {js_path.name} exists)")
+    listed = meta.get("tensors")
+    expected_sha = listed.get("sha256") if isinstance(listed, dict) else None
+    if expected_sha is not None and _sha256(st_path) != expected_sha:
+        raise CodebookError(f"{st_path}: checksum does not match {js_path.name}; the file is corrupt or was replaced")
+    try:
+        tensors = load_file(str(st_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or corrupt header/data
+        raise CodebookError(f"{st_path}: unreadable safetensors file ({type(e).__name__}: {_one_line(e)})") from None
+    try:
+        quantizer = _QUANTIZERS[qtype](**q.get("params", {}))
+    except (TypeError, ValueError) as e:
+        raise CodebookError(f"{js_path}: bad {qtype} parameters {q.get('params')!r} ({_one_line(e)})") from None
+    try:
+        quantizer.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CodebookError(f"{st_path}: tensors do not match the {qtype} in {js_path.name} ({_one_line(e)})") from None
+    quantizer.to(device)
+    quantizer.stats = dict(meta["stats"]) if isinstance(meta.get("stats"), dict) else {}
+    quantizer.meta = meta
+
+    problems = []
+    if expect_dim is not None and quantizer.dim != expect_dim:
+        problems.append(f"it encodes dim={quantizer.dim} vectors, got expect_dim={expect_dim}")
+    if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
+        problems.append(
+            f"it was made for model fingerprint {meta.get('model_fingerprint')!r}, got {expect_fingerprint!r}"
+        )
+    if problems:
+        msg = (
+            f"codebook {js_path} does not fit: {'; '.join(problems)}. It belongs to {_describe(meta)}. "
+            "Fix: train a codebook on this model's embeddings or load the matching one "
+            "(allow_mismatch=True to use it anyway)"
+        )
+        if not allow_mismatch:
+            raise CodebookError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    return quantizer
+
+
+def fingerprint_module(*items: nn.Module | Tensor | Mapping[str, Tensor], length: int = 16) -> str:
+    """Short sha256 hex over the parameters and buffers of modules (or tensors / name->tensor dicts).
+
+    Within each item, entries are hashed sorted by name (name, dtype, shape, raw bytes); items are hashed in the
+    order given. Deterministic across runs and devices; any change to a weight changes the fingerprint.
+    """
+    if not items:
+        raise ValueError("fingerprint_module needs at least one module, tensor or dict of tensors")
+    h = hashlib.sha256()
+    for i, item in enumerate(items):
+        if isinstance(item, nn.Module):
+            named: Iterable[tuple[str, Tensor]] = {
+                **dict(item.named_parameters()),
+                **dict(item.named_buffers()),
+            }.items()
+        elif isinstance(item, Tensor):
+            named = [("", item)]
+        elif isinstance(item, Mapping):
+            named = item.items()
+        else:
+            raise TypeError(f"fingerprint_module takes nn.Module, Tensor or dict of tensors, got {type(item).__name__}")
+        for name, t in sorted(named, key=lambda kv: kv[0]):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"fingerprint_module: entry {name!r} is {type(t).__name__}, not a tensor")
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:length]

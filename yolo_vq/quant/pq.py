@@ -1,0 +1,197 @@
+"""Product quantizer (Jégou et al. 2011) with optional centering, PCA and OPQ rotation (Ge et al. 2013).
+
+A vector x (D) is mapped to ``y = (x - mean) @ transform`` (D -> D', orthonormal columns), ``y`` is cut into ``m``
+sub-vectors of D'/m dims and each is replaced by the index of its nearest of K (256) centroids: ``m`` bytes.
+``transform`` is PCA (top ``pca_dim`` eigenvectors of the training covariance) times the OPQ rotation, or the
+identity; ``mean`` is the training mean when ``center`` or ``pca_dim`` is set, else zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import ArrayLike, Quantizer
+from .kmeans import assign, check_init, fp32, kmeans
+
+__all__ = ["ProductQuantizer"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class ProductQuantizer(Quantizer):
+    """``m`` sub-quantizers of ``codebook_size`` centroids each, trained together with batched k-means.
+
+    Args:
+        dim: input size D.
+        m: sub-spaces; must divide ``pca_dim or dim``. Code: ``m`` bytes (uint8) per vector, or ``2 m`` (uint16) when
+            ``codebook_size > 256``.
+        codebook_size: centroids per sub-space K (default 256: 8-bit codes).
+        center: subtract the training mean before quantizing.
+        pca_dim: project onto the top ``pca_dim`` principal axes first (implies centering); ``pca_dim == dim``
+            rotates without dropping dims. PCA alone piles the variance into the first sub-spaces: pair it with
+            ``opq=True`` to spread it again.
+        opq: learn an orthogonal rotation by alternating PQ training and orthogonal Procrustes
+            (R = U V^T from the SVD of Y^T Y_decoded), ``opq_iters`` rounds of ``opq_kmeans_iters`` k-means
+            iterations each, warm-started; the final codebooks then get ``iters`` more iterations.
+        iters, tol, init: k-means settings (see :func:`yolo_vq.quant.kmeans`; ``"auto"`` is random rows per
+            sub-space, as faiss, when ``m > 1``).
+        max_train: rows sampled for training (bottom-k reservoir over the stream; None keeps all).
+        seed: seeds sampling and k-means initialisation.
+
+    Buffers: ``mean`` (D,), ``transform`` (D, D'), ``codebooks`` (m, K, D'/m), all float32.
+
+    ``distance_tables(q)[i, j, k] = ||y_ij - codebooks[j, k]||^2`` with ``y = (q - mean) @ transform``, plus, in
+    ``[:, 0, :]`` only, the query's energy outside the kept sub-space ``||q - mean||^2 - ||y||^2`` (zero unless
+    PCA drops dims). Summing the ``m`` looked-up entries therefore gives ``||q - decode(codes)||^2`` exactly, with
+    or without centering, PCA and rotation (orthonormal ``transform`` preserves distances in its span).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        m: int,
+        codebook_size: int = 256,
+        center: bool = False,
+        pca_dim: int | None = None,
+        opq: bool = False,
+        opq_iters: int = 10,
+        opq_kmeans_iters: int = 4,
+        iters: int = 25,
+        tol: float = 1e-4,
+        init: str = "auto",
+        max_train: int | None = 256_000,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"m must be a positive int, got {m!r}")
+        if pca_dim is not None and (not isinstance(pca_dim, int) or not 1 <= pca_dim <= dim):
+            raise ValueError(f"pca_dim must be an int in [1, dim={dim}] or None, got {pca_dim!r}")
+        d_out = pca_dim or dim
+        if d_out % m:
+            near = sorted(_divisors(d_out), key=lambda v: abs(v - m))[:3]
+            raise ValueError(
+                f"D={d_out} ({'pca_dim' if pca_dim else 'dim'}) is not divisible by m={m}: choose m dividing D "
+                f"(e.g. {sorted(near)}) or set pca_dim to a multiple of m (e.g. {max(m, d_out // m * m)})"
+            )
+        super().__init__(dim=dim, code_len=m, codebook_size=codebook_size, max_train=max_train, seed=seed)
+        self.m, self.dim_out, self.dsub = m, d_out, d_out // m
+        self.center, self.pca_dim, self.opq = bool(center or pca_dim), pca_dim, bool(opq)
+        self.opq_iters, self.opq_kmeans_iters = opq_iters, opq_kmeans_iters
+        check_init(init)
+        self.iters, self.tol, self.init = iters, tol, init
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("transform", torch.eye(dim, d_out))
+        self.register_buffer("codebooks", torch.zeros(m, codebook_size, self.dsub))
+
+    def config(self) -> dict[str, Any]:
+        names = (
+            "dim",
+            "m",
+            "codebook_size",
+            "center",
+            "pca_dim",
+            "opq",
+            "opq_iters",
+            "opq_kmeans_iters",
+            "iters",
+            "tol",
+            "init",
+            "max_train",
+            "seed",
+        )
+        return {k: getattr(self, k) for k in names}
+
+    @property
+    def _rotates(self) -> bool:
+        return self.pca_dim is not None or self.opq
+
+    # -- transform -----------------------------------------------------------------------------------------------
+    def _project(self, x: Tensor) -> Tensor:
+        """(n, D) -> (n, D') in the quantized space."""
+        if self.center:
+            x = x - self.mean
+        return x @ self.transform if self._rotates else x
+
+    def _split(self, y: Tensor) -> Tensor:
+        """(n, D') -> (m, n, D'/m) sub-vectors, one batch per sub-space."""
+        return y.reshape(-1, self.m, self.dsub).transpose(0, 1)
+
+    def _fit(self, x: Tensor) -> dict[str, Any]:
+        k, stats = self.codebook_size, {}
+        if x.shape[0] < k:
+            raise ValueError(f"training needs at least codebook_size={k} vectors, got {x.shape[0]}: pass more data")
+        if self.center:
+            self.mean.copy_(x.mean(0))
+        y = x - self.mean if self.center else x
+        t = torch.eye(self.dim, self.dim_out, device=x.device)
+        dropped = 0.0  # mean energy outside the PCA sub-space: part of the reconstruction error
+        if self.pca_dim is not None:
+            evals, evecs = torch.linalg.eigh((y.T @ y).double())  # D x D: float64 only where it is cheap
+            p = evecs.flip(1)[:, : self.pca_dim]
+            p = p * torch.sign(p[p.abs().argmax(0), torch.arange(p.shape[1], device=x.device)])  # fixed signs
+            t = p.float()
+            stats["pca_energy_kept"] = float(evals.flip(0)[: self.pca_dim].sum() / evals.sum().clamp_min(1e-30))
+            norm2 = y.pow(2).sum(1)
+            y = y @ t
+            dropped = float((norm2 - y.pow(2).sum(1)).clamp_min(0).mean())
+        cb: Tensor | str = self.init
+        if self.opq:
+            r = torch.eye(self.dim_out, device=x.device, dtype=torch.float64)
+            for it in range(self.opq_iters):
+                z = y @ r.float()
+                km = kmeans(
+                    self._split(z).contiguous(), k, iters=self.opq_kmeans_iters, tol=0, init=cb, seed=self.seed + it
+                )
+                cb = km.centroids
+                zhat = cb[torch.arange(self.m, device=x.device).unsqueeze(1), km.assignments]  # (m, n, dsub)
+                zhat = zhat.transpose(0, 1).reshape(-1, self.dim_out)
+                u, _, vh = torch.linalg.svd((y.T @ zhat).double())  # orthogonal Procrustes: R = U V^T
+                r = u @ vh
+            t = t @ r.float()
+            y = y @ r.float()
+        km = kmeans(self._split(y).contiguous(), k, iters=self.iters, tol=self.tol, init=cb, seed=self.seed)
+        self.transform.copy_(t)
+        self.codebooks.copy_(km.centroids)
+        return {
+            **stats,
+            "kmeans_iterations": km.iterations,
+            "kmeans_reseeded": km.reseeded,
+            "distortion": km.distortion + dropped,  # the transform is orthonormal: errors add up
+        }
+
+    # -- coding --------------------------------------------------------------------------------------------------
+    def encode(self, x: ArrayLike) -> Tensor:
+        """``(n, dim)`` float -> ``(n, m)`` uint8 codes (uint16 if ``codebook_size > 256``); brute-force nearest
+        centroid per sub-space, one ``bmm`` over the sub-spaces. ONNX-exportable (opset 18)."""
+        x = self._input(x)
+        with fp32(x.device):
+            idx, _ = assign(self._split(self._project(x)), self.codebooks, with_distance=False)  # (m, n)
+        return idx.transpose(0, 1).to(self.code_dtype)
+
+    def decode(self, codes: ArrayLike) -> Tensor:
+        """``(n, m)`` integer codes -> ``(n, dim)`` float32 (back in the input space)."""
+        c = self._codes(codes)
+        y = self.codebooks[torch.arange(self.m, device=c.device), c].reshape(-1, self.dim_out)  # (n, m, dsub)
+        if self._rotates:
+            y = y @ self.transform.T
+        return y + self.mean if self.center else y
+
+    def distance_tables(self, query: ArrayLike) -> Tensor:
+        """``(q, dim)`` -> ``(q, m, K)`` float32; see the class docstring for exactly what they hold."""
+        q = self._input(query, "query")
+        with fp32(q.device):
+            y = self._project(q)
+            z = self._split(y)  # (m, q, dsub)
+            cn = self.codebooks.pow(2).sum(-1).unsqueeze(1)  # (m, 1, K)
+            t = torch.baddbmm(cn, z, self.codebooks.transpose(1, 2), alpha=-2.0) + z.pow(2).sum(-1, keepdim=True)
+            t = t.clamp_min(0).transpose(0, 1).contiguous()  # (q, m, K)
+            if self.dim_out < self.dim:
+                qc = q - self.mean
+                t[:, 0, :] += (qc.pow(2).sum(-1) - y.pow(2).sum(-1)).clamp_min(0).unsqueeze(-1)
+        return t
