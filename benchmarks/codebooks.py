@@ -5,7 +5,9 @@ of ``benchmarks/retrieval.py`` (run there first, or this script runs that pass f
 trained on the detections of the first half of the frames and evaluated on the second half (training and evaluating
 on the same vectors flatters a codebook: PITFALLS 8).
 
-For 8, 16, 32 and 64 bytes per vector, ours (PQ, OPQ, RQ) vs FAISS ``IndexPQ`` and ``OPQ+PQ``:
+For 8, 16, 32 and 64 bytes per vector, ours (PQ, PQ after a random rotation, OPQ, optionally RQ) vs FAISS
+``IndexPQ`` and ``OPQ+PQ``, each trained with ``--seeds`` seeds (mean and range: a single codebook's mAP moves by
+about +-0.005 with the seed here):
 * recall@10: |ADC top-10 ∩ exact float top-10| / 10, every held-out vector a query against the others;
 * MSE: mean squared reconstruction error per vector (sum over dims);
 * mAP retention: mAP of ADC search over codes / mAP of exact float search (identity protocol of retrieval.py);
@@ -79,7 +81,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--gap", type=int, default=30)
     ap.add_argument("--iters", type=int, default=25, help="k-means iterations, both sides")
-    ap.add_argument("--no-rq", action="store_true", help="skip our residual quantizer (slowest to train)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rq", action="store_true", help="also our residual quantizer (slow; weak with little data)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -117,13 +120,14 @@ def main() -> None:
 
         return t_train, len(codes_big) / t_enc, mse, dist, qz.code_size
 
-    def theirs(factory):
+    def theirs(factory, seed):
         index = faiss.index_factory(dim, factory)
         index.verbose = False
         for p in ([faiss.downcast_VectorTransform(index.chain.at(0))] if "OPQ" in factory else []):
             p.niter = 10  # as ours (opq_iters=10 rounds of 4 PQ k-means iterations; FAISS' default is 50 rounds)
         pq = faiss.downcast_index(index.index if "OPQ" in factory else index)
         pq.pq.cp.niter = args.iters
+        pq.pq.cp.seed = seed
         t0 = time.perf_counter()
         index.train(xtr)
         t_train = time.perf_counter() - t0
@@ -145,30 +149,39 @@ def main() -> None:
 
     ProductQuantizer(dim=dim, m=8, iters=2).fit(torch.from_numpy(xtr))  # warm-up: first-call costs out of timings
     faiss.IndexPQ(dim, 8, 8).train(xtr)
-    print("| bytes | method | recall@10 | MSE | mAP | mAP retention | train s | encode vec/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| bytes | method | recall@10 | MSE | mAP retention (mean, range over {args.seeds} seeds) | train s | "
+          "encode vec/s |")
+    print("|---|---|---|---|---|---|---|")
     for b in args.bytes:
         if dim % b:
-            print(f"| {b} | (dim {dim} not divisible by {b}: skipped) |||||||")
+            print(f"| {b} | (dim {dim} not divisible by {b}: skipped) ||||||")
             continue
         arms = [
             # "np": no polysemous training (index_factory's PQ default, a Hamming-order search aid we do not offer)
-            ("FAISS PQ", lambda b=b: theirs(f"PQ{b}np")),
-            ("FAISS OPQ+PQ", lambda b=b: theirs(f"OPQ{b},PQ{b}np")),
-            ("ours PQ", lambda b=b: ours(lambda: ProductQuantizer(dim=dim, m=b, iters=args.iters))),
-            ("ours OPQ", lambda b=b: ours(lambda: ProductQuantizer(dim=dim, m=b, opq=True, iters=args.iters))),
+            ("FAISS PQ", lambda s, b=b: theirs(f"PQ{b}np", s)),
+            ("FAISS OPQ+PQ", lambda s, b=b: theirs(f"OPQ{b},PQ{b}np", s)),
+            ("ours PQ", lambda s, b=b: ours(lambda: ProductQuantizer(dim=dim, m=b, iters=args.iters, seed=s))),
+            ("ours PQ + random rotation", lambda s, b=b: ours(
+                lambda: ProductQuantizer(dim=dim, m=b, rotation="random", iters=args.iters, seed=s))),
+            ("ours OPQ (random init)", lambda s, b=b: ours(
+                lambda: ProductQuantizer(dim=dim, m=b, rotation="random", opq=True, iters=args.iters, seed=s))),
         ]
-        if not args.no_rq:
-            arms.append(("ours RQ", lambda b=b: ours(lambda: ResidualQuantizer(dim=dim, levels=b, iters=args.iters))))
+        if args.rq:
+            arms.append(("ours RQ", lambda s, b=b: ours(
+                lambda: ResidualQuantizer(dim=dim, levels=b, iters=args.iters, seed=s))))
         for name, run in arms:
-            t_train, enc_rate, mse, dist, size = run()
-            assert size == b, (name, size)
-            approx = knn(dist, n)
-            recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
-            scores = -full_dist(dist, n)[q]
-            m = retrieval_scores(scores, q, tte, fte, args.gap).mAP
-            print(f"| {b} | {name} | {recall:.3f} | {mse:.4f} | {m:.3f} | {m / float_map:.3f} | {t_train:.2f} | "
-                  f"{enc_rate:,.0f} |", flush=True)
+            rows = []
+            for seed in range(args.seeds):
+                t_train, enc_rate, mse, dist, size = run(seed)
+                assert size == b, (name, size)
+                approx = knn(dist, n)
+                recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+                m = retrieval_scores(-full_dist(dist, n)[q], q, tte, fte, args.gap).mAP
+                rows.append((recall, mse, m / float_map, t_train, enc_rate))
+            r = np.asarray(rows)
+            mean = r.mean(0)
+            print(f"| {b} | {name} | {mean[0]:.3f} | {mean[1]:.4f} | {mean[2]:.3f} ({r[:, 2].min():.3f}.."
+                  f"{r[:, 2].max():.3f}) | {mean[3]:.2f} | {mean[4]:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from yolo_vq import assets
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the codebook example writes codebook.safetensors/.json
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     code = "\n".join(blocks)
     for name, path in {
         '"yolo11n-pose.pt"': repr(str(assets.pose_weights())),
@@ -26,3 +27,5 @@ def test_readme_python_blocks_run():
     det = scope["det"]
     assert det.embeddings.shape[1] == scope["emb"].dim
     assert len(scope["maps"]) == len(scope["tap"].info) == 4
+    assert scope["result"].vq_codes.shape == (len(scope["result"].boxes), 32)
+    assert (tmp_path / "codebook.json").is_file()

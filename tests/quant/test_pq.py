@@ -37,6 +37,8 @@ VARIANTS = {
     "pca32": {"pca_dim": 32},
     "pca_rotation": {"pca_dim": D},
     "pca32_opq": {"pca_dim": 32, "opq": True, "opq_iters": 2},
+    "random_rotation": {"rotation": "random"},
+    "random_opq": {"rotation": "random", "opq": True, "opq_iters": 2},
 }
 
 
@@ -89,6 +91,21 @@ def test_opq_beats_pq_on_correlated_dims():
     assert opq.stats["distortion"] < 0.9 * pq.stats["distortion"], (opq.stats, pq.stats)
     t = opq.transform
     torch.testing.assert_close(t.T @ t, torch.eye(D, device=DEVICE), atol=1e-4, rtol=0)  # orthogonal
+
+
+def test_random_rotation_spreads_variance_over_subspaces():
+    """All variance in one sub-space's dims: plain PQ spends 7 of 8 codebooks on nothing, a rotation spreads it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(3000, D)
+    x[:, :8] = torch.randn(3000, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    x = x.to(DEVICE)
+    plain = ProductQuantizer(dim=D, m=8, iters=10).fit(x)
+    rot = ProductQuantizer(dim=D, m=8, iters=10, rotation="random").fit(x)
+    assert rot.stats["distortion"] < 0.8 * plain.stats["distortion"], (rot.stats, plain.stats)  # measured 0.64
+    t = rot.transform
+    torch.testing.assert_close(t.T @ t, torch.eye(D, device=DEVICE), atol=1e-4, rtol=0)
+    again = ProductQuantizer(dim=D, m=8, iters=10, rotation="random").fit(x)
+    torch.testing.assert_close(again.transform, t, atol=0, rtol=0)  # seeded
 
 
 def test_pca_keeps_energy_and_reduces_dims(fitted):
@@ -161,6 +178,7 @@ def test_codebook_size_above_256_gives_uint16(x):
         ({"dim": 64, "m": 0}, "m must be"),
         ({"dim": 64, "m": 8, "codebook_size": 70000}, "codebook_size"),
         ({"dim": 64, "m": 8, "init": "best"}, "init must be"),
+        ({"dim": 64, "m": 8, "rotation": "haar"}, "rotation must be None or 'random'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

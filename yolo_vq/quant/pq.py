@@ -2,7 +2,8 @@
 
 A vector x (D) is mapped to ``y = (x - mean) @ transform`` (D -> D', orthonormal columns), ``y`` is cut into ``m``
 sub-vectors of D'/m dims and each is replaced by the index of its nearest of K (256) centroids: ``m`` bytes.
-``transform`` is PCA (top ``pca_dim`` eigenvectors of the training covariance) times the OPQ rotation, or the
+``transform`` is PCA (top ``pca_dim`` eigenvectors of the training covariance) times a random rotation times the OPQ
+rotation (each optional), or the
 identity; ``mean`` is the training mean when ``center`` or ``pca_dim`` is set, else zero.
 """
 
@@ -35,6 +36,9 @@ class ProductQuantizer(Quantizer):
         pca_dim: project onto the top ``pca_dim`` principal axes first (implies centering); ``pca_dim == dim``
             rotates without dropping dims. PCA alone piles the variance into the first sub-spaces: pair it with
             ``opq=True`` to spread it again.
+        rotation: ``"random"`` applies a seeded random orthogonal rotation (after centering/PCA) so variance spreads
+            evenly over the sub-spaces instead of following the embedding's block layout (stripes, colour bins);
+            FAISS' ``RR`` transform, and the start point of its OPQ. ``None``: no rotation.
         opq: learn an orthogonal rotation by alternating PQ training and orthogonal Procrustes
             (R = U V^T from the SVD of Y^T Y_decoded), ``opq_iters`` rounds of ``opq_kmeans_iters`` k-means
             iterations each, warm-started; the final codebooks then get ``iters`` more iterations.
@@ -59,6 +63,7 @@ class ProductQuantizer(Quantizer):
         codebook_size: int = 256,
         center: bool = False,
         pca_dim: int | None = None,
+        rotation: str | None = None,
         opq: bool = False,
         opq_iters: int = 10,
         opq_kmeans_iters: int = 4,
@@ -72,6 +77,8 @@ class ProductQuantizer(Quantizer):
             raise ValueError(f"m must be a positive int, got {m!r}")
         if pca_dim is not None and (not isinstance(pca_dim, int) or not 1 <= pca_dim <= dim):
             raise ValueError(f"pca_dim must be an int in [1, dim={dim}] or None, got {pca_dim!r}")
+        if rotation not in (None, "random"):
+            raise ValueError(f"rotation must be None or 'random', got {rotation!r}")
         d_out = pca_dim or dim
         if d_out % m:
             near = sorted(_divisors(d_out), key=lambda v: abs(v - m))[:3]
@@ -82,6 +89,7 @@ class ProductQuantizer(Quantizer):
         super().__init__(dim=dim, code_len=m, codebook_size=codebook_size, max_train=max_train, seed=seed)
         self.m, self.dim_out, self.dsub = m, d_out, d_out // m
         self.center, self.pca_dim, self.opq = bool(center or pca_dim), pca_dim, bool(opq)
+        self.rotation = rotation
         self.opq_iters, self.opq_kmeans_iters = opq_iters, opq_kmeans_iters
         check_init(init)
         self.iters, self.tol, self.init = iters, tol, init
@@ -96,6 +104,7 @@ class ProductQuantizer(Quantizer):
             "codebook_size",
             "center",
             "pca_dim",
+            "rotation",
             "opq",
             "opq_iters",
             "opq_kmeans_iters",
@@ -109,7 +118,7 @@ class ProductQuantizer(Quantizer):
 
     @property
     def _rotates(self) -> bool:
-        return self.pca_dim is not None or self.opq
+        return self.pca_dim is not None or self.opq or self.rotation is not None
 
     # -- transform -----------------------------------------------------------------------------------------------
     def _project(self, x: Tensor) -> Tensor:
@@ -140,6 +149,11 @@ class ProductQuantizer(Quantizer):
             norm2 = y.pow(2).sum(1)
             y = y @ t
             dropped = float((norm2 - y.pow(2).sum(1)).clamp_min(0).mean())
+        if self.rotation == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            q, r = torch.linalg.qr(torch.randn(self.dim_out, self.dim_out, generator=g, dtype=torch.float64))
+            rot = (q * torch.sign(torch.diagonal(r))).float().to(x.device)  # Haar-distributed, fixed signs
+            t, y = t @ rot, y @ rot
         cb: Tensor | str = self.init
         if self.opq:
             r = torch.eye(self.dim_out, device=x.device, dtype=torch.float64)
