@@ -29,3 +29,5 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert len(scope["maps"]) == len(scope["tap"].info) == 4
     assert scope["result"].vq_codes.shape == (len(scope["result"].boxes), 32)
     assert (tmp_path / "codebook.json").is_file()
+    hits = scope["hits"]
+    assert 0 < len(hits) <= 5 and (hits.class_id == 0).all() and (hits.data["score"][:-1] >= hits.data["score"][1:]).all()

@@ -6,6 +6,9 @@ from .config import DEFAULT_RECIPE, ColourSpec, EmbedConfig, LevelSpec, list_rec
 from .detections import Detections
 from .embed import BoxEmbedder
 from .embedder import Embedder
+from .indexer import Indexer
+from .memory import Memory
+from .store import Store
 from .tap import Tap, TapInfo, resolve_layers
 
 try:
@@ -20,7 +23,10 @@ __all__ = [
     "Detections",
     "EmbedConfig",
     "Embedder",
+    "Indexer",
     "LevelSpec",
+    "Memory",
+    "Store",
     "Tap",
     "TapInfo",
     "__version__",

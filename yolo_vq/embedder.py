@@ -119,6 +119,27 @@ class Embedder:
         last = len(layers) - 1 if self.config.mode == "anchor" else max((t.layer for t in self.taps), default=0)
         return fingerprint_module(*(layers[i] for i in range(last + 1)))
 
+    def embed_boxes(self, image: np.ndarray, boxes: np.ndarray, **predict_args: Any) -> np.ndarray:
+        """Embed given xyxy ``boxes`` (n, 4) (original pixels) of one BGR ``image``: (n, D) float32.
+
+        Runs the model once on the image to fill the tapped maps; for query crops ("this region") rather than
+        detections. Only ``roi`` recipes can embed arbitrary boxes.
+        """
+        if self._box is None:
+            raise ValueError(f"recipe {self.config.name!r} (mode 'anchor') only embeds the model's own detections; "
+                             f"use a 'roi' recipe to embed arbitrary boxes")
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        h, w = image.shape[:2]
+        if len(boxes) and (boxes[:, 2] <= boxes[:, 0]).any() | (boxes[:, 3] <= boxes[:, 1]).any():
+            raise ValueError(f"boxes must be x1,y1,x2,y2 with x2 > x1 and y2 > y1, got {boxes.tolist()}")
+        tap = Tap(self.model, [lv.layer for lv in self.config.levels])
+        with tap, torch.inference_mode():
+            self.model.predict(image, verbose=False, **predict_args)
+            images, maps = tap.pop()
+            xyxy = letterbox.to_input(torch.from_numpy(boxes).to(images.device), (h, w), tuple(images.shape[2:]))
+            rois = torch.cat([xyxy.new_zeros((len(xyxy), 1)), xyxy], dim=1)
+            return self._box(images, maps, rois).float().cpu().numpy()
+
     def save_codebook(self, quantizer: Any, path: str | Path) -> tuple[Path, Path]:
         """Save a quantizer trained on these embeddings, recording this model's fingerprint and recipe."""
         from .quant import save_codebook

@@ -1,0 +1,135 @@
+"""An index directory opened for search: the store (read-only), its codebook and the code scan engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .detections import Detections
+from .indexer import CODEBOOK_STEM
+from .store import Store, StoreError
+
+__all__ = ["Memory"]
+
+
+class Memory:
+    """Search stored detections by visual similarity.
+
+    The code matrix is loaded once and refreshed incrementally (:meth:`refresh`) as another process indexes.
+    Scores are cosine similarities estimated from the ADC distance (embeddings are L2-normalised:
+    ``cos = 1 - d / 2``); results come as :class:`Detections` with ``data`` = id, source_id, frame, time, score.
+
+    Args:
+        index: the index directory.
+        engine: the scan engine, ``"auto"`` (FAISS when installed), ``"faiss"`` or ``"numpy"``.
+    """
+
+    def __init__(self, index: str | Path, *, engine: str = "auto"):
+        from .quant import load_codebook
+        from .search import CodeIndex
+
+        self.index = Path(index)
+        self.store = Store(self.index, readonly=True)
+        try:
+            self.codebook = load_codebook(self.index / CODEBOOK_STEM)
+        except FileNotFoundError:  # pragma: no cover - load_codebook raises CodebookError for missing files
+            raise StoreError(f"{self.index} has no codebook ({CODEBOOK_STEM}.json); re-index it") from None
+        fp = self.store.get_meta("model_fingerprint")
+        if self.codebook.meta.get("model_fingerprint") != fp:
+            raise StoreError(f"{self.index}: its codebook belongs to model {self.codebook.meta.get('model_fingerprint')}"
+                             f", the index to {fp}: the index is inconsistent, re-index it")
+        self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
+        self.scan = CodeIndex(self.codebook, engine=engine)
+        self._last = 0
+        self.refresh()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def refresh(self) -> int:
+        """Add detections stored since the last refresh to the scan; returns how many."""
+        ids, codes = self.store.codes(after_id=self._last)
+        if len(ids):
+            self.scan.add(ids, codes)
+            self._last = int(ids[-1])
+        return len(ids)
+
+    # -- queries ---------------------------------------------------------------------------------------------------
+    def class_ids(self, names: Sequence[str | int]) -> list[int]:
+        """Class names (or ids) -> ids; an unknown name is an error listing the known ones."""
+        by_name = {v: k for k, v in self.names.items()}
+        out = []
+        for n in names:
+            if isinstance(n, int) or str(n).isdigit():
+                out.append(int(n))
+            elif n in by_name:
+                out.append(by_name[n])
+            else:
+                known = ", ".join(sorted(by_name)[:20])
+                raise ValueError(f"unknown class {n!r}: this index knows {known}{' ...' if len(by_name) > 20 else ''}")
+        return out
+
+    def filter_ids(
+        self, *, classes: Sequence[str | int] | None = None, source: int | str | None = None,
+        time_from: float | None = None, time_to: float | None = None, min_conf: float | None = None,
+    ) -> np.ndarray | None:
+        """Ids passing the filters (None when there are none to apply)."""
+        where, args = [], []
+        if classes:
+            ids = self.class_ids(classes)
+            where.append(f"class_id IN ({','.join('?' * len(ids))})")
+            args += ids
+        if source is not None:
+            if isinstance(source, int) or str(source).isdigit():
+                where.append("source_id = ?")
+                args.append(int(source))
+            else:
+                where.append("source_id IN (SELECT id FROM sources WHERE uri LIKE ?)")
+                args.append(f"%{source}%")
+        for cond, v in (("time >= ?", time_from), ("time <= ?", time_to), ("confidence >= ?", min_conf)):
+            if v is not None:
+                where.append(cond)
+                args.append(float(v))
+        if not where:
+            return None
+        rows = self.store._db.execute(f"SELECT id FROM detections WHERE {' AND '.join(where)}", args)
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
+        """Decoded (approximate) embeddings of stored detections: (n, D) float32."""
+        det = self.store.get(ids)
+        return self.codebook.decode(det.codes).numpy()
+
+    def track_vector(self, source_id: int, track_id: int) -> np.ndarray:
+        """(1, D) mean decoded embedding of a stored track, L2-normalised."""
+        rows = self.store._db.execute("SELECT id FROM detections WHERE source_id = ? AND track_id = ?",
+                                      (int(source_id), int(track_id))).fetchall()
+        if not rows:
+            raise ValueError(f"no detections of track {track_id} in source {source_id} of {self.index}")
+        v = self.vectors_of([r[0] for r in rows]).mean(0, keepdims=True)
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+    def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), **filters) -> list[Detections]:
+        """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``."""
+        if not isinstance(k, int | np.integer) or k <= 0:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        allowed = self.filter_ids(**filters)
+        if exclude:
+            base = allowed if allowed is not None else self.store.codes()[0]
+            allowed = np.setdiff1d(base, np.asarray(exclude, dtype=np.int64))
+        dist, ids = self.scan.search(np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim), int(k),
+                                     allowed=allowed)
+        out = []
+        for d, i in zip(dist, ids):
+            keep = i >= 0
+            det = self.store.get(i[keep])
+            out.append(det.with_data(score=(1.0 - d[keep] / 2.0).astype(np.float32)))
+        return out
