@@ -42,6 +42,7 @@ class Memory:
                              f", the index to {fp}: the index is inconsistent, re-index it")
         self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
         self.scan = CodeIndex(self.codebook, engine=engine)
+        self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
         self._last = 0
         self.refresh()
 
@@ -55,10 +56,13 @@ class Memory:
         self.close()
 
     def refresh(self) -> int:
-        """Add detections stored since the last refresh to the scan; returns how many."""
+        """Add detections stored since the last refresh to the scan and the filter columns; returns how many."""
         ids, codes = self.store.codes(after_id=self._last)
         if len(ids):
+            cols = self.store.columns(after_id=self._last)
+            cols = {k: v[np.searchsorted(cols["id"], ids)] for k, v in cols.items()}  # rows stored meanwhile
             self.scan.add(ids, codes)
+            self._cols = {k: np.concatenate([self._cols[k], v]) for k, v in cols.items()} if self._cols else cols
             self._last = int(ids[-1])
         return len(ids)
 
@@ -81,27 +85,30 @@ class Memory:
         self, *, classes: Sequence[str | int] | None = None, source: int | str | None = None,
         time_from: float | None = None, time_to: float | None = None, min_conf: float | None = None,
     ) -> np.ndarray | None:
-        """Ids passing the filters (None when there are none to apply)."""
-        where, args = [], []
+        """Ids passing the filters (None when there are none to apply), from in-memory columns (no SQL per query)."""
+        if not self._cols:
+            return None if not (classes or source is not None or time_from is not None or time_to is not None
+                                or min_conf is not None) else np.zeros(0, np.int64)
+        c, keep = self._cols, None
+
+        def both(m):
+            return m if keep is None else keep & m
+
         if classes:
-            ids = self.class_ids(classes)
-            where.append(f"class_id IN ({','.join('?' * len(ids))})")
-            args += ids
+            keep = both(np.logical_or.reduce([c["class_id"] == k for k in self.class_ids(classes)]))
         if source is not None:
             if isinstance(source, int) or str(source).isdigit():
-                where.append("source_id = ?")
-                args.append(int(source))
+                wanted = [int(source)]
             else:
-                where.append("source_id IN (SELECT id FROM sources WHERE uri LIKE ?)")
-                args.append(f"%{source}%")
-        for cond, v in (("time >= ?", time_from), ("time <= ?", time_to), ("confidence >= ?", min_conf)):
-            if v is not None:
-                where.append(cond)
-                args.append(float(v))
-        if not where:
-            return None
-        rows = self.store._db.execute(f"SELECT id FROM detections WHERE {' AND '.join(where)}", args)
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+                wanted = [s.id for s in self.store.sources() if str(source) in s.uri]
+            keep = both(np.isin(c["source_id"], wanted))
+        if time_from is not None:
+            keep = both(c["time"] >= float(time_from))
+        if time_to is not None:
+            keep = both(c["time"] <= float(time_to))
+        if min_conf is not None:
+            keep = both(c["confidence"] >= float(min_conf))
+        return None if keep is None else c["id"][keep]
 
     def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """Decoded (approximate) embeddings of stored detections: (n, D) float32."""
@@ -123,7 +130,7 @@ class Memory:
             raise ValueError(f"k must be a positive int, got {k!r}")
         allowed = self.filter_ids(**filters)
         if exclude:
-            base = allowed if allowed is not None else self.store.codes()[0]
+            base = allowed if allowed is not None else self._cols.get("id", np.zeros(0, np.int64))
             allowed = np.setdiff1d(base, np.asarray(exclude, dtype=np.int64))
         dist, ids = self.scan.search(np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim), int(k),
                                      allowed=allowed)

@@ -243,6 +243,16 @@ class Store:
         codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), code_size)
         return ids, codes
 
+    def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
+        """Filterable columns of detections with codes and ``id > after_id``, in id order (the rows of
+        :meth:`codes`): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence``
+        float32."""
+        rows = self._db.execute("SELECT id, class_id, source_id, time, confidence FROM detections "
+                                "WHERE id > ? AND codes IS NOT NULL ORDER BY id", (after_id,)).fetchall()
+        a = np.array(rows, dtype=np.float64).reshape(-1, 5)
+        return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
+                "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32)}
+
     def get(self, ids: Sequence[int] | np.ndarray) -> Detections:
         """Detections by id, in the order given, with ``data`` = id, source_id, frame, time."""
         ids = [int(i) for i in ids]
