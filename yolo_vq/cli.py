@@ -177,8 +177,7 @@ def cmd_demo(a) -> None:
     with Indexer(model, out / "index", codebook=out / "codebook", track=True, conf=0.1) as ix:
         print("2/3 " + ix.index_source(video).line())
     with Memory(out / "index") as mem:
-        rows = mem.store._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
-                                     "GROUP BY track_id ORDER BY c DESC LIMIT 1").fetchone()
+        rows = mem.store.longest_track()
         if rows is None:
             raise ValueError("the demo found no tracked detection to query")
     a2 = argparse.Namespace(index=str(out / "index"), engine="auto", detection=int(rows[2]), track=None, image=None,

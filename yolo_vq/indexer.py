@@ -117,8 +117,7 @@ class Indexer:
         done = self.store.frames_done(rec.id)
         start = int(done.max()) + 1 if len(done) else 0
         # track ids restart at 1 in a new run: shift them past this source's stored ids
-        offset = self.store._db.execute("SELECT COALESCE(MAX(track_id), 0) FROM detections WHERE source_id = ?",
-                                        (rec.id,)).fetchone()[0]
+        offset = self.store.max_track_id(rec.id)
         for tracker in getattr(getattr(self.model, "predictor", None), "trackers", []):
             tracker.reset()  # a new source starts new tracks
         total = None if src.frame_count is None else max(0, (src.frame_count - start + stride - 1) // stride)

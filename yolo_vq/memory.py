@@ -32,10 +32,7 @@ class Memory:
 
         self.index = Path(index)
         self.store = Store(self.index, readonly=True)
-        try:
-            self.codebook = load_codebook(self.index / CODEBOOK_STEM)
-        except FileNotFoundError:  # pragma: no cover - load_codebook raises CodebookError for missing files
-            raise StoreError(f"{self.index} has no codebook ({CODEBOOK_STEM}.json); re-index it") from None
+        self.codebook = load_codebook(self.index / CODEBOOK_STEM)  # CodebookError names a missing/corrupt file
         fp = self.store.get_meta("model_fingerprint")
         if self.codebook.meta.get("model_fingerprint") != fp:
             raise StoreError(f"{self.index}: its codebook belongs to model {self.codebook.meta.get('model_fingerprint')}"
@@ -117,11 +114,10 @@ class Memory:
 
     def track_vector(self, source_id: int, track_id: int) -> np.ndarray:
         """(1, D) mean decoded embedding of a stored track, L2-normalised."""
-        rows = self.store._db.execute("SELECT id FROM detections WHERE source_id = ? AND track_id = ?",
-                                      (int(source_id), int(track_id))).fetchall()
-        if not rows:
+        ids = self.store.track_ids(source_id, track_id)
+        if not len(ids):
             raise ValueError(f"no detections of track {track_id} in source {source_id} of {self.index}")
-        v = self.vectors_of([r[0] for r in rows]).mean(0, keepdims=True)
+        v = self.vectors_of(ids).mean(0, keepdims=True)
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
     def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), **filters) -> list[Detections]:

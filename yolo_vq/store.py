@@ -228,6 +228,22 @@ class Store:
         return inserted
 
     # -- reading ---------------------------------------------------------------------------------------------------
+    def track_ids(self, source_id: int, track_id: int) -> np.ndarray:
+        """Ids (int64, ascending) of the detections of one track of one source."""
+        rows = self._db.execute("SELECT id FROM detections WHERE source_id = ? AND track_id = ? ORDER BY id",
+                                (int(source_id), int(track_id)))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def max_track_id(self, source_id: int) -> int:
+        """The largest stored track id of a source (0 when none): new runs number their tracks after it."""
+        return self._db.execute("SELECT COALESCE(MAX(track_id), 0) FROM detections WHERE source_id = ?",
+                                (int(source_id),)).fetchone()[0]
+
+    def longest_track(self) -> tuple[int, int, int] | None:
+        """``(track_id, detections, first detection id)`` of the track with the most detections, or None."""
+        return self._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
+                                "GROUP BY source_id, track_id ORDER BY c DESC LIMIT 1").fetchone()
+
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM detections").fetchone()[0]
 
