@@ -145,3 +145,30 @@ def test_readers_search_while_one_process_writes(tmp_path):
         t.join()
     assert not errors, errors
     assert proc.returncode == 0 and len(set(counts)) > 2  # readers saw the store grow
+
+
+def test_reads_are_one_snapshot_when_the_writer_commits_between_statements(tmp_path):
+    """The mechanism behind a once-flaky reader, made deterministic: the writer's first batch (which also sets the
+    ``code_size`` meta) committed between the reader's statements must never mix two states of the store."""
+    Store(tmp_path / "idx", create=True).close()
+    with Store(tmp_path / "idx") as w, Store(tmp_path / "idx", readonly=True) as r:
+        src = w.add_source("clip", "fp")
+        written = []
+
+        def commit_before(sql: str) -> None:  # before every reader statement but a call's first, commit a frame
+            calls.append(sql)
+            if len(calls) > 1:
+                w.add_frames(src.id, [frame(len(written))])
+                written.append(len(written))
+
+        r._db.set_trace_callback(commit_before)
+        for _ in range(4):
+            calls: list[str] = []
+            ids, codes = r.codes()
+            assert len(calls) > 1  # the writer did commit in the middle of the call
+            assert codes.shape == (len(ids), 8 if len(ids) else codes.shape[1]) and len(ids) % 3 == 0
+            expect = [frame(i).detections.codes for i in range(len(ids) // 3)]
+            if expect:
+                np.testing.assert_array_equal(codes, np.concatenate(expect))
+        r._db.set_trace_callback(None)
+        assert r.count() == 3 * len(written) > len(ids)  # later commits are visible once the snapshot ends

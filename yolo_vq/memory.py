@@ -54,10 +54,11 @@ class Memory:
 
     def refresh(self) -> int:
         """Add detections stored since the last refresh to the scan and the filter columns; returns how many."""
-        ids, codes = self.store.codes(after_id=self._last)
+        with self.store.snapshot():  # codes and columns of the same rows, while another process indexes
+            ids, codes = self.store.codes(after_id=self._last)
+            cols = self.store.columns(after_id=self._last) if len(ids) else {}
         if len(ids):
-            cols = self.store.columns(after_id=self._last)
-            cols = {k: v[np.searchsorted(cols["id"], ids)] for k, v in cols.items()}  # rows stored meanwhile
+            assert np.array_equal(cols["id"], ids), "codes and columns of one snapshot list the same rows"
             self.scan.add(ids, codes)
             self._cols = {k: np.concatenate([self._cols[k], v]) for k, v in cols.items()} if self._cols else cols
             self._last = int(ids[-1])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,25 @@ class Store:
         return inserted
 
     # -- reading ---------------------------------------------------------------------------------------------------
+    @contextmanager
+    def snapshot(self) -> Iterator[Store]:
+        """Run several reads on one consistent state of the store (one read transaction), even while another
+        process commits.
+
+        In autocommit mode every statement is its own read transaction: a writer's commit can land between two of
+        them (e.g. between reading the ``code_size`` meta and reading the rows its first batch set it with). In WAL
+        mode a read transaction sees the database as of its first read until it ends, and never blocks the writer.
+        Re-entrant: inside an open transaction it just yields.
+        """
+        if self._db.in_transaction:
+            yield self
+            return
+        self._db.execute("BEGIN")  # deferred: the snapshot starts at the first read
+        try:
+            yield self
+        finally:
+            self._db.execute("COMMIT")
+
     def track_ids(self, source_id: int, track_id: int) -> np.ndarray:
         """Ids (int64, ascending) of the detections of one track of one source."""
         rows = self._db.execute("SELECT id FROM detections WHERE source_id = ? AND track_id = ? ORDER BY id",
@@ -250,9 +270,10 @@ class Store:
     def codes(self, *, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (N,) int64, codes (N, code_size) uint8)`` of detections with ``id > after_id``, in id order: a
         contiguous matrix for the scan engine, refreshed incrementally as the store grows."""
-        code_size = self.get_meta("code_size")
-        rows = self._db.execute("SELECT id, codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id",
-                                (after_id,)).fetchall()
+        with self.snapshot():  # the meta and the rows of one state (a first batch may commit in between)
+            code_size = self.get_meta("code_size")
+            rows = self._db.execute("SELECT id, codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id",
+                                    (after_id,)).fetchall()
         if not rows:
             return np.zeros(0, np.int64), np.zeros((0, code_size or 0), np.uint8)
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
