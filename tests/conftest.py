@@ -62,3 +62,17 @@ def bikes_frames() -> list[np.ndarray]:
         frames.append(f)
     cap.release()
     return frames
+
+
+@pytest.fixture(scope="session")
+def pose_vq(tmp_path_factory, pose_model_path):
+    """The real yolo11n-pose and a 32-byte codebook (64 centroids) fitted on bikes.mp4 (every 2nd frame, conf 0.1)."""
+    from ultralytics import YOLO
+
+    from yolo_vq.fit import fit_codebook
+
+    model = YOLO(pose_model_path)
+    cb = tmp_path_factory.mktemp("pose_vq") / "codebook"
+    fit_codebook(model, [assets.bikes_video()], cb, code_bytes=32, codebook_size=64, stride=2, conf=0.1,
+                 progress=False)
+    return model, cb

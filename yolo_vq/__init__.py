@@ -1,36 +1,54 @@
-"""yolo_vq: a searchable, compressed visual memory for Ultralytics YOLO pipelines."""
+"""yolo_vq: a searchable, compressed visual memory for Ultralytics YOLO pipelines.
 
+Names load lazily (PEP 562), so ``import yolo_vq.edge`` on an edge device pulls in numpy, onnxruntime and OpenCV
+only, never torch or ultralytics.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from .config import DEFAULT_RECIPE, ColourSpec, EmbedConfig, LevelSpec, list_recipes, load_recipe
-from .detections import Detections
-from .embed import BoxEmbedder
-from .embedder import Embedder
-from .indexer import Indexer
-from .memory import Memory
-from .store import Store
-from .tap import Tap, TapInfo, resolve_layers
+from typing import Any
 
 try:
     __version__ = version("yolo-vq")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
+_EXPORTS = {
+    "DEFAULT_RECIPE": "config",
+    "ColourSpec": "config",
+    "EmbedConfig": "config",
+    "LevelSpec": "config",
+    "list_recipes": "config",
+    "load_recipe": "config",
+    "Detections": "detections",
+    "BoxEmbedder": "embed",
+    "Embedder": "embedder",
+    "EdgeModel": "edge",
+    "export": "export",
+    "ingest": "ingest",
+    "Indexer": "indexer",
+    "Memory": "memory",
+    "Store": "store",
+    "Tap": "tap",
+    "TapInfo": "tap",
+    "resolve_layers": "tap",
+}
+
 __all__ = [
-    "DEFAULT_RECIPE",
-    "BoxEmbedder",
-    "ColourSpec",
-    "Detections",
-    "EmbedConfig",
-    "Embedder",
-    "Indexer",
-    "LevelSpec",
-    "Memory",
-    "Store",
-    "Tap",
-    "TapInfo",
-    "__version__",
-    "list_recipes",
-    "load_recipe",
+    "DEFAULT_RECIPE", "BoxEmbedder", "ColourSpec", "Detections", "EdgeModel", "EmbedConfig", "Embedder", "Indexer",
+    "LevelSpec", "Memory", "Store", "Tap", "TapInfo", "__version__", "export", "ingest", "list_recipes", "load_recipe",
     "resolve_layers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'yolo_vq' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

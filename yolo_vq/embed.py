@@ -141,7 +141,8 @@ class BoxEmbedder(nn.Module):
             cells = _roi_grid(fmap, rois, lv.grid, lv.samples, scale, cfg.sampling_ratio, win)  # (n, C, r, c)
             if cfg.center:  # minus the frame's average feature, per image
                 cells = cells - means[i][rois[:, 0].long()][:, :, None, None]
-            v = cells.permute(0, 2, 3, 1).flatten(1)  # cell-major: (n, r * c * C)
+            # cell-major (n, r * c * C); explicit sizes so zero boxes reshape in onnxruntime too
+            v = cells.permute(0, 2, 3, 1).reshape(-1, lv.grid[0] * lv.grid[1] * cells.shape[1])
             parts.append((_l2(v) if cfg.level_norm else v) * lv.weight)
         if (c := cfg.colour) is not None:
             nb, st = c.bins[0] * c.bins[1] * c.bins[2], c.stride
@@ -154,9 +155,9 @@ class BoxEmbedder(nn.Module):
             else:
                 src, win = _one_hot(hsv_bin_index(images, c), nb), None
             hist = _roi_grid(src, rois, (c.stripes, 1), 2, scale, cfg.sampling_ratio, win)  # (n, nb, stripes, 1)
-            hist = hist.flatten(2).transpose(1, 2)  # (n, stripes, nb)
+            hist = hist.reshape(-1, nb, c.stripes).transpose(1, 2)  # (n, stripes, nb)
             hist = hist / hist.sum(-1, keepdim=True).clamp_min(1e-6)
-            v = hist.sqrt().flatten(1)  # Hellinger: sqrt of bin fractions, so L2 compares distributions fairly
+            v = hist.sqrt().reshape(-1, c.stripes * nb)  # Hellinger: sqrt of bin fractions, so L2 compares distributions fairly
             parts.append((_l2(v) if cfg.level_norm else v) * c.weight)
         out = torch.cat(parts, dim=1)
         out = _l2(out) if cfg.final_norm else out
@@ -198,7 +199,7 @@ def anchor_features(maps: Sequence[torch.Tensor], batch_index: torch.Tensor, anc
     out = maps[0].new_zeros((anchor.shape[0], s), dtype=torch.float32)
     start = 0
     for m in maps:
-        b, c, h, w = m.shape
+        _, c, h, w = m.shape
         local = anchor - start
         sel = (local >= 0) & (local < h * w)
         if sel.any():

@@ -8,7 +8,10 @@ generally not square (768x576 at imgsz 1280 -> 1280x960; 640x272 at 640 -> 640x2
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch-free at import: the edge runner (no torch) uses letterbox_params
+    import torch
 
 __all__ = ["image_region", "letterbox_params", "to_input", "to_original"]
 
@@ -32,14 +35,14 @@ def image_region(orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[f
 def to_input(boxes: torch.Tensor, orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> torch.Tensor:
     """Map xyxy boxes (n, 4) from original-image pixels to network-input pixels (a new float32 tensor)."""
     gx, gy, px, py = letterbox_params(orig_hw, input_hw)
-    scale = boxes.new_tensor([gx, gy, gx, gy], dtype=torch.float32)
-    shift = boxes.new_tensor([px, py, px, py], dtype=torch.float32)
+    scale = boxes.new_tensor([gx, gy, gx, gy]).float()
+    shift = boxes.new_tensor([px, py, px, py]).float()
     return boxes.float() * scale + shift
 
 
 def to_original(boxes: torch.Tensor, orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> torch.Tensor:
     """Map xyxy boxes (n, 4) from network-input pixels back to original pixels (not clipped)."""
     gx, gy, px, py = letterbox_params(orig_hw, input_hw)
-    scale = boxes.new_tensor([gx, gy, gx, gy], dtype=torch.float32)
-    shift = boxes.new_tensor([px, py, px, py], dtype=torch.float32)
+    scale = boxes.new_tensor([gx, gy, gx, gy]).float()
+    shift = boxes.new_tensor([px, py, px, py]).float()
     return (boxes.float() - shift) / scale

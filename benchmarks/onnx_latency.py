@@ -1,0 +1,112 @@
+"""onnxruntime CPU latency of our exported graph (detector + NMS + embedding + codes) vs Ultralytics' own ONNX export.
+
+Same detector (the real ``yolo11n-pose.pt``), same input size, same onnxruntime settings, runs interleaved image by
+image so machine noise hits both arms alike. Ultralytics' graph stops at the raw head output (its NMS runs afterwards
+in Python and is not timed here), so the ratio charges our in-graph NMS, pooling and encoding in full.
+
+Also: bytes shipped per detection (codes) vs the float embedding and vs a JPEG crop of the box (quality 90, the
+crop at its original size and at a 96 px thumbnail).
+
+    python benchmarks/onnx_latency.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def main() -> None:
+    import cv2
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from ultralytics import YOLO
+
+    from yolo_vq import assets
+    from yolo_vq.edge import EdgeModel, letterbox_batch
+    from yolo_vq.export import export
+    from yolo_vq.fit import fit_codebook
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30, help="timed runs per image and arm")
+    ap.add_argument("--max-det", type=int, default=300)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="onnx_latency_"))
+    model = YOLO(str(assets.pose_weights()))
+    cb = tmp / "codebook"
+    fit_codebook(model, [assets.bikes_video()], cb, code_bytes=32, codebook_size=256, conf=0.1, progress=False)
+    ours, check = export(model, cb, tmp / "ours.onnx", imgsz=args.imgsz, max_det=args.max_det)
+    weights = tmp / "yolo11n-pose.pt"  # Ultralytics writes its export next to the weights: a copy, not the package
+    shutil.copyfile(assets.pose_weights(), weights)
+    # simplify=False: onnxslim is not installed here (and Ultralytics would try to pip-install it)
+    theirs = Path(YOLO(str(weights)).export(format="onnx", imgsz=args.imgsz, opset=18, simplify=False, dynamic=True,
+                                            verbose=False))
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    sess = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+            for name, p in (("ours", ours), ("ultralytics", theirs))}
+    edge = EdgeModel(ours)
+    cap = cv2.VideoCapture(str(assets.vtest_video()))
+    frames = [cv2.imread(str(assets.ultralytics_image(n))) for n in ("bus.jpg", "zidane.jpg")]
+    for _ in range(4):  # a few pedestrian frames 150 apart
+        for _ in range(150):
+            cap.grab()
+        frames.append(cap.retrieve()[1])
+    x, _ = letterbox_batch(frames, edge.meta)
+    for s in sess.values():  # warm-up
+        s.run(None, {"images": x[:1]})
+    times = {k: [] for k in sess}
+    for _ in range(args.reps):
+        for i in range(len(x)):
+            for k, s in (sess.items() if i % 2 else reversed(sess.items())):
+                t0 = time.perf_counter()
+                s.run(None, {"images": x[i : i + 1]})
+                times[k].append(time.perf_counter() - t0)
+
+    dets = edge(frames)
+    n = sum(len(d["codes"]) for d in dets)
+    jpeg_full, jpeg_thumb = [], []
+    for img, d in zip(frames, dets):
+        for x1, y1, x2, y2 in d["xyxy"].round().astype(int):
+            crop = img[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
+            jpeg_full.append(len(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]))
+            s = 96 / max(crop.shape[:2])
+            small = cv2.resize(crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))))
+            jpeg_thumb.append(len(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]))
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}, torch "
+          f"{torch.__version__}, {args.threads} intra-op threads; imgsz {args.imgsz} (square), max_det {args.max_det}")
+    print(f"{check.line()}\n")
+    print("| graph | outputs | median ms / image | p90 ms |")
+    print("|---|---|---|---|")
+    med = {}
+    for k, v in times.items():
+        med[k] = statistics.median(v) * 1e3
+        outs = [o.name for o in sess[k].get_outputs()]
+        print(f"| {k} ({Path(ours if k == 'ours' else theirs).name}) | {', '.join(outs)} | {med[k]:.1f} | "
+              f"{np.percentile(v, 90) * 1e3:.1f} |")
+    print(f"\nratio ours / ultralytics: **{med['ours'] / med['ultralytics']:.3f}** ({len(frames)} images x {args.reps} "
+          f"runs per arm, interleaved)")
+    dim = edge.meta["embedding"]["dim"]
+    print(f"\nbytes per detection ({n} detections on these images): codes {edge.meta['code_size']} B; float32 "
+          f"embedding {dim * 4} B ({dim * 4 / edge.meta['code_size']:.0f}x); JPEG crop q90 median "
+          f"{statistics.median(jpeg_full):.0f} B, 96 px thumbnail median {statistics.median(jpeg_thumb):.0f} B")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

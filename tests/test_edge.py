@@ -1,0 +1,151 @@
+"""The edge path end to end: export, run without torch, ingest, search like a locally indexed store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from yolo_vq import assets
+from yolo_vq.edge import EdgeError
+from yolo_vq.export import export
+from yolo_vq.ingest import ingest
+from yolo_vq.store import Store, StoreError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+STRIDE = 5  # 50 of bikes.mp4's 250 frames
+
+# Runs the CLI with torch, torchvision and ultralytics made unimportable: the edge runner must not need them.
+NO_TORCH = textwrap.dedent("""
+    import sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision", "ultralytics"):
+                raise ImportError(f"{name} is blocked on this edge device")
+    sys.meta_path.insert(0, Block())
+    from yolo_vq.cli import main
+    rc = main(sys.argv[1:])
+    assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "ultralytics")]
+    sys.exit(rc)
+""")
+
+
+def cli_without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], check=False, capture_output=True, text=True,
+                          timeout=600,
+                          env={**os.environ, "YOLO_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def edge_run(pose_vq, tmp_path_factory):
+    """bikes.mp4 through the exported graph without torch (edge) and through Indexer (server), same settings."""
+    from yolo_vq import Indexer
+
+    model, cb = pose_vq
+    tmp = tmp_path_factory.mktemp("edge")
+    video = assets.bikes_video()
+    onnx_path, _ = export(model, cb, tmp / "bikes_vq.onnx", source_size=(272, 640), conf=0.1)
+    out = tmp / "detections.jsonl"
+    run = cli_without_torch("edge", str(onnx_path), str(video), "--out", str(out), "--stride", str(STRIDE), "--quiet")
+    assert run.returncode == 0, run.stderr
+    with Indexer(model, tmp / "server", codebook=cb, conf=0.1) as ix:
+        ix.index_source(video, stride=STRIDE, progress=False)
+    return tmp, out, cb, run.stdout
+
+
+def test_edge_cli_runs_without_torch_and_writes_records(edge_run):
+    _, out, _, stdout = edge_run
+    assert "edge: 50 frames" in stdout
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    header, source, frames = lines[0], lines[1], lines[2:]
+    assert header["type"] == "header" and header["code_size"] == 32 and header["imgsz"] == [288, 640]
+    assert source["type"] == "source" and source["frame_count"] == 250 and (source["width"], source["height"]) == (640, 272)
+    assert [f["frame"] for f in frames] == list(range(0, 250, STRIDE))
+    dets = [(f, i) for f in frames for i in range(len(f["codes"]))]
+    assert len(dets) > 20 and all(len(bytes.fromhex(f["codes"][i])) == 32 for f, i in dets)
+    xyxy = np.array([f["xyxy"][i] for f, i in dets])
+    assert (xyxy[:, 2] > xyxy[:, 0]).all() and xyxy[:, 2].max() <= 640 and xyxy[:, 3].max() <= 272 and xyxy.min() >= 0
+
+
+def test_ingested_edge_store_equals_the_server_store(edge_run):
+    tmp, out, cb, _ = edge_run
+    summary = ingest(out, tmp / "edge_index", codebook=cb)
+    assert summary["frames"] == 50 and summary["sources"] == 1
+    with Store(tmp / "server", readonly=True) as a, Store(tmp / "edge_index", readonly=True) as b:
+        assert a.count() == b.count() == summary["detections"]
+        assert a.sources()[0].fingerprint == b.sources()[0].fingerprint  # same content, same source identity
+        da, db = a.get(np.arange(1, a.count() + 1)), b.get(np.arange(1, b.count() + 1))
+        np.testing.assert_allclose(db.xyxy, da.xyxy, atol=0.02)  # 2-decimal rounding in the records
+        same = float((da.codes == db.codes).mean())
+        print(f"bikes.mp4 every {STRIDE}th frame: {a.count()} detections, {same:.2%} of code bytes equal edge vs server")
+        assert same >= 0.99
+    again = ingest(out, tmp / "edge_index")
+    assert again["frames"] == 0 and again["skipped_frames"] == 50 and again["detections"] == 0  # idempotent
+
+
+def test_search_on_edge_codes_returns_the_servers_top10(edge_run):
+    from yolo_vq import Memory
+
+    tmp, out, cb, _ = edge_run
+    if not (tmp / "edge_index").exists():
+        ingest(out, tmp / "edge_index", codebook=cb)
+    with Memory(tmp / "server") as a, Memory(tmp / "edge_index") as b:
+        queries = np.linspace(1, a.store.count(), 5).astype(int)
+        for q in queries:
+            v = a.vectors_of([int(q)])
+            ra, rb = a.search(v, k=10)[0], b.search(v, k=10)[0]
+            key = [{(int(f), *np.round(x).astype(int)) for f, x in zip(r.data["frame"], r.xyxy)} for r in (ra, rb)]
+            overlap = len(key[0] & key[1])
+            print(f"query detection {q}: top-10 overlap edge vs server {overlap}/10")
+            assert overlap >= 9
+
+
+def test_ingest_refuses_another_codebook_and_keeps_the_index(edge_run, tmp_path, bus, zidane):
+    from tests.test_export import fit_on, scrambled
+
+    tmp, out, _, _ = edge_run
+    with pytest.raises(StoreError, match="another|not the one"):
+        ingest(out, tmp_path / "new", codebook=fit_on(scrambled("yolo11n-pose.yaml"), [bus, zidane],
+                                                      tmp_path / "other", conf=0.05))
+    server = tmp / "server"
+    before = (server / "index.db").read_bytes()
+    forged = tmp_path / "forged.jsonl"
+    lines = out.read_text().splitlines()
+    head = json.loads(lines[0]) | {"codebook_fingerprint": "0" * 64}
+    forged.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    with pytest.raises(StoreError, match="encoded with codebook 0000"):
+        ingest(forged, server)
+    assert (server / "index.db").read_bytes() == before
+
+
+def test_edge_and_ingest_bad_input_one_line_errors(edge_run, tmp_path):
+    tmp, out, _, _ = edge_run
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("hello\n")
+    with pytest.raises(EdgeError, match="not a yolo_vq edge file"):
+        ingest(junk, tmp_path / "idx")
+    truncated = tmp_path / "cut.jsonl"
+    truncated.write_text(out.read_text()[:-40])
+    with pytest.raises(EdgeError, match="not valid JSON"):
+        ingest(truncated, tmp / "server")  # every frame before the cut is stored already: nothing changes
+    cases = [
+        (["edge", str(tmp / "bikes_vq.onnx"), str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "o.jsonl")],
+         "missing.mp4"),
+        (["edge", str(tmp_path / "nope.onnx"), str(assets.bikes_video()), "--out", str(tmp_path / "o.jsonl")],
+         "no such file"),
+        (["edge", str(tmp / "bikes_vq.onnx"), str(assets.bikes_video()), "--out", str(tmp_path / "o.csv")],
+         ".jsonl"),
+        (["ingest", str(junk), "--index", str(tmp_path / "idx")], "not a yolo_vq edge file"),
+        (["ingest", str(out), "--index", str(tmp_path / "fresh")], "no codebook yet"),
+    ]
+    for args, needle in cases:
+        r = cli_without_torch(*args) if args[0] == "edge" else subprocess.run(
+            [sys.executable, "-m", "yolo_vq.cli", *args], check=False, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr

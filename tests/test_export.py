@@ -1,0 +1,167 @@
+"""One ONNX graph (detector + recipe + codebook): checker, onnxruntime vs PyTorch, vs the server's own pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import yolo
+from yolo_vq import Embedder
+from yolo_vq.edge import EdgeError, EdgeModel
+from yolo_vq.export import ExportError, export, input_size, match_rows
+from yolo_vq.quant import CodebookError, ProductQuantizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+def scrambled(cfg: str):
+    """A YAML model whose convolutions are re-drawn (He init) so scores differ between anchors, as a trained model's do.
+
+    Fresh YAML models score every anchor alike (ties), which leaves the choice among tied rows to the runtime."""
+    model = yolo(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5, generator=g)
+        head = model.model.model[-1]
+        for branch in (head.cv3, getattr(head, "one2one_cv3", None) or ()):
+            for seq in branch:  # class logits around -3 with some spread: a few confident anchors per image
+                seq[-1].weight.normal_(0, 0.05, generator=g)
+                seq[-1].bias.normal_(-3, 1, generator=g)
+    return model
+
+
+def fit_on(model, images, path, *, m=16, **predict_args):
+    """A codebook trained on this model's embeddings of ``images`` (jittered copies: enough rows for 256 centroids)."""
+    emb = Embedder(model)
+    with emb:
+        x = np.concatenate([r.vq_embeddings for r in model.predict(images, verbose=False, **predict_args)])
+    assert len(x), "no detections to train on"
+    rng = np.random.default_rng(0)
+    x = np.concatenate([x + rng.normal(0, 0.02, x.shape).astype(np.float32) for _ in range(max(1, 600 // len(x)))])
+    pq = ProductQuantizer(dim=emb.dim, m=m, iters=8).fit(torch.from_numpy(x))
+    emb.save_codebook(pq, path)
+    return path
+
+
+def onnx_meta(path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.parametrize("cfg, nms", [("yolo11n.yaml", None), ("yolo26n.yaml", None), ("yolo26n.yaml", True),
+                                      ("yolov8n.yaml", None)])
+def test_export_passes_checker_and_matches_onnxruntime(cfg, nms, tmp_path, bus, zidane):
+    model = scrambled(cfg)
+    cb = fit_on(model, [bus, zidane], tmp_path / "cb", conf=0.05)
+    path, check = export(model, cb, tmp_path / "m.onnx", conf=0.05, nms=nms)
+    print(f"{cfg} nms={nms}: {check.line()}")
+    assert check.same_detections and check.detections > 20
+    assert check.max_box_error <= 1e-3 and check.code_bytes_equal >= 0.99
+    meta = onnx_meta(path)
+    assert json.loads(meta["end2end"]) is (cfg.startswith("yolo26") and nms is None)
+    assert json.loads(meta["code_size"]) == 16 and json.loads(meta["imgsz"]) == [640, 640]
+    assert json.loads(meta["codebook_fingerprint"]) == json.loads((tmp_path / "cb.json").read_text())["tensors"]["sha256"]
+    assert json.loads(meta["embedding"])["recipe"] == "s4-8stripes-colour-center"
+    assert json.loads(meta["names"]) == {str(k): v for k, v in model.names.items()}
+    m = EdgeModel(path)
+    x = np.zeros((3, 3, 640, 640), np.float32)  # dynamic batch: 3 blank frames
+    out = dict(zip(m.outputs, m.session.run(None, {"images": x})))
+    assert out["boxes"].shape == (3, 300, 4) and out["boxes"].dtype == np.float32
+    assert out["codes"].shape == (3, 300, 16) and out["codes"].dtype == np.uint8
+    assert out["valid"].dtype == bool and out["classes"].dtype == np.int64
+
+
+def _pairs(edge: dict, result, tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Pair edge rows with the rows of an Ultralytics Result by class and box (original px); all rows must pair."""
+    got = [edge["xyxy"][None], edge["confidence"][None], edge["class_id"][None], edge["codes"][None],
+           np.ones((1, len(edge["xyxy"])), bool)]
+    b = result.boxes
+    ref = [b.xyxy.numpy()[None], b.conf.numpy()[None], b.cls.numpy().astype(np.int64)[None], result.vq_codes[None],
+           np.ones((1, len(b)), bool)]
+    a, r, unpaired = match_rows(got, ref, 0, tol)
+    assert unpaired == 0 and len(a) == len(b) == len(edge["xyxy"]), (len(a), len(b), len(edge["xyxy"]))
+    return a, r
+
+
+def _code_agreement(edges, results) -> tuple[float, int]:
+    equal = total = 0
+    for e, r in zip(edges, results):
+        a, b = _pairs(e, r)
+        rel = np.abs(e["xyxy"][a] - r.boxes.xyxy.numpy()[b]) / np.maximum(np.abs(r.boxes.xyxy.numpy()[b]), 1.0)
+        assert rel.max(initial=0) <= 1e-3
+        equal += int((e["codes"][a] == r.vq_codes[b]).sum())
+        total += r.vq_codes[b].size
+    return equal / max(total, 1), total
+
+
+def test_edge_codes_equal_the_server_pipeline_on_real_images(pose_vq, tmp_path, bus, zidane):
+    """Real yolo11n-pose: onnxruntime on the edge == Ultralytics predict + Embedder on the server (same input)."""
+    model, cb = pose_vq
+    path, _ = export(model, cb, tmp_path / "pose.onnx")
+    edges = EdgeModel(path)([bus, zidane])
+    with Embedder(model, codebook=cb):
+        results = model.predict([bus, zidane], imgsz=640, rect=False, verbose=False)
+    rate, n = _code_agreement(edges, results)
+    print(f"pose, bus + zidane: {sum(len(r) for r in results)} detections, {rate:.2%} of {n} code bytes equal")
+    assert sum(len(r) for r in results) >= 5 and rate >= 0.99
+
+
+def test_source_size_export_reproduces_predicts_rect_input(pose_vq, tmp_path, bikes_frames):
+    model, cb = pose_vq
+    h, w = bikes_frames[0].shape[:2]
+    assert input_size(640, (h, w)) == (288, 640)  # PITFALLS 5: 640x272 -> 640x288 at imgsz 640
+    path, _ = export(model, cb, tmp_path / "bikes.onnx", source_size=(h, w), conf=0.1)
+    assert json.loads(onnx_meta(path)["imgsz"]) == [288, 640]
+    edges = EdgeModel(path)(bikes_frames)
+    with Embedder(model, codebook=cb):
+        results = model.predict(bikes_frames, imgsz=640, conf=0.1, verbose=False)  # rect letterbox, as index does
+    rate, n = _code_agreement(edges, results)
+    print(f"bikes frames 30-41 at 288x640: {n // 32} detections, {rate:.2%} of code bytes equal")
+    assert n // 32 >= 10 and rate >= 0.99
+
+
+def test_end_to_end_head_matches_predict_without_nms(tmp_path, bus, zidane):
+    model = scrambled("yolo26n.yaml")
+    cb = fit_on(model, [bus, zidane], tmp_path / "cb", conf=0.3, nms=False)
+    path, _ = export(model, cb, tmp_path / "e2e.onnx", conf=0.3, max_det=50)
+    edges = EdgeModel(path)([bus, zidane])
+    with Embedder(model, codebook=cb):
+        results = model.predict([bus, zidane], imgsz=640, rect=False, conf=0.3, max_det=50, nms=False, verbose=False)
+    rate, n = _code_agreement(edges, results)
+    print(f"yolo26n end-to-end: {n // 16} detections, {rate:.2%} of code bytes equal")
+    assert n // 16 >= 10 and rate >= 0.99
+
+
+def test_export_errors_are_clear(pose_vq, tmp_path, bus):
+    model, cb = pose_vq
+    with pytest.raises(ExportError, match="obb"):
+        export(yolo("yolo11n-obb.yaml"), cb, tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match="fp16"):
+        export(model, cb, tmp_path / "x.onnx", half=True)
+    with pytest.raises(ExportError, match="mode='anchor'"):
+        export(model, cb, tmp_path / "x.onnx", recipe="anchor")
+    with pytest.raises(ExportError, match="multiple of the model stride 32"):
+        export(model, cb, tmp_path / "x.onnx", imgsz=100)
+    with pytest.raises(CodebookError, match="does not fit"):  # a codebook of another model
+        export(scrambled("yolo11n-pose.yaml"), cb, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_edge_model_refuses_files_without_codes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ultralytics writes its export next to the model (here: the working directory)
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    with pytest.raises(EdgeError, match="not a loadable ONNX model"):
+        EdgeModel(bad)
+    with pytest.raises(EdgeError, match="no such file"):
+        EdgeModel(tmp_path / "missing.onnx")
+    plain = yolo("yolo11n.yaml").export(format="onnx", imgsz=64, simplify=False, opset=18)  # Ultralytics' own
+    with pytest.raises(EdgeError, match="without yolo_vq codes.*yolo-vq export"):
+        EdgeModel(plain)

@@ -1,0 +1,252 @@
+"""The edge runner: an exported ``model_vq.onnx`` on video, with numpy, onnxruntime and OpenCV only (no torch).
+
+    from yolo_vq.edge import EdgeModel, run
+    model = EdgeModel("model_vq.onnx")
+    dets = model([frame_bgr])[0]          # dict: xyxy (n, 4) original px, confidence, class_id, codes (n, C)
+    run("model_vq.onnx", "video.mp4", "detections.jsonl")   # what `yolo-vq edge` does
+
+Frames are letterboxed exactly as Ultralytics' ``predict`` does (``cv2.resize`` INTER_LINEAR, centred, pad 114) to the
+graph's fixed input, and boxes are mapped back to original pixels with the inverse of that letterbox and clipped.
+
+Output (``.jsonl``): one JSON object per line. The first is the header (``"type": "header"``: the graph's metadata,
+codebook fingerprint and code size included); then, per source, a ``"source"`` record (uri, content fingerprint, fps,
+frame count, size) followed by one ``"frame"`` record per processed frame, detections as parallel lists (``xyxy``,
+``confidence``, ``class_id``, ``codes`` as hex strings). Frames without detections are recorded too, so ingesting is
+idempotent per frame. ``yolo-vq ingest`` reads it into an index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .letterbox import letterbox_params
+from .video import open_source
+
+__all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "read_records", "run"]
+
+EDGE_FORMAT = 1
+PAD_VALUE = 114
+_REQUIRED = ("yolo_vq_export", "imgsz", "codebook_fingerprint", "code_size", "names")
+
+
+class EdgeError(ValueError):
+    """An unusable edge model or records file (the message says what is wrong and what to do)."""
+
+
+def _meta_from_session(sess: Any, path: Path) -> dict[str, Any]:
+    raw = sess.get_modelmeta().custom_metadata_map
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        outs = [o.name for o in sess.get_outputs()]
+        raise EdgeError(f"{path} is an ONNX model without yolo_vq codes (outputs {outs}, metadata lacks {missing}): "
+                        f"a plain Ultralytics export has no per-box codes; build one with `yolo-vq export --model M "
+                        f"--codebook C --out model_vq.onnx`")
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    if meta["yolo_vq_export"] != 1:
+        raise EdgeError(f"{path}: export format {meta['yolo_vq_export']!r}, this yolo_vq reads 1; re-export it")
+    return meta
+
+
+def letterbox_image(image: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """One BGR uint8 frame -> (H, W, 3) BGR uint8 letterboxed to the graph's input, as Ultralytics' ``LetterBox``."""
+    h1, w1 = meta["imgsz"]
+    h0, w0 = image.shape[:2]
+    side, src = meta.get("letterbox_imgsz"), meta.get("source_size")
+    if isinstance(side, int) and src is not None and tuple(src) == (h0, w0):
+        r = min(side / h0, side / w0)  # the camera it was exported for: predict's own scale, rounding included
+    else:
+        r = min(h1 / h0, w1 / w0)
+    new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
+    if (new_w, new_h) != (w0, h0):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (w1 - new_w) / 2, (h1 - new_h) / 2
+    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+    return cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+
+
+def letterbox_batch(images: Sequence[np.ndarray], meta: dict[str, Any]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """BGR uint8 frames -> ``(B, 3, H, W)`` float32 RGB in [0, 1] (the graph's ``images``) and each frame's (h, w)."""
+    out = np.empty((len(images), 3, *meta["imgsz"]), np.float32)
+    for i, im in enumerate(images):
+        if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+            raise EdgeError(f"frame {i}: expected a BGR uint8 (h, w, 3) array, got "
+                            f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
+        lb = letterbox_image(im, meta)
+        out[i] = lb[..., ::-1].transpose(2, 0, 1)
+    out /= 255.0
+    return out, [im.shape[:2] for im in images]
+
+
+def _to_original(boxes: np.ndarray, orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> np.ndarray:
+    gx, gy, px, py = letterbox_params(orig_hw, input_hw)
+    b = (boxes.astype(np.float32) - np.float32([px, py, px, py])) / np.float32([gx, gy, gx, gy])
+    return np.clip(b, 0, np.float32([orig_hw[1], orig_hw[0]] * 2))
+
+
+class EdgeModel:
+    """An exported detector + codebook graph in onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file written by ``yolo-vq export``.
+        threads: intra-op threads (None: onnxruntime's default).
+        providers: onnxruntime execution providers (default CPU).
+
+    Raises:
+        EdgeError: a missing or malformed file, or an ONNX model without yolo_vq outputs.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EdgeError(f"{self.path}: no such file; pass the .onnx written by `yolo-vq export`")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers or
+                                                                                  ["CPUExecutionProvider"]))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise EdgeError(f"{self.path} is not a loadable ONNX model ({first}); re-export it with "
+                            f"`yolo-vq export`") from None
+        self.meta = _meta_from_session(self.session, self.path)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.batch = self.meta.get("batch")  # None: dynamic
+        self.names = {int(k): v for k, v in self.meta["names"].items()}
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.meta["imgsz"])
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Detect and encode BGR frames: per frame ``xyxy`` (n, 4) float32 original px, ``confidence`` (n,),
+        ``class_id`` (n,) int64, ``codes`` (n, C) (and ``embeddings`` (n, D) when exported with them)."""
+        if not len(images):
+            return []
+        x, hws = letterbox_batch(images, self.meta)
+        step = self.batch or len(x)
+        results = []
+        for s in range(0, len(x), step):
+            chunk = x[s : s + step]
+            n = len(chunk)
+            if self.batch and n < self.batch:  # a fixed-batch graph: pad with blank frames, drop their rows
+                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])
+            out = dict(zip(self.outputs, self.session.run(None, {"images": chunk})))
+            for i in range(n):
+                v = out["valid"][i].astype(bool)
+                d = {
+                    "xyxy": _to_original(out["boxes"][i][v], hws[s + i], self.input_hw),
+                    "confidence": out["scores"][i][v].astype(np.float32),
+                    "class_id": out["classes"][i][v].astype(np.int64),
+                    "codes": np.ascontiguousarray(out["codes"][i][v]),
+                }
+                if "embeddings" in out:
+                    d["embeddings"] = out["embeddings"][i][v]
+                results.append(d)
+        return results
+
+
+def _frame_record(source: int, frame: int, t: float, d: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        "type": "frame", "source": source, "frame": int(frame), "time": round(float(t), 6),
+        "xyxy": np.round(d["xyxy"].astype(np.float64), 2).tolist(),
+        "confidence": np.round(d["confidence"].astype(np.float64), 5).tolist(),
+        "class_id": d["class_id"].tolist(),
+        "codes": [c.tobytes().hex() for c in d["codes"]],
+    }
+
+
+def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int], out: str | Path, *,
+        stride: int = 1, batch: int = 4, progress: bool = True) -> dict[str, int]:
+    """Run the edge graph over ``sources`` (video files, image folders, webcam index, stream URL) and write records.
+
+    Returns counts: ``{"frames": ..., "detections": ..., "bytes": ...}`` (``bytes``: code bytes written).
+    """
+    from tqdm import tqdm
+
+    if stride < 1 or batch < 1:
+        raise EdgeError(f"stride and batch must be >= 1, got stride={stride}, batch={batch}")
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise EdgeError(f"{out}: output must be a .jsonl file (one JSON record per line), got suffix {out.suffix!r}")
+    m = model if isinstance(model, EdgeModel) else EdgeModel(model)
+    srcs = [sources] if isinstance(sources, str | int | Path) else list(sources)
+    opened = [open_source(s) for s in srcs]  # fail on a bad source before writing anything
+    counts = {"frames": 0, "detections": 0, "bytes": 0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"type": "header", "edge_format": EDGE_FORMAT, "model": str(m.path), **m.meta,
+              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(out, "w") as f:
+        f.write(json.dumps(header) + "\n")
+        for k, src in enumerate(opened):
+            try:
+                f.write(json.dumps({"type": "source", "source": k, "uri": src.uri, "fingerprint": src.fingerprint,
+                                    "fps": src.fps, "frame_count": src.frame_count, "width": src.width,
+                                    "height": src.height}) + "\n")
+                total = None if src.frame_count is None else -(-src.frame_count // stride)
+                bar = tqdm(total=total, unit="frame", desc=Path(str(src.uri)).name, disable=not progress)
+                for chunk in _chunks(src.frames(stride=stride), batch):
+                    for (i, t, _), d in zip(chunk, m([img for _, _, img in chunk])):
+                        f.write(json.dumps(_frame_record(k, i, t, d)) + "\n")
+                        counts["detections"] += len(d["codes"])
+                        counts["bytes"] += d["codes"].nbytes
+                    counts["frames"] += len(chunk)
+                    bar.update(len(chunk))
+                bar.close()
+            finally:
+                src.close()
+    return counts
+
+
+def read_records(path: str | Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """Open an edge ``.jsonl``: its header and an iterator over the following records (sources and frames)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeError(f"{path}: no such file; pass the .jsonl written by `yolo-vq edge`")
+    f = open(path)  # noqa: SIM115 - closed by the iterator
+    try:
+        header = json.loads(f.readline() or "null")
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("type") != "header" or "codebook_fingerprint" not in header:
+        f.close()
+        raise EdgeError(f"{path}: not a yolo_vq edge file (its first line must be the header record written by "
+                        f"`yolo-vq edge`)")
+
+    def records() -> Iterator[dict[str, Any]]:
+        with f:
+            for n, line in enumerate(f, start=2):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    raise EdgeError(f"{path}:{n}: not valid JSON (a truncated file?); records up to line {n - 1} "
+                                    f"can be ingested by cutting it there") from None
+
+    return header, records()
+
+
+def _chunks(it, n: int):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,403 @@
+"""Detector + embedding recipe + codebook encode as ONE ONNX graph: the edge device emits boxes and codes.
+
+The graph (:class:`VQGraph`) runs the fused detector on a letterboxed batch, selects detections in-graph (YOLO26's
+end-to-end head needs no NMS; YOLOv8/YOLO11 heads get class-wise NMS), pools every kept box on the tapped maps exactly
+as :class:`~yolo_vq.embed.BoxEmbedder` does on the server (RoIAlign, stripes, frame-mean centering, the HSV colour cue
+from the same input, normalisation) and encodes the vectors with the codebook. So the codes an edge device ships are
+the codes ``yolo-vq index`` would have stored for the same input.
+
+Inputs and outputs (N = ``max_det``)::
+
+    images      (B, 3, H, W) float32   RGB in [0, 1], letterboxed as Ultralytics does (pad value 114/255)
+    boxes       (B, N, 4)    float32   x1, y1, x2, y2 in input pixels, clipped to the image area
+    scores      (B, N)       float32
+    classes     (B, N)       int64
+    codes       (B, N, C)    uint8     codebook codes (uint16 for codebooks of more than 256 entries)
+    valid       (B, N)       bool      False for padding rows (zero codes and embeddings; other outputs meaningless)
+    embeddings  (B, N, D)    float32   only with ``embeddings=True``
+
+Input size is fixed at export. Export for the camera's frame size (``source_size``) to get the server's input shape
+(Ultralytics letterboxes ``predict`` inputs to the smallest stride multiple) and its clipping, hence the same codes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+from . import letterbox
+from .embed import BoxEmbedder
+from .embedder import Embedder
+from .tap import detect_head
+
+__all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "input_size"]
+
+EXPORT_FORMAT = 1  # version of the metadata layout below, read by yolo_vq.edge
+OUTPUTS = ("boxes", "scores", "classes", "codes", "valid")
+DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
+
+
+class ExportError(ValueError):
+    """The model, recipe or codebook cannot be exported as asked (the message names the part and the fix)."""
+
+
+def input_size(imgsz: int | tuple[int, int], source_size: tuple[int, int] | None = None,
+               stride: int = 32) -> tuple[int, int]:
+    """Network input (H, W) for an export.
+
+    ``source_size`` (h, w) of the camera's frames gives the shape Ultralytics' ``predict`` letterboxes those frames to
+    at ``imgsz`` (``rect``: the long side to ``imgsz``, the short side padded to the next multiple of ``stride``).
+    Without it, an int ``imgsz`` is a square input and a pair is taken as (H, W); both must be stride multiples.
+    """
+    if source_size is not None:
+        h0, w0 = (int(v) for v in source_size)
+        if min(h0, w0) < 1:
+            raise ExportError(f"source_size must be (height, width) > 0, got {source_size!r}")
+        side = imgsz if isinstance(imgsz, int) else max(imgsz)
+        r = min(side / h0, side / w0)
+        new_h, new_w = max(round(h0 * r), 1), max(round(w0 * r), 1)
+        return new_h + (side - new_h) % stride, new_w + (side - new_w) % stride
+    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(int(v) for v in imgsz)
+    if len(hw) != 2 or min(hw) < stride or any(v % stride for v in hw):
+        raise ExportError(f"imgsz must be a multiple of the model stride {stride} (an int or (H, W)), got {imgsz!r}; "
+                          f"e.g. imgsz=640 or imgsz=(384, 640)")
+    return hw
+
+
+class VQGraph(nn.Module):
+    """``images -> boxes, scores, classes, codes, valid[, embeddings]`` (see the module docstring for shapes).
+
+    Args:
+        model: a fused, eval-mode Ultralytics ``DetectionModel`` (a copy: hooks are registered on it).
+        box: the recipe's :class:`BoxEmbedder` (its taps index ``model.model``).
+        quantizer: a fitted quantizer whose ``encode`` maps (n, D) float32 to codes.
+        input_hw: fixed input (H, W).
+        region: the image area inside the input, ``(x0, y0, x1, y1)`` in input pixels; boxes are clipped to it.
+        conf, iou, max_det: Ultralytics' ``predict`` settings (score > conf, class-wise NMS IoU, rows per image).
+        end2end: use the one-to-one head's own top-k (YOLO26) instead of NMS.
+        embeddings: also output the float vectors.
+    """
+
+    def __init__(self, model: nn.Module, box: BoxEmbedder, quantizer: nn.Module, *, input_hw: tuple[int, int],
+                 region: tuple[float, float, float, float], conf: float, iou: float, max_det: int, end2end: bool,
+                 embeddings: bool = False):
+        super().__init__()
+        self.model, self.box, self.quantizer = model, box, quantizer
+        self.layers = [t.layer for t in box.taps]
+        self.nc = len(model.names)
+        self.conf, self.iou, self.end2end, self.with_embeddings = float(conf), float(iou), end2end, embeddings
+        anchors = sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in detect_head(model).stride.tolist())
+        self.max_det = min(int(max_det), anchors)
+        self.register_buffer("lo", torch.tensor(region[:2] * 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("hi", torch.tensor(region[2:] * 2, dtype=torch.float32), persistent=False)
+        self._maps: dict[int, torch.Tensor] = {}
+        store = self._maps
+
+        def capture(i: int):
+            def fn(_m, _args, out):
+                store[i] = out
+            return fn
+
+        seq = model.model
+        self._hooks = [seq[i].register_forward_hook(capture(i)) for i in self.layers]
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._maps.clear()
+        y = self.model(images)
+        y = y[0] if isinstance(y, tuple | list) else y  # eval mode: (predictions, raw head outputs)
+        y = y[0] if isinstance(y, tuple | list) else y  # Segment: (predictions, protos)
+        maps = [self._maps[i] for i in self.layers]
+        boxes, scores, classes, valid = self._select(y)
+        boxes = torch.minimum(torch.maximum(boxes, self.lo), self.hi)  # Ultralytics clips to the image
+        b, n = scores.shape
+        batch = torch.arange(b, device=images.device, dtype=torch.float32).view(b, 1, 1).expand(b, n, 1)
+        rows = valid.reshape(-1).nonzero().squeeze(1)  # pool and encode the kept rows only, not the padding
+        rois = torch.cat([batch, boxes], dim=2).reshape(-1, 5)[rows]
+        emb = self.box(images, maps, rois)  # (kept, D)
+        kept = self.quantizer.encode(emb)
+        codes = kept.new_zeros((b * n, self.quantizer.code_len))  # static widths: exact output shapes
+        codes[rows] = kept
+        out = (boxes, scores, classes, codes.reshape(b, n, self.quantizer.code_len), valid)
+        if not self.with_embeddings:
+            return out
+        full = emb.new_zeros((b * n, self.box.dim))
+        full[rows] = emb
+        return (*out, full.reshape(b, n, self.box.dim))
+
+    def _select(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head output -> (B, N) rows: boxes (xyxy input px), scores, int64 classes, valid, as ``predict`` keeps them."""
+        if self.end2end:  # (B, K, 6 + extra) [x1, y1, x2, y2, score, class], already top-k by score
+            y = y[:, : self.max_det]
+            scores = y[..., 4]
+            return y[..., :4], scores, y[..., 5].long(), scores > self.conf
+        # (B, 4 + nc + extra, A): xywh, class scores, then mask coefficients / keypoints
+        y = y.transpose(1, 2)
+        b, a = y.shape[0], y.shape[1]
+        xy, wh = y[..., :2], y[..., 2:4]
+        boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=2)
+        scores, classes = y[..., 4 : 4 + self.nc].max(dim=2)
+        cand = (scores > self.conf).reshape(-1).nonzero().squeeze(1)  # flat b * A + a
+        bi = torch.div(cand, a, rounding_mode="floor")
+        keep = batched_nms(boxes.reshape(-1, 4)[cand], scores.reshape(-1)[cand],
+                           bi * self.nc + classes.reshape(-1)[cand], self.iou)
+        kept = torch.zeros(b * a, dtype=torch.bool, device=y.device)
+        kept[cand[keep]] = True
+        ranked = torch.where(kept.view(b, a), scores, torch.full_like(scores, -1.0))
+        top, idx = ranked.topk(self.max_det, dim=1)  # highest kept first, as Ultralytics truncates to max_det
+        gather = idx.unsqueeze(2).expand(-1, -1, 4)
+        return boxes.gather(1, gather), top, classes.gather(1, idx), top > self.conf
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """onnxruntime vs the same graph in PyTorch on real images (``export`` fills it in and raises when it fails)."""
+
+    images: int
+    detections: int
+    max_box_error: float
+    code_bytes_equal: float
+    same_detections: bool
+
+    def line(self) -> str:
+        return (f"self-check on {self.images} images: {self.detections} detections, boxes max relative error "
+                f"{self.max_box_error:.2e}, {self.code_bytes_equal:.2%} of code bytes identical")
+
+
+def _codebook_fingerprint(quantizer: Any) -> str:
+    sha = (getattr(quantizer, "meta", {}) or {}).get("tensors", {}).get("sha256")
+    if not sha:
+        raise ExportError("the codebook has no recorded checksum: export needs a codebook saved with save_codebook "
+                          "(e.g. `yolo-vq fit`), so the server can check edge codes against its index")
+    return sha
+
+
+def _model_copy(yolo: Any, end2end: bool) -> nn.Module:
+    model = copy.deepcopy(yolo.model).float().eval().cpu()
+    if hasattr(model, "end2end"):
+        model.end2end = end2end  # before fusion, as AutoBackend does
+    model.fuse(verbose=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def export(
+    model: Any,
+    codebook: str | Path | Any,
+    out: str | Path,
+    *,
+    recipe: Any = None,
+    imgsz: int | tuple[int, int] = 640,
+    source_size: tuple[int, int] | None = None,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    dynamic: bool = True,
+    batch: int = 1,
+    opset: int = DEFAULT_OPSET,
+    half: bool = False,
+    embeddings: bool = False,
+    nms: bool | None = None,
+    check_images: list[np.ndarray] | None = None,
+) -> tuple[Path, ExportCheck]:
+    """Export ``model`` + recipe + ``codebook`` as one ONNX file at ``out`` and check it in onnxruntime.
+
+    Args:
+        model: an ``ultralytics.YOLO`` with PyTorch weights (``.pt`` or ``.yaml``); Detect, Segment or Pose head.
+        codebook: a codebook path (or a loaded quantizer from ``load_codebook``) trained on this model + recipe.
+        recipe: the embedding recipe; default: the codebook's own.
+        imgsz, source_size: the fixed input size, see :func:`input_size`.
+        conf, iou, max_det: detection settings baked into the graph (``predict``'s defaults).
+        dynamic: dynamic batch dimension; else the batch is fixed at ``batch``.
+        opset: ONNX opset (TorchScript exporter).
+        half: fp16 weights; not supported by this CPU export path (a clear error).
+        embeddings: also output the float embeddings.
+        nms: ``None`` (default): end-to-end heads (YOLO26) use their NMS-free top-k, others NMS; ``True`` forces NMS
+            on the one-to-many head of an end-to-end model (as ``predict`` does by default in Ultralytics 8.4).
+        check_images: BGR images for the self-check (default: Ultralytics' ``bus.jpg`` and ``zidane.jpg``).
+
+    Returns:
+        The written path and the self-check result.
+
+    Raises:
+        ExportError: an unsupported head or recipe part, bad settings, or a failed self-check (the file is removed).
+        yolo_vq.quant.CodebookError: a codebook of another model or recipe.
+    """
+    import onnx
+
+    if half:
+        raise ExportError("half=True: fp16 weights need a CUDA export (onnxruntime's CPU provider runs few fp16 "
+                          "kernels); export fp32 (the default) for CPU edge devices")
+    if not 0 <= conf < 1 or not 0 < iou <= 1 or max_det < 1 or batch < 1:
+        raise ExportError(f"need 0 <= conf < 1, 0 < iou <= 1, max_det >= 1 and batch >= 1; got conf={conf}, iou={iou}, "
+                          f"max_det={max_det}, batch={batch}")
+    if getattr(model, "task", "detect") == "obb":
+        raise ExportError("task 'obb': rotated-box NMS and rotated pooling are not in the export graph yet; export a "
+                          "detect, segment or pose model")
+    quantizer = codebook
+    if isinstance(codebook, str | Path):
+        from .quant import load_codebook
+
+        quantizer = load_codebook(codebook)
+    if recipe is None:
+        recipe = (getattr(quantizer, "meta", {}) or {}).get("embedding", {}).get("config")
+        if recipe is None:
+            raise ExportError("the codebook records no embedding recipe: pass recipe=...")
+    emb = Embedder(model, recipe)
+    if emb.config.mode != "roi":
+        raise ExportError(f"recipe {emb.config.name!r} part mode={emb.config.mode!r}: anchor features need the head's "
+                          f"anchor index per box, which the export graph does not keep; use a 'roi' recipe")
+    quantizer = emb.load_codebook(codebook) if isinstance(codebook, str | Path) else quantizer
+    if getattr(quantizer, "dim", None) != emb.dim:
+        raise ExportError(f"codebook encodes dim={getattr(quantizer, 'dim', None)} vectors, recipe "
+                          f"{emb.config.name!r} on this model gives dim={emb.dim}")
+    fingerprint = _codebook_fingerprint(quantizer)
+    head = detect_head(model.model)
+    e2e_capable = getattr(head, "one2one_cv2", None) is not None
+    end2end = e2e_capable and nms is not True
+    stride = int(max(head.stride.tolist()))
+    hw = input_size(imgsz, source_size, stride)
+    region = (letterbox.image_region(tuple(source_size), hw) if source_size is not None
+              else (0.0, 0.0, float(hw[1]), float(hw[0])))
+    det = _model_copy(model, end2end)
+    if end2end:
+        detect_head(det).max_det = max(int(max_det), 300)
+    q = copy.deepcopy(quantizer).float().cpu().eval()
+    graph = VQGraph(det, BoxEmbedder(emb.config, emb.taps), q, input_hw=hw, region=region, conf=conf, iou=iou,
+                    max_det=max_det, end2end=end2end, embeddings=embeddings).eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = ["images"], [*OUTPUTS, *(["embeddings"] if embeddings else [])]
+    dummy = torch.zeros(batch, 3, *hw)
+    axes = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # dynamo=False: the exporter Ultralytics uses
+        torch.onnx.export(graph, (dummy,), str(out), dynamo=False, opset_version=opset, input_names=names[0],
+                          output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
+    proto = onnx.load(str(out))
+    meta = {
+        "yolo_vq_export": EXPORT_FORMAT,
+        "yolo_vq_version": _version(),
+        "names": {int(k): v for k, v in model.names.items()},
+        "task": getattr(model, "task", "detect"),
+        "imgsz": list(hw),
+        "letterbox_imgsz": imgsz if isinstance(imgsz, int) else list(imgsz),
+        "source_size": None if source_size is None else [int(v) for v in source_size],
+        "stride": stride,
+        "batch": None if dynamic else batch,
+        "end2end": end2end,
+        "conf": conf,
+        "iou": iou,
+        "max_det": graph.max_det,
+        "codebook_fingerprint": fingerprint,
+        "code_size": int(q.code_size),
+        "code_dtype": str(q.code_dtype).replace("torch.", ""),
+        "model_fingerprint": emb.fingerprint,
+        "embedding": emb.describe(),
+        "outputs": names[1],
+    }
+    proto.metadata_props.extend(
+        onnx.StringStringEntryProto(key=k, value=json.dumps(v)) for k, v in meta.items()  # all JSON
+    )
+    onnx.save(proto, str(out))
+    try:
+        onnx.checker.check_model(str(out))
+        check = _self_check(graph, out, hw, dynamic, batch, check_images, meta)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    finally:
+        graph.remove_hooks()
+    return out, check
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def match_rows(got: list[np.ndarray], ref: list[np.ndarray], i: int, tol: float = 1e-3
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pair image ``i``'s valid rows of two graph outputs (boxes, scores, classes, codes, valid) by class and box.
+
+    Row order may differ between runtimes where scores tie. Returns the paired row indices ``(a, b)`` and the number
+    of rows left unpaired that do not sit on a score tie at the ``max_det`` cut (those are disagreements).
+    """
+    va, vb = np.flatnonzero(got[4][i]), np.flatnonzero(ref[4][i])
+    ba, bb = got[0][i][va].astype(np.float64), ref[0][i][vb].astype(np.float64)
+    err = np.abs(ba[:, None] - bb[None]).max(-1) / np.maximum(np.abs(bb).max(-1), 1.0)[None]  # (a, b) relative
+    err[got[2][i][va][:, None] != ref[2][i][vb][None]] = np.inf
+    pa, pb, used = [], [], set()
+    for j in np.argsort(err.min(1) if err.size else np.zeros(len(va)), kind="stable"):
+        if not err.shape[1]:
+            break
+        k = int(np.argmin(np.where(np.isin(np.arange(err.shape[1]), list(used)), np.inf, err[j])))
+        if err[j, k] <= tol and k not in used:
+            pa.append(va[j])
+            pb.append(vb[k])
+            used.add(k)
+    full = len(got[4][i])
+    cut = min(ref[1][i][vb].min(initial=np.inf), got[1][i][va].min(initial=np.inf))
+    rest_a = np.setdiff1d(va, pa)
+    rest_b = np.setdiff1d(vb, pb)
+    tied = np.concatenate([got[1][i][rest_a], ref[1][i][rest_b]]) <= cut * (1 + 1e-3) + 1e-7
+    unpaired = len(tied) if len(va) < full and len(vb) < full else int((~tied).sum())
+    return np.asarray(pa, np.int64), np.asarray(pb, np.int64), unpaired
+
+
+def _self_check(graph: VQGraph, path: Path, hw: tuple[int, int], dynamic: bool, batch: int,
+                images: list[np.ndarray] | None, meta: dict) -> ExportCheck:
+    """Run ``path`` in onnxruntime and ``graph`` in PyTorch on >= 2 real letterboxed images; raise if they differ."""
+    import onnxruntime as ort
+
+    from .edge import letterbox_batch
+
+    if images is None:
+        import cv2
+
+        from .assets import ultralytics_image
+
+        images = [cv2.imread(str(ultralytics_image(n))) for n in ("bus.jpg", "zidane.jpg")]
+    if len(images) < 2:
+        raise ExportError(f"the self-check needs >= 2 images, got {len(images)}")
+    x, _ = letterbox_batch(images, meta)
+    step = len(x) if dynamic else batch
+    x = np.concatenate([x] * -(-step // len(x)))[: max(step, len(x) - len(x) % step)] if not dynamic else x
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst, equal, total, paired, unpaired = 0.0, 0, 0, 0, 0
+    for s in range(0, len(x), step):
+        chunk = x[s : s + step]
+        got = sess.run(None, {"images": chunk})
+        with torch.no_grad():
+            ref = [t.numpy() for t in graph(torch.from_numpy(chunk))]
+        for i in range(len(chunk)):
+            a, b, bad = match_rows(got, ref, i)
+            unpaired += bad
+            paired += len(a)
+            if len(a):
+                scale = np.maximum(np.abs(ref[0][i][b]), 1.0)
+                worst = max(worst, float((np.abs(got[0][i][a] - ref[0][i][b]) / scale).max()))
+                equal += int((got[3][i][a] == ref[3][i][b]).sum())
+                total += ref[3][i][b].size
+    check = ExportCheck(len(x), paired, worst, equal / total if total else 1.0, unpaired == 0)
+    if unpaired or check.code_bytes_equal < 0.99:
+        raise ExportError(f"{path}: onnxruntime disagrees with PyTorch ({check.line()}; {unpaired} detections "
+                          f"without a counterpart); the file was removed. Try another opset (opset=17..20)")
+    return check

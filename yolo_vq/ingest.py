@@ -1,0 +1,137 @@
+"""Edge records -> the store: what ``yolo-vq ingest detections.jsonl --index DIR`` does.
+
+The edge file's codebook fingerprint (the sha256 of the codebook tensors baked into the ONNX graph) must be the
+index's own; a new index takes its codebook from ``codebook=`` and must match too. Ingesting is idempotent per
+(source content, frame), like indexing: a re-run or an overlapping file adds nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .detections import Detections
+from .edge import EdgeError, read_records
+from .store import Frame, Store, StoreError
+
+__all__ = ["IngestSummary", "ingest"]
+
+CODEBOOK_STEM = "codebook"  # as yolo_vq.indexer: <index>/codebook.safetensors + codebook.json
+
+
+def _codebook_sha(json_path: Path) -> str | None:
+    try:
+        return json.loads(json_path.read_text()).get("tensors", {}).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _open_index(index: Path, header: dict[str, Any], codebook: str | Path | None) -> Store:
+    want = header["codebook_fingerprint"]
+    own = index / f"{CODEBOOK_STEM}.json"
+    if own.is_file():
+        have = _codebook_sha(own)
+        if have != want:
+            raise StoreError(f"the edge file was encoded with codebook {want[:16]}..., index {index} holds codebook "
+                             f"{str(have)[:16]}...: ingest into an index built with the codebook the graph was "
+                             f"exported with (or a new directory with --codebook)")
+        return Store(index, create=True)
+    if codebook is None:
+        raise StoreError(f"{index} has no codebook yet: pass the codebook the edge graph was exported with "
+                         f"(--codebook), or ingest into an index made by `yolo-vq index`")
+    from .quant.io import codebook_paths  # torch-free path helpers live next to the loader
+
+    st, js = codebook_paths(codebook)
+    if not js.is_file() or not st.is_file():
+        raise StoreError(f"codebook {codebook}: {js.name} and {st.name} are both needed")
+    if _codebook_sha(js) != want:
+        raise StoreError(f"codebook {js} is not the one the edge graph was exported with (fingerprint "
+                         f"{str(_codebook_sha(js))[:16]}... vs {want[:16]}...)")
+    store = Store(index, create=True)
+    for path, suffix in ((st, ".safetensors"), (js, ".json")):
+        shutil.copyfile(path, index / f"{CODEBOOK_STEM}{suffix}")
+    store.set_meta("embedding", header.get("embedding"))
+    store.set_meta("model_fingerprint", header.get("model_fingerprint"))
+    store.set_meta("names", {int(k): v for k, v in header["names"].items()})
+    return store
+
+
+class IngestSummary(dict):
+    """``{"sources", "frames", "skipped_frames", "detections"}`` of one ingest."""
+
+    def line(self) -> str:
+        return (f"ingested {self['frames']} frames ({self['skipped_frames']} already stored) from {self['sources']} "
+                f"source(s): {self['detections']} detections")
+
+
+def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None = None,
+           commit_every: int = 256) -> IngestSummary:
+    """Add an edge ``.jsonl`` (see :mod:`yolo_vq.edge`) to the index directory ``index``.
+
+    Raises:
+        EdgeError: not an edge file, or a malformed record (frames before it are stored; re-running resumes).
+        StoreError: codebook mismatch, or a new index without ``codebook``; nothing is written then.
+    """
+    header, records = read_records(path)
+    index = Path(index)
+    store = _open_index(index, header, codebook)
+    size = int(header["code_size"])
+    dtype = np.dtype(header.get("code_dtype", "uint8"))
+    width = size // dtype.itemsize
+    summary = IngestSummary(sources=0, frames=0, skipped_frames=0, detections=0)
+    sources: dict[int, tuple[int, set[int]]] = {}
+    pending: list[Frame] = []
+    current = None
+
+    def flush() -> None:
+        if pending:
+            summary["detections"] += store.add_frames(current, pending)
+            pending.clear()
+
+    try:
+        for rec in records:
+            kind = rec.get("type")
+            if kind == "source":
+                flush()
+                s = store.add_source(rec["uri"], rec["fingerprint"], fps=rec.get("fps"),
+                                     frame_count=rec.get("frame_count"), width=rec.get("width"),
+                                     height=rec.get("height"))
+                sources[rec["source"]] = (s.id, set(store.frames_done(s.id).tolist()))
+                summary["sources"] += 1
+            elif kind == "frame":
+                if rec.get("source") not in sources:
+                    raise EdgeError(f"{path}: frame record for source {rec.get('source')!r} before its source record")
+                sid, done = sources[rec["source"]]
+                if sid != current:
+                    flush()
+                    current = sid
+                if rec["frame"] in done:
+                    summary["skipped_frames"] += 1
+                    continue
+                pending.append(Frame(rec["frame"], rec["time"], _detections(rec, dtype, width, path)))
+                summary["frames"] += 1
+                if len(pending) >= commit_every:
+                    flush()
+            else:
+                raise EdgeError(f"{path}: unknown record type {kind!r} (expected 'source' or 'frame')")
+        flush()
+    except (KeyError, TypeError) as e:
+        flush()
+        raise EdgeError(f"{path}: malformed record ({type(e).__name__}: {e}); records before it were stored") from None
+    finally:
+        store.close()
+    return summary
+
+
+def _detections(rec: dict[str, Any], dtype: np.dtype, width: int, path: Path) -> Detections:
+    codes = [bytes.fromhex(c) for c in rec["codes"]]
+    if any(len(c) != width * dtype.itemsize for c in codes):
+        raise EdgeError(f"{path}: frame {rec['frame']} has codes of {sorted({len(c) for c in codes})} bytes, the "
+                        f"header says {width * dtype.itemsize}")
+    arr = np.frombuffer(b"".join(codes), dtype=dtype).reshape(len(codes), width)
+    return Detections(np.asarray(rec["xyxy"], np.float32).reshape(-1, 4), rec["confidence"], rec["class_id"],
+                      codes=arr)
