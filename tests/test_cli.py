@@ -108,6 +108,7 @@ def test_same_track_ranks_above_chance(built):
         (["search", "--index", "{d}/idx", "--detection", "999999"], "no detections with ids"),
         (["index", "{v}", "--index", "{d}/idx", "--codebook", "{d}/cb", "--model", "yolo11n-pose.yaml"],
          "does not fit: it was made for model fingerprint"),
+        (["index", "{v}", "--index", "{d}/idx", "--thumbs", "0"], "--thumbs must be >= 1"),
     ],
 )
 def test_bad_input_one_line_error_and_store_intact(built, argv, match, capsys):

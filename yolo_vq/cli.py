@@ -47,6 +47,9 @@ def cmd_index(a) -> None:
     model = _model(a.model)
     codebook = a.codebook
     index = Path(a.index)
+    if a.thumbs is not None and a.thumbs < 1:
+        raise ValueError(f"--thumbs must be >= 1 (keep every N-th detection of each track), got {a.thumbs}: "
+                         "--thumbs alone keeps every detection's")
     if codebook is None and not (index / f"{CODEBOOK_STEM}.json").is_file():
         from .fit import fit_codebook
 
@@ -56,7 +59,7 @@ def cmd_index(a) -> None:
         codebook = index / "fitted"
         fit_codebook(model, a.sources[:1], codebook, recipe=a.recipe, code_bytes=a.bytes, max_frames=a.fit_frames,
                      codebook_size=a.codebook_size, **_predict_args(a))
-    with Indexer(model, index, codebook=codebook, recipe=a.recipe, track=a.track, batch=a.batch,
+    with Indexer(model, index, codebook=codebook, recipe=a.recipe, track=a.track, batch=a.batch, thumbs=a.thumbs,
                  **_predict_args(a)) as ix:
         for s in a.sources:
             print(ix.index_source(s, stride=a.stride, progress=not a.quiet).line())
@@ -64,21 +67,20 @@ def cmd_index(a) -> None:
 
 
 def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
-    """Query vectors (q, D), stored ids to exclude, and the query picture (BGR crop) for the sheet."""
+    """Query vectors (q, D), stored ids to exclude, and the query for the sheet (a BGR crop or stored detection)."""
     import cv2
     import numpy as np
 
     from .embedder import Embedder
 
     if a.detection is not None:
-        det = mem.store.get([a.detection])
-        return mem.vectors_of([a.detection]), [a.detection], _crop_stored(mem, det, 0)
+        return mem.vectors_of([a.detection]), [a.detection], mem.store.get([a.detection])
     if a.track is not None:
         src, _, tid = a.track.partition(":")
         if not tid:
             src, tid = "1", src
         v = mem.track_vector(int(src), int(tid))
-        return v, [], None
+        return v, [], mem.store.get(mem.store.track_ids(int(src), int(tid))[:1])
     image = cv2.imread(a.image) if a.image else None
     if image is None:
         raise ValueError(f"cannot read query image {a.image!r}: expected a JPEG/PNG file")
@@ -101,24 +103,6 @@ def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
     from .viz import crop
 
     return emb.embed_boxes(image, boxes, imgsz=a.imgsz), [], crop(image, boxes[0])
-
-
-def _frame(uri: str, index: int):
-    import cv2
-
-    cap = cv2.VideoCapture(uri)
-    cap.set(cv2.CAP_PROP_POS_FRAMES, index)
-    ok, img = cap.read()
-    cap.release()
-    return img if ok else None
-
-
-def _crop_stored(mem, det, i):
-    from .viz import crop
-
-    src = mem.store.source(int(det.data["source_id"][i]))
-    img = _frame(src.uri, int(det.data["frame"][i]))
-    return None if img is None else crop(img, det.xyxy[i])
 
 
 def cmd_search(a) -> None:
@@ -148,15 +132,9 @@ def cmd_search(a) -> None:
                 print(f"{n:>4} {r['score']:6.3f} {r['time']:8.2f} {r['frame']:6d} {r['class']:>10} {r['track']:5d} "
                       f"{r['confidence']:5.2f}  {r['box']}  {Path(r['source']).name}")
         if a.sheet:
-            from .viz import Tile, contact_sheet, write_image
+            from .viz import write_image
 
-            tiles = []
-            for i, r in enumerate(rows):
-                img = _crop_stored(mem, results, i)
-                if img is not None:
-                    tiles.append(Tile(img, f"t={r['time']:.1f}s f={r['frame']} #{r['track']}", r["score"]))
-            q = Tile(query_img if query_img is not None else tiles[0].image, "query", None)
-            write_image(a.sheet, contact_sheet(q, tiles, title=f"top {len(tiles)} of {mem.store.count()}"))
+            write_image(a.sheet, mem.contact_sheet(results, query_img, prefer=a.sheet_from))
             print(f"contact sheet: {a.sheet}")
 
 
@@ -182,7 +160,8 @@ def cmd_demo(a) -> None:
             raise ValueError("the demo found no tracked detection to query")
     a2 = argparse.Namespace(index=str(out / "index"), engine="auto", detection=int(rows[2]), track=None, image=None,
                             crop=None, model=None, imgsz=640, k=10, cls=None, source=None, time_from=None,
-                            time_to=None, min_conf=None, json=False, sheet=str(out / "results.jpg"))
+                            time_to=None, min_conf=None, json=False, sheet=str(out / "results.jpg"),
+                            sheet_from="video")
     print(f"3/3 search: the first detection of track {rows[0]} ({rows[1]} detections) as the query")
     cmd_search(a2)
 
@@ -223,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--stride", type=int, default=1)
     i.add_argument("--batch", type=int, default=8)
     i.add_argument("--classes", type=int, nargs="+", default=None)
+    i.add_argument("--thumbs", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="store a small JPEG crop of every N-th detection of each track (always the first; every "
+                        "untracked one); --thumbs alone: of every detection")
     i.add_argument("--quiet", action="store_true")
     detect_args(i)
     i.set_defaults(fn=cmd_index)
@@ -243,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", default="auto", choices=["auto", "faiss", "numpy"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--sheet", default=None, help="write a contact sheet picture (.jpg/.png)")
+    s.add_argument("--sheet-from", default="video", choices=["video", "thumbs"],
+                   help="pictures from the source video where it is still readable (else stored thumbnails), "
+                        "or from stored thumbnails only")
     detect_args(s)
     s.set_defaults(fn=cmd_search)
 

@@ -17,6 +17,7 @@ from .detections import Detections
 from .embedder import Embedder
 from .quant import codebook_paths
 from .store import Frame, Store, StoreError
+from .thumbs import Thumbnailer
 from .video import VideoSource, open_source
 
 __all__ = ["CODEBOOK_STEM", "IndexSummary", "Indexer"]
@@ -34,11 +35,14 @@ class IndexSummary:
     detections: int
     bytes_per_detection: int
     seconds: float
+    thumb_bytes: int | None = None  # JPEG bytes of the thumbnails written; None when thumbnails are off
 
     def line(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        thumbs = "" if self.thumb_bytes is None else \
+            f" + {self.thumb_bytes / max(self.detections, 1):.0f} B thumbnails"
         return (f"{self.source}: {self.frames} frames ({self.skipped_frames} already indexed), {self.detections} "
-                f"detections, {self.bytes_per_detection} B codes per detection, {self.seconds:.1f} s "
+                f"detections, {self.bytes_per_detection} B codes{thumbs} per detection, {self.seconds:.1f} s "
                 f"({fps:.1f} frames/s)")
 
 
@@ -55,16 +59,21 @@ class Indexer:
         recipe: embedding recipe; must be the codebook's.
         track: run Ultralytics' tracker (``tracker``) and store track ids.
         batch: frames per inference call; commit_every: frames per store transaction.
+        thumbs: keep a small JPEG crop (longest side 96 px) of every ``thumbs``-th detection of each track (always
+            its first; every untracked detection), written with the detection, so search results can be shown
+            without the video (:func:`yolo_vq.thumbs.pictures`). None: no thumbnails.
         predict_args: passed to ``model.predict``/``model.track`` (imgsz, conf, classes, device, ...).
     """
 
     def __init__(
         self, model: Any, index: str | Path, *, codebook: str | Path | None = None,
         recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, track: bool = False,
-        tracker: str = "bytetrack.yaml", batch: int = 8, commit_every: int = 64, **predict_args: Any,
+        tracker: str = "bytetrack.yaml", batch: int = 8, commit_every: int = 64, thumbs: int | None = None,
+        **predict_args: Any,
     ):
         if batch < 1 or commit_every < 1:
             raise ValueError(f"batch and commit_every must be >= 1, got batch={batch}, commit_every={commit_every}")
+        self.thumbnailer = None if thumbs is None else Thumbnailer(thumbs)
         self.model, self.track, self.tracker = model, track, tracker
         self.batch, self.commit_every = batch, commit_every
         self.predict_args = {"verbose": False, **predict_args}
@@ -122,14 +131,18 @@ class Indexer:
             tracker.reset()  # a new source starts new tracks
         total = None if src.frame_count is None else max(0, (src.frame_count - start + stride - 1) // stride)
         bar = tqdm(total=total, unit="frame", desc=Path(src.uri).name, disable=not progress, dynamic_ncols=True)
-        t0, frames, dets, pending = time.perf_counter(), 0, 0, []
+        if self.thumbnailer is not None:
+            self.thumbnailer.reset()  # new tracks: each starts with a thumbnail
+        t0, frames, dets, thumb_bytes, pending = time.perf_counter(), 0, 0, 0, []
         with self.embedder:
             for chunk in _chunks(src.frames(start=start, stride=stride), self.batch):
-                for (i, t, _), r in zip(chunk, self._infer([img for _, _, img in chunk])):
+                for (i, t, img), r in zip(chunk, self._infer([img for _, _, img in chunk])):
                     d = Detections.from_ultralytics(r)
                     if self.track and len(d):
                         d.track_id[d.track_id >= 0] += offset
-                    pending.append(Frame(i, t, d))
+                    thumbs = None if self.thumbnailer is None else self.thumbnailer(img, d)
+                    thumb_bytes += sum(len(b) for b in thumbs or () if b is not None)
+                    pending.append(Frame(i, t, d, thumbs))
                 if len(pending) >= self.commit_every:
                     dets += self.store.add_frames(rec.id, pending)
                     pending = []
@@ -138,7 +151,8 @@ class Indexer:
             dets += self.store.add_frames(rec.id, pending)
         bar.close()
         size = self.store.get_meta("code_size") or 0
-        return IndexSummary(src.uri, frames, len(done), dets, int(size), time.perf_counter() - t0)
+        return IndexSummary(src.uri, frames, len(done), dets, int(size), time.perf_counter() - t0,
+                            None if self.thumbnailer is None else thumb_bytes)
 
     def _infer(self, images: Sequence[np.ndarray]) -> list:
         if self.track:

@@ -121,6 +121,39 @@ class Memory:
         v = self.vectors_of(ids).mean(0, keepdims=True)
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
+    # -- pictures --------------------------------------------------------------------------------------------------
+    def pictures(self, detections: Detections, *, prefer: str = "video",
+                 size: tuple[int, int] = (96, 192)) -> list[np.ndarray]:
+        """One (h, w, 3) uint8 BGR picture per stored detection: cut from the source video while it is readable and
+        unchanged, else its stored thumbnail (or the nearest one of its track), else a placeholder; ``prefer=
+        "thumbs"`` uses thumbnails even where the video is there. See :func:`yolo_vq.thumbs.pictures`."""
+        from .thumbs import pictures
+
+        return pictures(self.store, detections, prefer=prefer, size=size)
+
+    def contact_sheet(self, results: Detections, query: np.ndarray | Detections | None = None, *,
+                      prefer: str = "video", columns: int = 5) -> np.ndarray:
+        """A (H, W, 3) uint8 BGR contact sheet of search ``results`` (from :meth:`search`), best first.
+
+        Args:
+            results: stored detections with ``data['score']``.
+            query: the query's picture, (h, w, 3) uint8 BGR (e.g. ``viz.crop(image, box)``), or one stored
+                detection (its picture is found as the results' are), or None (the sheet says "query: not shown").
+            prefer: where pictures come from, ``"video"`` or ``"thumbs"`` (see :meth:`pictures`).
+            columns: tiles per row.
+
+        Write it with :func:`yolo_vq.viz.write_image`.
+        """
+        from .viz import Tile, contact_sheet, placeholder
+
+        tiles = [Tile(img, f"t={t:.1f}s f={f} #{k}", float(s)) for img, t, f, k, s in zip(
+            self.pictures(results, prefer=prefer), results.data["time"].tolist(), results.data["frame"].tolist(),
+            results.track_id.tolist(), results.data["score"].tolist())]
+        if isinstance(query, Detections):
+            query = self.pictures(query[:1], prefer=prefer)[0]
+        q = Tile(placeholder(text="query: not shown") if query is None else query, "query")
+        return contact_sheet(q, tiles, columns=columns, title=f"top {len(tiles)} of {self.store.count()}")
+
     def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), **filters) -> list[Detections]:
         """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``."""
         if not isinstance(k, int | np.integer) or k <= 0:

@@ -264,6 +264,25 @@ class Store:
         return self._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
                                 "GROUP BY source_id, track_id ORDER BY c DESC LIMIT 1").fetchone()
 
+    def thumbs(self, ids: Sequence[int] | np.ndarray) -> list[bytes | None]:
+        """The stored JPEG thumbnail of each detection id, in the order given (None where none was kept)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        found = dict(self._db.execute(f"SELECT id, thumb FROM detections WHERE id IN ({','.join('?' * len(ids))})",
+                                      ids))
+        return [found.get(i) for i in ids]
+
+    def nearest_thumb(self, source_id: int, track_id: int, frame: int) -> bytes | None:
+        """The thumbnail of the same track's detection nearest in frames to ``frame`` (None when the track has
+        none, or for untracked detections, ``track_id < 0``)."""
+        if track_id < 0:
+            return None
+        row = self._db.execute("SELECT thumb FROM detections WHERE source_id = ? AND track_id = ? AND thumb IS NOT "
+                               "NULL ORDER BY ABS(frame - ?), frame LIMIT 1",
+                               (int(source_id), int(track_id), int(frame))).fetchone()
+        return None if row is None else row[0]
+
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM detections").fetchone()[0]
 

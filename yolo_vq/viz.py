@@ -2,7 +2,9 @@
 
 A search hit is shown as a :class:`Tile`: a BGR crop cut with :func:`crop`, a caption (e.g. ``"t=12.4s f=310 #7"``)
 and a score. :func:`contact_sheet` lays out the query tile and the ranked result tiles in one BGR picture;
-:func:`write_image` saves it. :func:`encode_jpeg` / :func:`decode_jpeg` turn crops into the bytes the store keeps.
+:func:`write_image` saves it. :func:`thumbnail` cuts the small aspect-kept picture the store keeps per detection and
+:func:`encode_jpeg` / :func:`decode_jpeg` turn it into bytes and back; :func:`placeholder` stands in for a missing
+picture.
 
 Images are numpy ``uint8`` arrays of shape ``(H, W, 3)`` in BGR order, as ``cv2.imread`` returns them; sizes are
 ``(width, height)`` as OpenCV takes them.
@@ -29,6 +31,8 @@ __all__ = [
     "crop",
     "decode_jpeg",
     "encode_jpeg",
+    "placeholder",
+    "thumbnail",
     "write_image",
 ]
 
@@ -111,8 +115,14 @@ def crop(image: np.ndarray, box: Sequence[float] | np.ndarray, *, pad: float = 0
         (height, width, 3) uint8 BGR tile: the padded box resized with its aspect kept and centred on grey (114)
         bars. A degenerate box (x2 <= x1, y2 <= y1, NaN) or one outside the image gives an all-grey tile.
     """
-    image = _check_image("image", image)
     size = _check_size("size", size)
+    window = _window(image, box, pad)
+    return _grey(size) if window is None else _letterbox(window, size)
+
+
+def _window(image: np.ndarray, box: Sequence[float] | np.ndarray, pad: float) -> np.ndarray | None:
+    """The padded box's pixels (a view of ``image``), or None for a degenerate box or one outside the image."""
+    image = _check_image("image", image)
     b = np.asarray(box, dtype=np.float64)
     if b.shape != (4,):
         raise ValueError(f"box must be 4 numbers (x1, y1, x2, y2), got shape {b.shape}: pass one row of xyxy")
@@ -121,14 +131,50 @@ def crop(image: np.ndarray, box: Sequence[float] | np.ndarray, *, pad: float = 0
     x1, y1, x2, y2 = b
     bw, bh = x2 - x1, y2 - y1
     if not (np.isfinite(b).all() and bw > 0 and bh > 0):
-        return _grey(size)
+        return None
     h, w = image.shape[:2]
     # Box edges are continuous pixel coordinates: round them to the nearest pixel boundary, then clip.
     c0, r0 = max(round(x1 - pad * bw), 0), max(round(y1 - pad * bh), 0)
     c1, r1 = min(round(x2 + pad * bw), w), min(round(y2 + pad * bh), h)
-    if c1 <= c0 or r1 <= r0:
-        return _grey(size)
-    return _letterbox(image[r0:r1, c0:c1], size)
+    return image[r0:r1, c0:c1] if c1 > c0 and r1 > r0 else None
+
+
+def thumbnail(image: np.ndarray, box: Sequence[float] | np.ndarray, *, longest: int = 96,
+              pad: float = 0.1) -> np.ndarray:
+    """A small picture of one box that keeps its aspect: what the store keeps per detection (see ``encode_jpeg``).
+
+    Args:
+        image: (H, W, 3) uint8 BGR image.
+        box: 4 floats ``(x1, y1, x2, y2)`` in ``image`` pixels.
+        longest: the longest side in pixels; larger windows are shrunk to it, smaller ones are kept as they are
+            (a contact sheet letterboxes them at display time, so enlarging would only cost bytes).
+        pad: margin on each side as a fraction of the box size, as in :func:`crop`.
+
+    Returns:
+        (h, w, 3) uint8 BGR with ``max(h, w) == min(longest, longest side of the padded box clipped to the image)``;
+        a 1x1 grey image for a degenerate box or one outside the image.
+    """
+    if isinstance(longest, bool) or not isinstance(longest, numbers.Integral) or longest < 1:
+        raise ValueError(f"longest must be an int >= 1 (pixels), got {longest!r}: e.g. 96")
+    window = _window(image, box, pad)
+    if window is None:
+        return _grey((1, 1))
+    h, w = window.shape[:2]
+    gain = longest / max(h, w)
+    if gain >= 1:
+        return np.ascontiguousarray(window)
+    size = (min(max(round(w * gain), 1), longest), min(max(round(h * gain), 1), longest))
+    return cv2.resize(window, size, interpolation=cv2.INTER_AREA)
+
+
+def placeholder(size: tuple[int, int] = (96, 192), text: str = "no picture") -> np.ndarray:
+    """A grey (height, width, 3) uint8 tile with ``text`` in its middle: a result with no picture to show."""
+    w, h = _check_size("size", size)
+    tile = _grey((w, h))
+    lines = _wrap(text, w - 8, _LINES)
+    y = (h - len(lines) * _LINE_H) // 2
+    _put_lines(tile, lines, 2, y, _TEXT)
+    return tile
 
 
 # -- contact sheets ----------------------------------------------------------------------------------------------------
