@@ -67,15 +67,19 @@ def main() -> None:
         for _ in range(150):
             cap.grab()
         frames.append(cap.retrieve()[1])
-    x, _ = letterbox_batch(frames, edge.meta)
-    for s in sess.values():  # warm-up
-        s.run(None, {"images": x[:1]})
+    x, regions = letterbox_batch(frames, edge.meta)
+
+    def feed(name, i):
+        return {"images": x[i : i + 1], **({"regions": regions[i : i + 1]} if name == "ours" else {})}
+
+    for k, s in sess.items():  # warm-up
+        s.run(None, feed(k, 0))
     times = {k: [] for k in sess}
     for _ in range(args.reps):
         for i in range(len(x)):
             for k, s in (sess.items() if i % 2 else reversed(sess.items())):
                 t0 = time.perf_counter()
-                s.run(None, {"images": x[i : i + 1]})
+                s.run(None, feed(k, i))
                 times[k].append(time.perf_counter() - t0)
 
     dets = edge(frames)

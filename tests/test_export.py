@@ -72,7 +72,8 @@ def test_export_passes_checker_and_matches_onnxruntime(cfg, nms, tmp_path, bus, 
     assert json.loads(meta["names"]) == {str(k): v for k, v in model.names.items()}
     m = EdgeModel(path)
     x = np.zeros((3, 3, 640, 640), np.float32)  # dynamic batch: 3 blank frames
-    out = dict(zip(m.outputs, m.session.run(None, {"images": x})))
+    regions = np.tile(np.float32([0, 0, 640, 640]), (3, 1))
+    out = dict(zip(m.outputs, m.session.run(None, {"images": x, "regions": regions})))
     assert out["boxes"].shape == (3, 300, 4) and out["boxes"].dtype == np.float32
     assert out["codes"].shape == (3, 300, 16) and out["codes"].dtype == np.uint8
     assert out["valid"].dtype == bool and out["classes"].dtype == np.int64
@@ -104,11 +105,14 @@ def _code_agreement(edges, results) -> tuple[float, int]:
 def test_edge_codes_equal_the_server_pipeline_on_real_images(pose_vq, tmp_path, bus, zidane):
     """Real yolo11n-pose: onnxruntime on the edge == Ultralytics predict + Embedder on the server (same input)."""
     model, cb = pose_vq
-    path, _ = export(model, cb, tmp_path / "pose.onnx")
+    path, _ = export(model, cb, tmp_path / "pose.onnx", embeddings=True)
     edges = EdgeModel(path)([bus, zidane])
     with Embedder(model, codebook=cb):
         results = model.predict([bus, zidane], imgsz=640, rect=False, verbose=False)
     rate, n = _code_agreement(edges, results)
+    for e, r in zip(edges, results):  # the optional float output is the server's embedding too
+        a, b = _pairs(e, r)
+        np.testing.assert_allclose(e["embeddings"][a], r.vq_embeddings[b], atol=1e-4)
     print(f"pose, bus + zidane: {sum(len(r) for r in results)} detections, {rate:.2%} of {n} code bytes equal")
     assert sum(len(r) for r in results) >= 5 and rate >= 0.99
 
@@ -165,3 +169,16 @@ def test_edge_model_refuses_files_without_codes(tmp_path, monkeypatch):
     plain = yolo("yolo11n.yaml").export(format="onnx", imgsz=64, simplify=False, opset=18)  # Ultralytics' own
     with pytest.raises(EdgeError, match="without yolo_vq codes.*yolo-vq export"):
         EdgeModel(plain)
+
+
+def test_fixed_batch_export_pads_short_batches(tmp_path, bus, zidane):
+    model = scrambled("yolo11n.yaml")
+    cb = fit_on(model, [bus, zidane], tmp_path / "cb", conf=0.05)
+    path, check = export(model, cb, tmp_path / "b2.onnx", conf=0.05, dynamic=False, batch=2, opset=17, max_det=50)
+    assert check.same_detections
+    m = EdgeModel(path)
+    assert m.batch == 2 and m.session.get_inputs()[0].shape == [2, 3, 640, 640]
+    three = m([bus, zidane, bus])  # a full batch, then one frame padded with a blank one
+    assert [len(d["codes"]) for d in three] == [50, 50, 50]
+    np.testing.assert_array_equal(three[0]["codes"], three[2]["codes"])
+    np.testing.assert_allclose(three[0]["xyxy"], three[2]["xyxy"], atol=1e-3)

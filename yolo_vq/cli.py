@@ -166,6 +166,47 @@ def cmd_demo(a) -> None:
     cmd_search(a2)
 
 
+def _size(text: str, what: str) -> tuple[int, int]:
+    """``"640"`` -> (640, 640); ``"1920x1080"`` (WIDTHxHEIGHT) -> (1080, 1920) as (h, w)."""
+    try:
+        parts = [int(v) for v in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise ValueError(f"{what} {text!r}: expected a positive int or WIDTHxHEIGHT, e.g. 640 or 1920x1080")
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[1], parts[0])
+
+
+def cmd_export(a) -> None:
+    from .export import export
+
+    size = _size(a.imgsz, "--imgsz")
+    imgsz = size[0] if size[0] == size[1] else size
+    path, check = export(_model(a.model), a.codebook, a.out, imgsz=imgsz,
+                         source_size=_size(a.source_size, "--source-size") if a.source_size else None,
+                         conf=a.conf, iou=a.iou, max_det=a.max_det, dynamic=a.batch is None, batch=a.batch or 1,
+                         opset=a.opset, half=a.half, embeddings=a.embeddings, nms=True if a.nms else None)
+    print(check.line())
+    print(f"exported: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_edge(a) -> None:
+    from .edge import EdgeModel, run
+
+    model = EdgeModel(a.model, threads=a.threads)
+    counts = run(model, a.sources, a.out, stride=a.stride, batch=a.batch, progress=not a.quiet)
+    per = counts["bytes"] / counts["detections"] if counts["detections"] else 0
+    print(f"edge: {counts['frames']} frames, {counts['detections']} detections, {per:.0f} B of codes per detection "
+          f"-> {a.out}")
+
+
+def cmd_ingest(a) -> None:
+    from .ingest import ingest
+
+    for path in a.files:
+        print(f"{path}: " + ingest(path, a.index, codebook=a.codebook).line())
+
+
 def _parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_RECIPE
 
@@ -231,6 +272,40 @@ def _parser() -> argparse.ArgumentParser:
     detect_args(s)
     s.set_defaults(fn=cmd_search)
 
+    e = sub.add_parser("export", help="export detector + embedding + codebook as one ONNX graph for edge devices")
+    e.add_argument("--model", default=None, help="YOLO weights (.pt) or .yaml; default: the offline yolo11n-pose")
+    e.add_argument("--codebook", required=True, help="the codebook the server's index uses")
+    e.add_argument("--out", required=True, help="the .onnx file to write")
+    e.add_argument("--imgsz", default="640", help="input size: 640 (square) or WIDTHxHEIGHT")
+    e.add_argument("--source-size", default=None,
+                   help="camera frame size WIDTHxHEIGHT: input shaped as predict letterboxes it (same codes as the "
+                        "server)")
+    e.add_argument("--conf", type=float, default=0.25)
+    e.add_argument("--iou", type=float, default=0.7)
+    e.add_argument("--max-det", type=int, default=300)
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
+    e.add_argument("--half", action="store_true", help="fp16 weights (needs a CUDA export)")
+    e.add_argument("--embeddings", action="store_true", help="also output the float embeddings")
+    e.add_argument("--nms", action="store_true", help="end-to-end models: NMS on the one-to-many head instead")
+    e.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("edge", help="run an exported graph on video with onnxruntime only (no torch)")
+    g.add_argument("model", help="the .onnx written by `yolo-vq export`")
+    g.add_argument("sources", nargs="+")
+    g.add_argument("--out", required=True, help="detections.jsonl")
+    g.add_argument("--stride", type=int, default=1)
+    g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(fn=cmd_edge)
+
+    n = sub.add_parser("ingest", help="add edge detections (.jsonl) to an index")
+    n.add_argument("files", nargs="+")
+    n.add_argument("--index", required=True)
+    n.add_argument("--codebook", default=None, help="for a new index: the codebook the graph was exported with")
+    n.set_defaults(fn=cmd_ingest)
+
     d = sub.add_parser("demo", help="offline end-to-end demo on bikes.mp4 (needs the demo extra)")
     d.add_argument("--out", default="yolo_vq_demo")
     d.set_defaults(fn=cmd_demo)
@@ -238,16 +313,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quant import CodebookError
-    from .store import StoreError
-
     a = _parser().parse_args(argv)
     if getattr(a, "k", 1) <= 0:
         print(f"error: -k must be a positive number of results, got {a.k}", file=sys.stderr)
         return 2
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError, KeyError, StoreError, CodebookError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # CodebookError, StoreError, EdgeError too
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -76,17 +76,21 @@ def letterbox_image(image: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     return cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
 
 
-def letterbox_batch(images: Sequence[np.ndarray], meta: dict[str, Any]) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """BGR uint8 frames -> ``(B, 3, H, W)`` float32 RGB in [0, 1] (the graph's ``images``) and each frame's (h, w)."""
+def letterbox_batch(images: Sequence[np.ndarray], meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """BGR uint8 frames -> the graph's inputs: ``images`` (B, 3, H, W) float32 RGB in [0, 1] and ``regions`` (B, 4)
+    float32, each frame's area ``x0, y0, x1, y1`` inside the input (input pixels)."""
     out = np.empty((len(images), 3, *meta["imgsz"]), np.float32)
+    regions = np.empty((len(images), 4), np.float32)
     for i, im in enumerate(images):
         if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise EdgeError(f"frame {i}: expected a BGR uint8 (h, w, 3) array, got "
                             f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
         lb = letterbox_image(im, meta)
         out[i] = lb[..., ::-1].transpose(2, 0, 1)
+        gx, gy, px, py = letterbox_params(im.shape[:2], meta["imgsz"])
+        regions[i] = px, py, px + gx * im.shape[1], py + gy * im.shape[0]
     out /= 255.0
-    return out, [im.shape[:2] for im in images]
+    return out, regions
 
 
 def _to_original(boxes: np.ndarray, orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> np.ndarray:
@@ -137,15 +141,17 @@ class EdgeModel:
         ``class_id`` (n,) int64, ``codes`` (n, C) (and ``embeddings`` (n, D) when exported with them)."""
         if not len(images):
             return []
-        x, hws = letterbox_batch(images, self.meta)
+        x, regions = letterbox_batch(images, self.meta)
+        hws = [im.shape[:2] for im in images]
         step = self.batch or len(x)
         results = []
         for s in range(0, len(x), step):
-            chunk = x[s : s + step]
+            chunk, reg = x[s : s + step], regions[s : s + step]
             n = len(chunk)
             if self.batch and n < self.batch:  # a fixed-batch graph: pad with blank frames, drop their rows
                 chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])
-            out = dict(zip(self.outputs, self.session.run(None, {"images": chunk})))
+                reg = np.concatenate([reg, np.repeat(reg[:1], self.batch - n, axis=0)])
+            out = dict(zip(self.outputs, self.session.run(None, {"images": chunk, "regions": reg})))
             for i in range(n):
                 v = out["valid"][i].astype(bool)
                 d = {

@@ -9,15 +9,20 @@ the codes ``yolo-vq index`` would have stored for the same input.
 Inputs and outputs (N = ``max_det``)::
 
     images      (B, 3, H, W) float32   RGB in [0, 1], letterboxed as Ultralytics does (pad value 114/255)
-    boxes       (B, N, 4)    float32   x1, y1, x2, y2 in input pixels, clipped to the image area
+    regions     (B, 4)       float32   x0, y0, x1, y1: each frame's area inside the input, in input pixels
+                                       (``yolo_vq.edge.letterbox_batch`` returns both)
+    boxes       (B, N, 4)    float32   x1, y1, x2, y2 in input pixels, clipped to the frame's region
     scores      (B, N)       float32
     classes     (B, N)       int64
     codes       (B, N, C)    uint8     codebook codes (uint16 for codebooks of more than 256 entries)
     valid       (B, N)       bool      False for padding rows (zero codes and embeddings; other outputs meaningless)
     embeddings  (B, N, D)    float32   only with ``embeddings=True``
 
-Input size is fixed at export. Export for the camera's frame size (``source_size``) to get the server's input shape
-(Ultralytics letterboxes ``predict`` inputs to the smallest stride multiple) and its clipping, hence the same codes.
+Boxes are clipped to ``regions`` before pooling, as Ultralytics clips them to the frame, so boxes that spill into the
+padding pool what the server pools. Input size is fixed at export: export for the camera's frame size
+(``source_size``) to get the input shape the server's ``predict`` uses (it letterboxes to the smallest stride
+multiple), hence the very same codes; another input size gives codes of the same codebook from a differently scaled
+input.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from . import letterbox
 from .embed import BoxEmbedder
 from .embedder import Embedder
 from .tap import detect_head
@@ -82,14 +86,13 @@ class VQGraph(nn.Module):
         box: the recipe's :class:`BoxEmbedder` (its taps index ``model.model``).
         quantizer: a fitted quantizer whose ``encode`` maps (n, D) float32 to codes.
         input_hw: fixed input (H, W).
-        region: the image area inside the input, ``(x0, y0, x1, y1)`` in input pixels; boxes are clipped to it.
         conf, iou, max_det: Ultralytics' ``predict`` settings (score > conf, class-wise NMS IoU, rows per image).
         end2end: use the one-to-one head's own top-k (YOLO26) instead of NMS.
         embeddings: also output the float vectors.
     """
 
     def __init__(self, model: nn.Module, box: BoxEmbedder, quantizer: nn.Module, *, input_hw: tuple[int, int],
-                 region: tuple[float, float, float, float], conf: float, iou: float, max_det: int, end2end: bool,
+                 conf: float, iou: float, max_det: int, end2end: bool,
                  embeddings: bool = False):
         super().__init__()
         self.model, self.box, self.quantizer = model, box, quantizer
@@ -98,8 +101,6 @@ class VQGraph(nn.Module):
         self.conf, self.iou, self.end2end, self.with_embeddings = float(conf), float(iou), end2end, embeddings
         anchors = sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in detect_head(model).stride.tolist())
         self.max_det = min(int(max_det), anchors)
-        self.register_buffer("lo", torch.tensor(region[:2] * 2, dtype=torch.float32), persistent=False)
-        self.register_buffer("hi", torch.tensor(region[2:] * 2, dtype=torch.float32), persistent=False)
         self._maps: dict[int, torch.Tensor] = {}
         store = self._maps
 
@@ -116,14 +117,15 @@ class VQGraph(nn.Module):
             h.remove()
         self._hooks = []
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._maps.clear()
         y = self.model(images)
         y = y[0] if isinstance(y, tuple | list) else y  # eval mode: (predictions, raw head outputs)
         y = y[0] if isinstance(y, tuple | list) else y  # Segment: (predictions, protos)
         maps = [self._maps[i] for i in self.layers]
         boxes, scores, classes, valid = self._select(y)
-        boxes = torch.minimum(torch.maximum(boxes, self.lo), self.hi)  # Ultralytics clips to the image
+        lo, hi = regions[:, None, :2].repeat(1, 1, 2), regions[:, None, 2:].repeat(1, 1, 2)  # (B, 1, 4) each
+        boxes = torch.minimum(torch.maximum(boxes, lo), hi)  # Ultralytics clips to the frame
         b, n = scores.shape
         batch = torch.arange(b, device=images.device, dtype=torch.float32).view(b, 1, 1).expand(b, n, 1)
         rows = valid.reshape(-1).nonzero().squeeze(1)  # pool and encode the kept rows only, not the padding
@@ -272,23 +274,21 @@ def export(
     end2end = e2e_capable and nms is not True
     stride = int(max(head.stride.tolist()))
     hw = input_size(imgsz, source_size, stride)
-    region = (letterbox.image_region(tuple(source_size), hw) if source_size is not None
-              else (0.0, 0.0, float(hw[1]), float(hw[0])))
     det = _model_copy(model, end2end)
     if end2end:
         detect_head(det).max_det = max(int(max_det), 300)
     q = copy.deepcopy(quantizer).float().cpu().eval()
-    graph = VQGraph(det, BoxEmbedder(emb.config, emb.taps), q, input_hw=hw, region=region, conf=conf, iou=iou,
+    graph = VQGraph(det, BoxEmbedder(emb.config, emb.taps), q, input_hw=hw, conf=conf, iou=iou,
                     max_det=max_det, end2end=end2end, embeddings=embeddings).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = ["images"], [*OUTPUTS, *(["embeddings"] if embeddings else [])]
-    dummy = torch.zeros(batch, 3, *hw)
+    names = ["images", "regions"], [*OUTPUTS, *(["embeddings"] if embeddings else [])]
+    dummy = torch.zeros(batch, 3, *hw), torch.tensor([[0.0, 0.0, hw[1], hw[0]]]).repeat(batch, 1)
     axes = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # dynamo=False: the exporter Ultralytics uses
-        torch.onnx.export(graph, (dummy,), str(out), dynamo=False, opset_version=opset, input_names=names[0],
+        torch.onnx.export(graph, dummy, str(out), dynamo=False, opset_version=opset, input_names=names[0],
                           output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
     proto = onnx.load(str(out))
     meta = {
@@ -310,6 +310,7 @@ def export(
         "code_dtype": str(q.code_dtype).replace("torch.", ""),
         "model_fingerprint": emb.fingerprint,
         "embedding": emb.describe(),
+        "inputs": names[0],
         "outputs": names[1],
     }
     proto.metadata_props.extend(
@@ -377,16 +378,18 @@ def _self_check(graph: VQGraph, path: Path, hw: tuple[int, int], dynamic: bool, 
         images = [cv2.imread(str(ultralytics_image(n))) for n in ("bus.jpg", "zidane.jpg")]
     if len(images) < 2:
         raise ExportError(f"the self-check needs >= 2 images, got {len(images)}")
-    x, _ = letterbox_batch(images, meta)
+    x, regions = letterbox_batch(images, meta)
     step = len(x) if dynamic else batch
-    x = np.concatenate([x] * -(-step // len(x)))[: max(step, len(x) - len(x) % step)] if not dynamic else x
+    if not dynamic:  # whole fixed-size batches, repeating images if there are fewer than one batch
+        reps, keep = -(-step // len(x)), max(step, len(x) - len(x) % step)
+        x, regions = np.concatenate([x] * reps)[:keep], np.concatenate([regions] * reps)[:keep]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst, equal, total, paired, unpaired = 0.0, 0, 0, 0, 0
     for s in range(0, len(x), step):
-        chunk = x[s : s + step]
-        got = sess.run(None, {"images": chunk})
+        chunk, reg = x[s : s + step], regions[s : s + step]
+        got = sess.run(None, {"images": chunk, "regions": reg})
         with torch.no_grad():
-            ref = [t.numpy() for t in graph(torch.from_numpy(chunk))]
+            ref = [t.numpy() for t in graph(torch.from_numpy(chunk), torch.from_numpy(reg))]
         for i in range(len(chunk)):
             a, b, bad = match_rows(got, ref, i)
             unpaired += bad
