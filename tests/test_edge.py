@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from yolo_vq import assets
-from yolo_vq.edge import EdgeError
 from yolo_vq.export import export
 from yolo_vq.ingest import ingest
+from yolo_vq.records import RecordError
 from yolo_vq.store import Store, StoreError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -128,11 +128,11 @@ def test_edge_and_ingest_bad_input_one_line_errors(edge_run, tmp_path):
     tmp, out, _, _ = edge_run
     junk = tmp_path / "junk.jsonl"
     junk.write_text("hello\n")
-    with pytest.raises(EdgeError, match="not a yolo_vq edge file"):
+    with pytest.raises(RecordError, match="not a yolo_vq edge file"):
         ingest(junk, tmp_path / "idx")
     truncated = tmp_path / "cut.jsonl"
     truncated.write_text(out.read_text()[:-40])
-    with pytest.raises(EdgeError, match="not valid JSON"):
+    with pytest.raises(RecordError, match="not a valid record"):
         ingest(truncated, tmp / "server")  # every frame before the cut is stored already: nothing changes
     cases = [
         (["edge", str(tmp / "bikes_vq.onnx"), str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "o.jsonl")],
@@ -149,3 +149,24 @@ def test_edge_and_ingest_bad_input_one_line_errors(edge_run, tmp_path):
             [sys.executable, "-m", "yolo_vq.cli", *args], check=False, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_parquet_records_ingest_like_json_lines(edge_run, tmp_path):
+    tmp, out, cb, _ = edge_run
+    pq_out = tmp_path / "detections.parquet"
+    run = cli_without_torch("edge", str(tmp / "bikes_vq.onnx"), str(assets.bikes_video()), "--out", str(pq_out),
+                            "--stride", str(STRIDE), "--quiet")
+    assert run.returncode == 0, run.stderr
+    a = ingest(out, tmp_path / "from_jsonl", codebook=cb)
+    b = ingest(pq_out, tmp_path / "from_parquet", codebook=cb)
+    assert a == b and b["frames"] == 50
+    with Store(tmp_path / "from_jsonl", readonly=True) as sa, Store(tmp_path / "from_parquet", readonly=True) as sb:
+        ids = np.arange(1, sa.count() + 1)
+        da, db = sa.get(ids), sb.get(ids)
+        np.testing.assert_array_equal(da.codes, db.codes)
+        np.testing.assert_allclose(da.xyxy, db.xyxy, atol=0.01)
+    print(f"records for 50 frames: jsonl {out.stat().st_size} B, parquet {pq_out.stat().st_size} B")
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1 not really")
+    with pytest.raises(RecordError, match="not a readable Parquet file"):
+        ingest(junk, tmp_path / "x")

@@ -182,3 +182,22 @@ def test_fixed_batch_export_pads_short_batches(tmp_path, bus, zidane):
     assert [len(d["codes"]) for d in three] == [50, 50, 50]
     np.testing.assert_array_equal(three[0]["codes"], three[2]["codes"])
     np.testing.assert_allclose(three[0]["xyxy"], three[2]["xyxy"], atol=1e-3)
+
+
+def test_export_cli_writes_a_checked_graph_and_fails_in_one_line(pose_vq, tmp_path, capsys):
+    from yolo_vq.cli import main
+
+    model, cb = pose_vq
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--model", str(model.ckpt_path), "--codebook", str(cb), "--out", str(out),
+                 "--source-size", "640x272", "--max-det", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "self-check on 2 images" in printed and "exported:" in printed
+    assert EdgeModel(out).input_hw == (288, 640) and EdgeModel(out).meta["max_det"] == 20
+    for args, needle in [(["--imgsz", "big"], "--imgsz 'big'"), (["--codebook", str(tmp_path / "nope")], "nope.json"),
+                         (["--half"], "fp16")]:
+        argv = ["export", "--model", str(model.ckpt_path), "--codebook", str(cb), "--out", str(tmp_path / "e.onnx")]
+        assert main(argv + args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "e.onnx").exists()

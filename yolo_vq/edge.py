@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ import cv2
 import numpy as np
 
 from .letterbox import letterbox_params
-from .video import open_source
+from .records import SUFFIXES, RecordWriter
+from .video import chunks, open_source
 
-__all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "read_records", "run"]
+__all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "run"]
 
 EDGE_FORMAT = 1
 PAD_VALUE = 114
@@ -172,13 +173,13 @@ def _frame_record(source: int, frame: int, t: float, d: dict[str, np.ndarray]) -
         "xyxy": np.round(d["xyxy"].astype(np.float64), 2).tolist(),
         "confidence": np.round(d["confidence"].astype(np.float64), 5).tolist(),
         "class_id": d["class_id"].tolist(),
-        "codes": [c.tobytes().hex() for c in d["codes"]],
     }
 
 
 def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int], out: str | Path, *,
         stride: int = 1, batch: int = 4, progress: bool = True) -> dict[str, int]:
-    """Run the edge graph over ``sources`` (video files, image folders, webcam index, stream URL) and write records.
+    """Run the edge graph over ``sources`` (video files, image folders, webcam index, stream URL) and write records
+    (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.records`).
 
     Returns counts: ``{"frames": ..., "detections": ..., "bytes": ...}`` (``bytes``: code bytes written).
     """
@@ -187,72 +188,32 @@ def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int],
     if stride < 1 or batch < 1:
         raise EdgeError(f"stride and batch must be >= 1, got stride={stride}, batch={batch}")
     out = Path(out)
-    if out.suffix != ".jsonl":
-        raise EdgeError(f"{out}: output must be a .jsonl file (one JSON record per line), got suffix {out.suffix!r}")
+    if out.suffix not in SUFFIXES:
+        raise EdgeError(f"{out}: records go to a .jsonl or .parquet file, got suffix {out.suffix!r}")
     m = model if isinstance(model, EdgeModel) else EdgeModel(model)
     srcs = [sources] if isinstance(sources, str | int | Path) else list(sources)
     opened = [open_source(s) for s in srcs]  # fail on a bad source before writing anything
     counts = {"frames": 0, "detections": 0, "bytes": 0}
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = {"type": "header", "edge_format": EDGE_FORMAT, "model": str(m.path), **m.meta,
               "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with open(out, "w") as f:
-        f.write(json.dumps(header) + "\n")
-        for k, src in enumerate(opened):
-            try:
-                f.write(json.dumps({"type": "source", "source": k, "uri": src.uri, "fingerprint": src.fingerprint,
-                                    "fps": src.fps, "frame_count": src.frame_count, "width": src.width,
-                                    "height": src.height}) + "\n")
+    described = [{"type": "source", "source": k, "uri": s.uri, "fingerprint": s.fingerprint, "fps": s.fps,
+                  "frame_count": s.frame_count, "width": s.width, "height": s.height} for k, s in enumerate(opened)]
+    try:
+        with RecordWriter(out, header, described) as writer:
+            for k, src in enumerate(opened):
                 total = None if src.frame_count is None else -(-src.frame_count // stride)
                 bar = tqdm(total=total, unit="frame", desc=Path(str(src.uri)).name, disable=not progress)
-                for chunk in _chunks(src.frames(stride=stride), batch):
+                for chunk in chunks(src.frames(stride=stride), batch):
                     for (i, t, _), d in zip(chunk, m([img for _, _, img in chunk])):
-                        f.write(json.dumps(_frame_record(k, i, t, d)) + "\n")
+                        writer.frame(_frame_record(k, i, t, d), [c.tobytes() for c in d["codes"]])
                         counts["detections"] += len(d["codes"])
                         counts["bytes"] += d["codes"].nbytes
                     counts["frames"] += len(chunk)
                     bar.update(len(chunk))
                 bar.close()
-            finally:
-                src.close()
+    finally:
+        for src in opened:
+            src.close()
     return counts
 
 
-def read_records(path: str | Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
-    """Open an edge ``.jsonl``: its header and an iterator over the following records (sources and frames)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeError(f"{path}: no such file; pass the .jsonl written by `yolo-vq edge`")
-    f = open(path)  # noqa: SIM115 - closed by the iterator
-    try:
-        header = json.loads(f.readline() or "null")
-    except json.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("type") != "header" or "codebook_fingerprint" not in header:
-        f.close()
-        raise EdgeError(f"{path}: not a yolo_vq edge file (its first line must be the header record written by "
-                        f"`yolo-vq edge`)")
-
-    def records() -> Iterator[dict[str, Any]]:
-        with f:
-            for n, line in enumerate(f, start=2):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise EdgeError(f"{path}:{n}: not valid JSON (a truncated file?); records up to line {n - 1} "
-                                    f"can be ingested by cutting it there") from None
-
-    return header, records()
-
-
-def _chunks(it, n: int):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -1,4 +1,4 @@
-"""Edge records -> the store: what ``yolo-vq ingest detections.jsonl --index DIR`` does.
+"""Edge records -> the store: what ``yolo-vq ingest detections.jsonl|.parquet --index DIR`` does.
 
 The edge file's codebook fingerprint (the sha256 of the codebook tensors baked into the ONNX graph) must be the
 index's own; a new index takes its codebook from ``codebook=`` and must match too. Ingesting is idempotent per
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .detections import Detections
-from .edge import EdgeError, read_records
+from .records import RecordError, read_records
 from .store import Frame, Store, StoreError
 
 __all__ = ["IngestSummary", "ingest"]
@@ -70,10 +70,10 @@ class IngestSummary(dict):
 
 def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None = None,
            commit_every: int = 256) -> IngestSummary:
-    """Add an edge ``.jsonl`` (see :mod:`yolo_vq.edge`) to the index directory ``index``.
+    """Add an edge records file (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.records`) to the index ``index``.
 
     Raises:
-        EdgeError: not an edge file, or a malformed record (frames before it are stored; re-running resumes).
+        RecordError: not an edge file, or a malformed record (frames before it are stored; re-running resumes).
         StoreError: codebook mismatch, or a new index without ``codebook``; nothing is written then.
     """
     header, records = read_records(path)
@@ -104,7 +104,7 @@ def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None =
                 summary["sources"] += 1
             elif kind == "frame":
                 if rec.get("source") not in sources:
-                    raise EdgeError(f"{path}: frame record for source {rec.get('source')!r} before its source record")
+                    raise RecordError(f"{path}: frame record for source {rec.get('source')!r} before its source record")
                 sid, done = sources[rec["source"]]
                 if sid != current:
                     flush()
@@ -117,20 +117,20 @@ def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None =
                 if len(pending) >= commit_every:
                     flush()
             else:
-                raise EdgeError(f"{path}: unknown record type {kind!r} (expected 'source' or 'frame')")
+                raise RecordError(f"{path}: unknown record type {kind!r} (expected 'source' or 'frame')")
         flush()
     except (KeyError, TypeError) as e:
         flush()
-        raise EdgeError(f"{path}: malformed record ({type(e).__name__}: {e}); records before it were stored") from None
+        raise RecordError(f"{path}: malformed record ({type(e).__name__}: {e}); records before it were stored") from None
     finally:
         store.close()
     return summary
 
 
 def _detections(rec: dict[str, Any], dtype: np.dtype, width: int, path: Path) -> Detections:
-    codes = [bytes.fromhex(c) for c in rec["codes"]]
+    codes = rec["codes"]
     if any(len(c) != width * dtype.itemsize for c in codes):
-        raise EdgeError(f"{path}: frame {rec['frame']} has codes of {sorted({len(c) for c in codes})} bytes, the "
+        raise RecordError(f"{path}: frame {rec['frame']} has codes of {sorted({len(c) for c in codes})} bytes, the "
                         f"header says {width * dtype.itemsize}")
     arr = np.frombuffer(b"".join(codes), dtype=dtype).reshape(len(codes), width)
     return Detections(np.asarray(rec["xyxy"], np.float32).reshape(-1, 4), rec["confidence"], rec["class_id"],

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
-__all__ = ["VideoSource", "fingerprint_file", "open_source"]
+__all__ = ["VideoSource", "chunks", "fingerprint_file", "fingerprint_name", "open_source"]
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def fingerprint_name(name: str) -> str:
+    """The fingerprint of a source known only by its name (a stream URL, a webcam index, a live source of
+    ``Indexer.add``): the same name is the same source, so re-runs continue it."""
+    return hashlib.sha256(str(name).encode()).hexdigest()[:32]
 
 
 def fingerprint_file(path: str | Path, *, block: int = 1 << 20) -> str:
@@ -85,7 +94,7 @@ def open_source(source: str | int | Path) -> VideoSource:
         if not cap.isOpened():
             raise ValueError(f"cannot open stream {s!r}: expected a webcam index or an RTSP/HTTP URL OpenCV can read")
         fps = cap.get(cv2.CAP_PROP_FPS) or None
-        return VideoSource(s, hashlib.sha256(s.encode()).hexdigest()[:32], fps, None,
+        return VideoSource(s, fingerprint_name(s), fps, None,
                            int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) or None,
                            int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) or None, None, cap)
     p = Path(s)
@@ -113,3 +122,15 @@ def open_source(source: str | int | Path) -> VideoSource:
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     return VideoSource(str(p.resolve()), fingerprint_file(p), cap.get(cv2.CAP_PROP_FPS) or None, count,
                        int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), None, cap)
+
+
+def chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``n`` items (the last one shorter): frames grouped into inference batches."""
+    chunk: list[T] = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
