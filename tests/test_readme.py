@@ -29,5 +29,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert len(scope["maps"]) == len(scope["tap"].info) == 4
     assert scope["result"].vq_codes.shape == (len(scope["result"].boxes), 32)
     assert (tmp_path / "codebook.json").is_file()
+    dets = scope["dets"]  # the edge example: onnxruntime on bus.jpg, codes of the README's codebook
+    assert dets["codes"].shape == (len(dets["xyxy"]), 32) and len(dets["xyxy"]) >= 3
     hits = scope["hits"]
     assert 0 < len(hits) <= 5 and (hits.class_id == 0).all() and (hits.data["score"][:-1] >= hits.data["score"][1:]).all()
