@@ -76,3 +76,26 @@ def pose_vq(tmp_path_factory, pose_model_path):
     fit_codebook(model, [assets.bikes_video()], cb, code_bytes=32, codebook_size=64, stride=2, conf=0.1,
                  progress=False)
     return model, cb
+
+
+@pytest.fixture(scope="session")
+def index_model(pose_model_path):
+    """The real yolo11n-pose for indexer tests (its own object: the indexer tests attach embedders and trackers)."""
+    from ultralytics import YOLO
+
+    return YOLO(pose_model_path)
+
+
+@pytest.fixture(scope="session")
+def small_codebook(index_model, tmp_path_factory):
+    """A PQ codebook (8 bytes, 16 centroids) of the default recipe on ``index_model``, trained on random unit
+    vectors: for tests of storage and the indexer API, not of search quality."""
+    from yolo_vq import Embedder
+    from yolo_vq.quant import ProductQuantizer
+
+    emb = Embedder(index_model)
+    x = np.random.default_rng(0).normal(size=(512, emb.dim)).astype(np.float32)
+    pq = ProductQuantizer(dim=emb.dim, m=8, codebook_size=16).fit(x / np.linalg.norm(x, axis=1, keepdims=True))
+    path = tmp_path_factory.mktemp("small_codebook") / "cb"
+    emb.save_codebook(pq, path)
+    return path

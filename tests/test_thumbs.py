@@ -8,33 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
-from yolo_vq import Detections, Embedder, Indexer, Memory, assets
+from yolo_vq import Detections, Indexer, Memory, assets
 from yolo_vq.cli import main
-from yolo_vq.quant import ProductQuantizer
 from yolo_vq.store import Frame, Store
 from yolo_vq.thumbs import Thumbnailer, pictures
 from yolo_vq.video import fingerprint_file
 from yolo_vq.viz import CAPTION_H, MARGIN, TITLE_H, crop, decode_jpeg, placeholder, thumbnail
 
 FIRST, LAST = 28, 88  # bikes.mp4: two tracks (15 and 5 detections) and ~30 untracked detections at conf 0.1
-
-
-@pytest.fixture(scope="module")
-def model():
-    from ultralytics import YOLO
-
-    return YOLO(str(assets.pose_weights()))
-
-
-@pytest.fixture(scope="module")
-def codebook(model, tmp_path_factory):
-    """A small PQ of the default recipe's dim (trained on random unit vectors: these tests check storage)."""
-    emb = Embedder(model)
-    x = np.random.default_rng(0).normal(size=(512, emb.dim)).astype(np.float32)
-    pq = ProductQuantizer(dim=emb.dim, m=8, codebook_size=16).fit(x / np.linalg.norm(x, axis=1, keepdims=True))
-    path = tmp_path_factory.mktemp("cb") / "cb"
-    emb.save_codebook(pq, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +37,11 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def thumbed(model, codebook, clip, tmp_path_factory):
+def thumbed(index_model, small_codebook, clip, tmp_path_factory):
     """The clip (a copy, deleted by a test) indexed with tracking and a thumbnail of every 3rd detection."""
     d = tmp_path_factory.mktemp("thumbed")
     video = shutil.copy(clip[0], d / "clip.avi")
-    with Indexer(model, d / "idx", codebook=codebook, track=True, thumbs=3, conf=0.1) as ix:
+    with Indexer(index_model, d / "idx", codebook=small_codebook, track=True, thumbs=3, conf=0.1) as ix:
         summary = ix.index_source(video, progress=False)
     return d, summary
 
@@ -176,9 +157,9 @@ def test_bad_thumbnail_arguments(call, error, match):
         call()
 
 
-def test_cli_index_thumbs_and_sheet_from_thumbs(codebook, clip, tmp_path, capsys):
+def test_cli_index_thumbs_and_sheet_from_thumbs(small_codebook, clip, tmp_path, capsys):
     idx = tmp_path / "idx"
-    assert main(["index", str(clip[0]), "--index", str(idx), "--codebook", str(codebook), "--thumbs", "--conf",
+    assert main(["index", str(clip[0]), "--index", str(idx), "--codebook", str(small_codebook), "--thumbs", "--conf",
                  "0.1", "--quiet"]) == 0
     assert "B thumbnails per detection" in capsys.readouterr().out
     det, thumbs = stored(idx)

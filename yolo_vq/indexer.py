@@ -1,13 +1,19 @@
-"""Frames -> detections + embeddings + codes -> the store: the indexing job behind ``yolo-vq index``."""
+"""Frames -> detections + embeddings + codes -> the store: the indexing job behind ``yolo-vq index``.
+
+Two ways in, one write path: :meth:`Indexer.index_source` reads a video, folder or stream itself;
+:meth:`Indexer.add` takes what a user's own loop has (BGR frames, or Ultralytics ``Results`` of the indexer's model).
+"""
 
 from __future__ import annotations
 
 import json
+import numbers
 import shutil
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -16,9 +22,9 @@ from .config import DEFAULT_RECIPE, EmbedConfig
 from .detections import Detections
 from .embedder import Embedder
 from .quant import codebook_paths
-from .store import Frame, Store, StoreError
+from .store import Frame, Source, Store, StoreError
 from .thumbs import Thumbnailer
-from .video import VideoSource, open_source
+from .video import VideoSource, chunks, fingerprint_name, open_source
 
 __all__ = ["CODEBOOK_STEM", "IndexSummary", "Indexer"]
 
@@ -46,11 +52,24 @@ class IndexSummary:
                 f"({fps:.1f} frames/s)")
 
 
+@dataclass
+class _Run:
+    """The source being written: its row, the frames stored before, the next frame number, the track id offset."""
+
+    source: Source
+    stored: int  # frames of this source stored before the run
+    next_frame: int
+    track_offset: int  # trackers number from 1 again: stored ids are shifted past the source's earlier ones
+    tracker_reset: bool = False
+
+
 class Indexer:
     """Index sources into ``index`` with ``model``, attaching embeddings and codebook codes to every detection.
 
     The index directory keeps its own copy of the codebook; opening an existing index with a codebook of another
-    model or recipe fails with the codebook's own error, before anything is written.
+    model or recipe fails with the codebook's own error, before anything is written. While open as a context
+    manager the indexer keeps its :class:`Embedder` (with the index's codebook) attached to ``model``, so results of
+    the user's own ``model.predict``/``model.track`` calls carry the codes :meth:`add` stores.
 
     Args:
         model: an ``ultralytics.YOLO`` with PyTorch weights.
@@ -98,74 +117,266 @@ class Indexer:
             self.store.set_meta("model_fingerprint", self.embedder.fingerprint)
             self.store.set_meta("names", {int(k): v for k, v in getattr(model, "names", {}).items()})
         self.names = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
+        self._attached = False  # the embedder's callbacks are on the model (context manager)
+        self._run: _Run | None = None
+        self._frames: list[tuple[int, float, np.ndarray]] = []  # added frames waiting for a batch
+        self._pending: list[Frame] = []  # inferred frames waiting for a commit
+        self._written = [0, 0]  # detections and thumbnail bytes committed
 
+    # -- lifecycle -------------------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Store what :meth:`add` still holds (:meth:`flush`), detach the embedder and close the store."""
+        try:
+            self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._attached = False
+        self.embedder.close()
         self.store.close()
 
     def __enter__(self) -> Indexer:
+        self.embedder.__enter__()
+        self._attached = True
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error or Ctrl-C: keep the frames already processed, do not run inference on the rest
+            self._commit()
+        finally:
+            self._release()
 
+    @contextmanager
+    def _embedding(self) -> Iterator[None]:
+        """The embedder attached for the duration (already attached inside the context manager)."""
+        if self._attached:
+            yield
+            return
+        with self.embedder:
+            yield
+
+    # -- a source the indexer reads itself -------------------------------------------------------------------------
     def index_source(self, source: str | int | Path, *, stride: int = 1, progress: bool = True) -> IndexSummary:
         """Index one source, resuming after the last frame stored for the same content (idempotent)."""
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         src = open_source(source)
         try:
-            return self._run(src, stride, progress)
+            return self._index(src, stride, progress)
         finally:
             src.close()
 
-    def _run(self, src: VideoSource, stride: int, progress: bool) -> IndexSummary:
+    def _index(self, src: VideoSource, stride: int, progress: bool) -> IndexSummary:
         from tqdm import tqdm
 
         rec = self.store.add_source(src.uri, src.fingerprint, fps=src.fps, frame_count=src.frame_count,
                                     width=src.width, height=src.height)
-        done = self.store.frames_done(rec.id)
-        start = int(done.max()) + 1 if len(done) else 0
-        # track ids restart at 1 in a new run: shift them past this source's stored ids
-        offset = self.store.max_track_id(rec.id)
-        for tracker in getattr(getattr(self.model, "predictor", None), "trackers", []):
-            tracker.reset()  # a new source starts new tracks
+        run = self._start(rec, fresh=True)
+        start = run.next_frame
         total = None if src.frame_count is None else max(0, (src.frame_count - start + stride - 1) // stride)
         bar = tqdm(total=total, unit="frame", desc=Path(src.uri).name, disable=not progress, dynamic_ncols=True)
+        t0, frames, before = perf_counter(), 0, list(self._written)
+        try:
+            with self._embedding():
+                for chunk in chunks(src.frames(start=start, stride=stride), self.batch):
+                    self._infer(chunk)
+                    frames += len(chunk)
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+        self._commit()
+        self._run = None  # a later add() to the same source starts a new run (and new tracks)
+        size = self.store.get_meta("code_size") or 0
+        return IndexSummary(src.uri, frames, run.stored, self._written[0] - before[0], int(size),
+                            perf_counter() - t0, None if self.thumbnailer is None else self._written[1] - before[1])
+
+    # -- the user's own loop ---------------------------------------------------------------------------------------
+    def add(
+        self, items: Any, *, source: str = "live", frame_index: int | Sequence[int] | None = None,
+        time: float | Sequence[float] | None = None,
+    ) -> int:
+        """Add frames, or Ultralytics results, of a named source from your own loop. Returns the frames taken.
+
+        Args:
+            items: one BGR frame ``(H, W, 3)`` uint8 (as OpenCV reads it), a batch ``(B, H, W, 3)`` or a list of
+                frames: the indexer runs inference itself (``batch`` frames at a time, with the tracker if
+                ``track``), so detections are stored from :meth:`flush` on at the latest. Or one ``Results`` or a
+                list of them, from ``model.predict``/``model.track`` run by you inside ``with Indexer(...)`` (the
+                attached embedder gives them ``vq_codes``); their track ids are stored as they come.
+            source: the source's name (a camera, a stream URL). The same name is the same source: a later run
+                continues its frame numbering and its track ids after the stored ones.
+            frame_index: the first item's frame number (then consecutive), or one per item; default: continue after
+                the last frame of this source. Frames numbered below the source's next frame are skipped as
+                already stored, so re-adding never duplicates.
+            time: timestamp in seconds, one per item (a float for one item); default ``frame_index / fps`` when
+                the source has an fps, else ``float(frame_index)``. Pass ``time.time()`` for wall-clock times.
+
+        Raises:
+            TypeError / ValueError: items that are neither frames nor Results, results without codes, malformed
+                frame numbers or times (the message says what was expected).
+        """
+        kind, items = _items(items)
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"source must be a non-empty name (e.g. 'cam0' or the stream URL), got {source!r}")
+        if not items:
+            return 0
+        if kind == "results":
+            for r in items:
+                self._check_codes(r)
+        frames = _frame_numbers(frame_index, len(items))
+        times = _times(time, len(items))
+        rec = self._run.source if self._run is not None and self._run.source.uri == source else \
+            self.store.add_source(source, fingerprint_name(source))
+        run = self._start(rec, fresh=False)
+        if frames is None:
+            frames = list(range(run.next_frame, run.next_frame + len(items)))
+        if kind == "results" and self._frames:
+            self._infer(self._take_frames())  # keep the source's order
+        taken = 0
+        for k, (item, i) in enumerate(zip(items, frames)):
+            if i < run.next_frame:
+                continue  # stored before (or added already): idempotent
+            t = times[k] if times is not None else (i / rec.fps if rec.fps else float(i))
+            run.next_frame = i + 1
+            taken += 1
+            if kind == "results":
+                self._record(i, t, item.orig_img, item)
+                continue
+            self._frames.append((i, t, item))
+            if len(self._frames) >= self.batch:
+                self._infer(self._take_frames())
+        return taken
+
+    def flush(self) -> int:
+        """Run inference on the frames :meth:`add` still holds and commit everything; returns detections stored."""
+        if self._frames:
+            self._infer(self._take_frames())
+        return self._commit()
+
+    # -- one write path --------------------------------------------------------------------------------------------
+    def _start(self, rec: Source, *, fresh: bool) -> _Run:
+        """Make ``rec`` the source being written (committing the previous one's frames first)."""
+        if not fresh and self._run is not None and self._run.source.id == rec.id:
+            return self._run
+        self.flush()
+        done = self.store.frames_done(rec.id)
+        self._run = _Run(rec, len(done), int(done[-1]) + 1 if len(done) else 0, self.store.max_track_id(rec.id))
         if self.thumbnailer is not None:
             self.thumbnailer.reset()  # new tracks: each starts with a thumbnail
-        t0, frames, dets, thumb_bytes, pending = time.perf_counter(), 0, 0, 0, []
-        with self.embedder:
-            for chunk in _chunks(src.frames(start=start, stride=stride), self.batch):
-                for (i, t, img), r in zip(chunk, self._infer([img for _, _, img in chunk])):
-                    d = Detections.from_ultralytics(r)
-                    if self.track and len(d):
-                        d.track_id[d.track_id >= 0] += offset
-                    thumbs = None if self.thumbnailer is None else self.thumbnailer(img, d)
-                    thumb_bytes += sum(len(b) for b in thumbs or () if b is not None)
-                    pending.append(Frame(i, t, d, thumbs))
-                if len(pending) >= self.commit_every:
-                    dets += self.store.add_frames(rec.id, pending)
-                    pending = []
-                frames += len(chunk)
-                bar.update(len(chunk))
-            dets += self.store.add_frames(rec.id, pending)
-        bar.close()
-        size = self.store.get_meta("code_size") or 0
-        return IndexSummary(src.uri, frames, len(done), dets, int(size), time.perf_counter() - t0,
-                            None if self.thumbnailer is None else thumb_bytes)
+        return self._run
 
-    def _infer(self, images: Sequence[np.ndarray]) -> list:
-        if self.track:
-            return self.model.track(list(images), persist=True, tracker=self.tracker, **self.predict_args)
-        return self.model.predict(list(images), **self.predict_args)
+    def _take_frames(self) -> list[tuple[int, float, np.ndarray]]:
+        frames, self._frames = self._frames, []
+        return frames
+
+    def _infer(self, chunk: list[tuple[int, float, np.ndarray]]) -> None:
+        """Detect, embed and encode ``(frame, time, image)`` items in one call, and record them."""
+        run = self._run
+        images = [img for _, _, img in chunk]
+        with self._embedding():
+            if self.track:
+                if not run.tracker_reset:  # a new source (or run) starts new tracks
+                    for tracker in getattr(getattr(self.model, "predictor", None), "trackers", None) or []:
+                        tracker.reset()
+                    run.tracker_reset = True
+                results = self.model.track(images, persist=True, tracker=self.tracker, **self.predict_args)
+            else:
+                results = self.model.predict(images, **self.predict_args)
+        for (i, t, img), r in zip(chunk, results):
+            self._record(i, t, img, r)
+
+    def _check_codes(self, result: Any) -> None:
+        codes = getattr(result, self.embedder.codes_attr, None)
+        if codes is None:
+            raise ValueError(
+                f"results carry no {self.embedder.codes_attr}: run model.predict/model.track inside `with "
+                f"Indexer(model, {str(self.index)!r}) as ix:` (it attaches its Embedder with the index's codebook "
+                f"to model), or attach yolo_vq.Embedder(model, codebook={str(self.index / CODEBOOK_STEM)!r}) "
+                f"yourself before predicting"
+            )
+        want = self.embedder.codebook.code_len
+        if np.ndim(codes) != 2 or np.shape(codes)[1] != want:
+            raise ValueError(f"results carry {self.embedder.codes_attr} of shape {np.shape(codes)}, this index "
+                             f"stores (n, {want}) codes: they were encoded with another codebook; produce them "
+                             f"inside `with Indexer(...)`, which attaches the index's own")
+
+    def _record(self, frame: int, t: float, image: np.ndarray, result: Any) -> None:
+        """Queue one frame's detections (with codes and thumbnails) for the next commit."""
+        self._check_codes(result)
+        d = Detections.from_ultralytics(result)
+        if len(d):
+            d.track_id[d.track_id >= 0] += self._run.track_offset
+        thumbs = None if self.thumbnailer is None else self.thumbnailer(image, d)
+        self._pending.append(Frame(frame, t, d, thumbs))
+        if len(self._pending) >= self.commit_every:
+            self._commit()
+
+    def _commit(self) -> int:
+        """Store the queued frames in one transaction; returns detections stored."""
+        if not self._pending:
+            return 0
+        frames, self._pending = self._pending, []
+        n = self.store.add_frames(self._run.source.id, frames)
+        self._written[0] += n
+        self._written[1] += sum(len(b) for f in frames for b in f.thumbs or () if b is not None)
+        return n
 
 
-def _chunks(it: Iterable, n: int):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _items(items: Any) -> tuple[str, list]:
+    """``("frames" | "results", list)`` from what :meth:`Indexer.add` was given, or a TypeError/ValueError."""
+    if isinstance(items, np.ndarray) and items.ndim == 4:
+        items = list(items)
+    elif isinstance(items, np.ndarray) or _is_result(items):
+        items = [items]
+    elif isinstance(items, list | tuple):
+        items = list(items)
+    else:
+        hint = ": to index a video file, folder or stream use index_source(path)" if isinstance(
+            items, str | Path) else ""
+        raise TypeError(f"add() takes BGR frames (numpy (H, W, 3) uint8, a (B, H, W, 3) batch or a list) or "
+                        f"Ultralytics Results, got {type(items).__name__}{hint}")
+    frames = [isinstance(x, np.ndarray) for x in items]
+    if any(frames) and not all(frames) or not any(frames) and not all(_is_result(x) for x in items):
+        kinds = sorted({type(x).__name__ for x in items})
+        raise TypeError(f"add() takes a list of frames or a list of Results, not a mix or other things: got {kinds}")
+    for k, x in enumerate(items if all(frames) else ()):
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3 or 0 in x.shape:
+            raise ValueError(f"frame {k} must be (H, W, 3) uint8 BGR as cv2 reads it, got {x.shape} {x.dtype}: "
+                             f"convert grey or RGB frames with cv2.cvtColor, scale floats to 0..255 uint8")
+    return ("frames" if all(frames) else "results"), items
+
+
+def _is_result(x: Any) -> bool:
+    return hasattr(x, "orig_img") and hasattr(x, "boxes")
+
+
+def _frame_numbers(frame_index: Any, n: int) -> list[int] | None:
+    if frame_index is None:
+        return None
+    if isinstance(frame_index, numbers.Integral) and not isinstance(frame_index, bool):
+        frames = list(range(int(frame_index), int(frame_index) + n))
+    else:
+        frames = [int(i) for i in np.asarray(frame_index).reshape(-1)] if np.ndim(frame_index) == 1 and \
+            np.issubdtype(np.asarray(frame_index).dtype, np.integer) else None
+        if frames is None or len(frames) != n:
+            raise ValueError(f"frame_index must be an int (the first item's frame) or {n} ints (one per item), got "
+                             f"{frame_index!r}")
+    if frames and min(frames) < 0:
+        raise ValueError(f"frame_index must be >= 0, got {min(frames)}")
+    return frames
+
+
+def _times(time: Any, n: int) -> list[float] | None:
+    if time is None:
+        return None
+    try:
+        t = np.asarray(time, dtype=np.float64).reshape(-1) if np.ndim(time) <= 1 else None
+    except (TypeError, ValueError):
+        t = None
+    if t is None or len(t) != n or not np.isfinite(t).all():
+        raise ValueError(f"time must be one finite number per item ({n} here; a float for one item), got {time!r}")
+    return t.tolist()
