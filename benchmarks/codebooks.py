@@ -73,6 +73,7 @@ def full_dist(dist_fn, n: int, chunk: int = 256) -> np.ndarray:
 def main() -> None:
     import faiss
 
+    from yolo_vq.config import DEFAULT_RECIPE, load_recipe
     from yolo_vq.metrics import retrieval_scores, valid_queries
     from yolo_vq.quant import ProductQuantizer, ResidualQuantizer
 
@@ -147,6 +148,11 @@ def main() -> None:
 
         return t_train, len(codes_big) / t_enc, mse, dist, codes.shape[1]
 
+    # fit_codebook's default (yolo_vq.fit.part_blocks): each stripe's 64 channels, then the whole colour histogram
+    recipe = load_recipe(DEFAULT_RECIPE)
+    (level,), cnn = recipe.levels, dim - recipe.colour.dim
+    cell = cnn // (level.grid[0] * level.grid[1])
+    parts = [(a, a + cell) for a in range(0, cnn, cell)] + [(cnn, dim)]
     ProductQuantizer(dim=dim, m=8, iters=2).fit(torch.from_numpy(xtr))  # warm-up: first-call costs out of timings
     faiss.IndexPQ(dim, 8, 8).train(xtr)
     print(f"| bytes | method | recall@10 | MSE | mAP retention (mean, range over {args.seeds} seeds) | train s | "
@@ -163,6 +169,9 @@ def main() -> None:
             ("ours PQ", lambda s, b=b: ours(lambda: ProductQuantizer(dim=dim, m=b, iters=args.iters, seed=s))),
             ("ours PQ + random rotation", lambda s, b=b: ours(
                 lambda: ProductQuantizer(dim=dim, m=b, rotation="random", iters=args.iters, seed=s))),
+            ("ours PQ + rotations within recipe parts", lambda s, b=b: ours(
+                lambda: ProductQuantizer(dim=dim, m=b, rotation="random", rotation_blocks=parts, iters=args.iters,
+                                         seed=s))),
             ("ours OPQ (random init)", lambda s, b=b: ours(
                 lambda: ProductQuantizer(dim=dim, m=b, rotation="random", opq=True, iters=args.iters, seed=s))),
         ]

@@ -57,3 +57,16 @@ def test_codebook_of_another_recipe_is_refused(trained, pose_model_path):
         Embedder(yolo(pose_model_path), "head-avg", codebook=path)
     with pytest.raises(ValueError, match=r"codebook encodes dim=1088 vectors, but recipe 'head-avg'"):
         Embedder(yolo(pose_model_path), "head-avg", codebook=ProductQuantizer(dim=1088, m=8))
+
+
+def test_part_blocks_follow_the_recipe_layout():
+    """fit_codebook's default rotation blocks: each pooled cell's channels, then the whole colour histogram."""
+    from yolo_vq.config import load_recipe
+    from yolo_vq.fit import part_blocks
+
+    emb = Embedder(yolo("yolo11n.yaml"))
+    blocks = part_blocks(emb)
+    cfg = load_recipe("s4-8stripes-colour-center")
+    (tap,), colour = emb.taps, cfg.colour
+    assert blocks[:-1] == [(i * tap.channels, (i + 1) * tap.channels) for i in range(8)]
+    assert blocks[-1] == (8 * tap.channels, emb.dim) and emb.dim - 8 * tap.channels == colour.dim

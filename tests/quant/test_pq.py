@@ -39,6 +39,7 @@ VARIANTS = {
     "pca32_opq": {"pca_dim": 32, "opq": True, "opq_iters": 2},
     "random_rotation": {"rotation": "random"},
     "random_opq": {"rotation": "random", "opq": True, "opq_iters": 2},
+    "partial_rotation": {"rotation": "random", "rotation_blocks": [(24, 40), (40, 64)]},
 }
 
 
@@ -169,6 +170,23 @@ def test_codebook_size_above_256_gives_uint16(x):
     torch.testing.assert_close(pq.decode(codes), pq.decode(codes.to(torch.int64)))
 
 
+def test_partial_rotation_leaves_other_dims_on_their_axes(fitted, tmp_path):
+    from yolo_vq.quant import load_codebook, save_codebook
+
+    pq = fitted["partial_rotation"]
+    t = pq.transform
+    torch.testing.assert_close(t[:24, :24], torch.eye(24, device=t.device), atol=0, rtol=0)
+    assert t[:24, 24:].abs().max() == 0 and t[24:, :24].abs().max() == 0
+    torch.testing.assert_close(t.T @ t, torch.eye(D, device=t.device), atol=1e-4, rtol=0)
+    assert t[24:40, 40:].abs().max() == 0 and t[40:, 24:40].abs().max() == 0  # two blocks, not one
+    for a, b in [(24, 40), (40, 64)]:  # each block is really rotated
+        assert (t[a:b, a:b] - torch.eye(b - a, device=t.device)).abs().max() > 0.1
+    save_codebook(pq, tmp_path / "cb")
+    back = load_codebook(tmp_path / "cb", device=t.device)
+    assert back.rotation_blocks == [(24, 40), (40, 64)]
+    torch.testing.assert_close(back.transform, t, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -179,6 +197,9 @@ def test_codebook_size_above_256_gives_uint16(x):
         ({"dim": 64, "m": 8, "codebook_size": 70000}, "codebook_size"),
         ({"dim": 64, "m": 8, "init": "best"}, "init must be"),
         ({"dim": 64, "m": 8, "rotation": "haar"}, "rotation must be None or 'random'"),
+        ({"dim": 64, "m": 8, "rotation_blocks": [(0, 8)]}, "needs rotation='random'"),
+        ({"dim": 64, "m": 8, "rotation": "random", "rotation_blocks": [(8, 80)]}, r"0 <= start < stop <= 64"),
+        ({"dim": 64, "m": 8, "rotation": "random", "rotation_blocks": [(0, 9), (8, 16)]}, "disjoint"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

@@ -9,6 +9,8 @@ identity; ``mean`` is the training mean when ``center`` or ``pca_dim`` is set, e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -39,6 +41,11 @@ class ProductQuantizer(Quantizer):
         rotation: ``"random"`` applies a seeded random orthogonal rotation (after centering/PCA) so variance spreads
             evenly over the sub-spaces instead of following the embedding's block layout (stripes, colour bins);
             FAISS' ``RR`` transform, and the start point of its OPQ. ``None``: no rotation.
+        rotation_blocks: ``[(start, stop), ...]`` disjoint dim ranges (of the centred/PCA space): with
+            ``rotation="random"``, each block gets its own random rotation and dims outside every block stay on their
+            axes (block-diagonal). For embeddings made of parts: ``fit_codebook`` rotates the channels of each pooled
+            cell among themselves and the colour histogram as a whole (measured in docs/benchmarks.md). None: one
+            block of all dims.
         opq: learn an orthogonal rotation by alternating PQ training and orthogonal Procrustes
             (R = U V^T from the SVD of Y^T Y_decoded), ``opq_iters`` rounds of ``opq_kmeans_iters`` k-means
             iterations each, warm-started; the final codebooks then get ``iters`` more iterations.
@@ -64,6 +71,7 @@ class ProductQuantizer(Quantizer):
         center: bool = False,
         pca_dim: int | None = None,
         rotation: str | None = None,
+        rotation_blocks: Sequence[tuple[int, int]] | None = None,
         opq: bool = False,
         opq_iters: int = 10,
         opq_kmeans_iters: int = 4,
@@ -86,10 +94,18 @@ class ProductQuantizer(Quantizer):
                 f"D={d_out} ({'pca_dim' if pca_dim else 'dim'}) is not divisible by m={m}: choose m dividing D "
                 f"(e.g. {sorted(near)}) or set pca_dim to a multiple of m (e.g. {max(m, d_out // m * m)})"
             )
+        if rotation_blocks is not None:
+            blocks = sorted((int(a), int(b)) for a, b in rotation_blocks)
+            ok = rotation == "random" and blocks and all(0 <= a < b <= d_out for a, b in blocks) and all(
+                b0 <= a1 for (_, b0), (a1, _) in pairwise(blocks))
+            if not ok:
+                raise ValueError(f"rotation_blocks={rotation_blocks!r} needs rotation='random' and disjoint ranges "
+                                 f"(start, stop) with 0 <= start < stop <= {d_out}")
+            rotation_blocks = blocks
         super().__init__(dim=dim, code_len=m, codebook_size=codebook_size, max_train=max_train, seed=seed)
         self.m, self.dim_out, self.dsub = m, d_out, d_out // m
         self.center, self.pca_dim, self.opq = bool(center or pca_dim), pca_dim, bool(opq)
-        self.rotation = rotation
+        self.rotation, self.rotation_blocks = rotation, rotation_blocks
         self.opq_iters, self.opq_kmeans_iters = opq_iters, opq_kmeans_iters
         check_init(init)
         self.iters, self.tol, self.init = iters, tol, init
@@ -105,6 +121,7 @@ class ProductQuantizer(Quantizer):
             "center",
             "pca_dim",
             "rotation",
+            "rotation_blocks",
             "opq",
             "opq_iters",
             "opq_kmeans_iters",
@@ -151,8 +168,10 @@ class ProductQuantizer(Quantizer):
             dropped = float((norm2 - y.pow(2).sum(1)).clamp_min(0).mean())
         if self.rotation == "random":
             g = torch.Generator().manual_seed(self.seed)
-            q, r = torch.linalg.qr(torch.randn(self.dim_out, self.dim_out, generator=g, dtype=torch.float64))
-            rot = (q * torch.sign(torch.diagonal(r))).float().to(x.device)  # Haar-distributed, fixed signs
+            rot = torch.eye(self.dim_out, device=x.device)
+            for lo, hi in self.rotation_blocks or [(0, self.dim_out)]:
+                q, r = torch.linalg.qr(torch.randn(hi - lo, hi - lo, generator=g, dtype=torch.float64))
+                rot[lo:hi, lo:hi] = (q * torch.sign(torch.diagonal(r))).float().to(x.device)  # Haar, fixed signs
             t, y = t @ rot, y @ rot
         cb: Tensor | str = self.init
         if self.opq:
