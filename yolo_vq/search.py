@@ -103,11 +103,21 @@ class _FaissEngine:
 
     def __init__(self, quantizer: ProductQuantizer, faiss: Any) -> None:
         self.faiss = faiss
-        # Snapshot of the codebook: the index must not change under the codes already added.
-        self.mean = quantizer.mean.detach().cpu().float()
-        self.transform = quantizer.transform.detach().cpu().float()
-        self.drops_energy = self.transform.shape[1] < self.transform.shape[0]  # PCA kept D' < D dims
-        self.index = faiss.IndexPQ(self.transform.shape[1], quantizer.m, 8)  # L2, search_type ST_PQ
+        # Snapshot of the codebook: the index must not change under the codes already added. The query projection
+        # y = (x - mean) @ transform runs in FAISS too (a LinearTransform): a torch matmul in the hot path would wake
+        # torch's OpenMP pool, whose spinning threads then compete with FAISS' own for the same cores.
+        mean = quantizer.mean.detach().cpu().double().numpy()
+        t = quantizer.transform.detach().cpu().double().numpy()  # (D, D')
+        d_in, d_out = t.shape
+        self.drops_energy = d_out < d_in  # PCA kept D' < D dims
+        self.mean = mean
+        self.project = None
+        if not np.array_equal(t, np.eye(d_in, d_out)) or mean.any():
+            self.project = faiss.LinearTransform(d_in, d_out, True)  # y = A x + b
+            faiss.copy_array_to_vector(np.ascontiguousarray(t.T, np.float32).ravel(), self.project.A)
+            faiss.copy_array_to_vector((-(mean @ t)).astype(np.float32), self.project.b)
+            self.project.is_trained = True
+        self.index = faiss.IndexPQ(d_out, quantizer.m, 8)  # L2, search_type ST_PQ
         cb = np.ascontiguousarray(quantizer.codebooks.detach().cpu().float().numpy())  # (m, 256, dsub)
         faiss.copy_array_to_vector(cb.ravel(), self.index.pq.centroids)
         self.index.is_trained = True
@@ -117,9 +127,8 @@ class _FaissEngine:
 
     def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         faiss, index = self.faiss, self.index
-        x = torch.from_numpy(queries) - self.mean
-        y = x @ self.transform
-        yn = np.ascontiguousarray(y.numpy())
+        x = np.ascontiguousarray(queries, np.float32)
+        yn = x if self.project is None else self.project.apply(x)
         if rows is None:
             dist, pos = index.search(yn, k)
         else:
@@ -132,7 +141,8 @@ class _FaissEngine:
             index.pq.search(faiss.swig_ptr(yn), len(yn), faiss.swig_ptr(sub), len(sub), heap, True)
             pos = np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
         if self.drops_energy:  # as ProductQuantizer.distance_tables: the energy PCA leaves out is part of ||q - x||
-            dist += (x.pow(2).sum(1) - y.pow(2).sum(1)).clamp_min(0).numpy()[:, None]
+            outside = ((x - self.mean) ** 2).sum(1) - (yn.astype(np.float64) ** 2).sum(1)
+            dist += np.maximum(outside, 0).astype(np.float32)[:, None]
         return dist, pos
 
 
