@@ -5,6 +5,11 @@ goes through the public search path with codes and all: the query vector is deco
 gallery is scanned by ADC over stored codes. The codebook is fitted on the first half of the frames only.
 
     python benchmarks/product_retrieval.py            # vtest.avi, yolo11n-pose.pt, imgsz 1280, 32-byte PQ
+    python benchmarks/product_retrieval.py --rerank 50 100 500   # also keep float16 vectors, re-rank shortlists
+
+With ``--rerank``, the index keeps float16 vectors and the queries are the stored float16 vectors (what
+``yolo-vq search --detection`` uses on such an index). Each query's ranking is then: the ADC top-K as
+``Memory.search(..., rerank=K)`` returns them (exact cosine order), followed by the rest in ADC order.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=32)
     ap.add_argument("--gap", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rerank", type=int, nargs="+", default=None, metavar="K",
+                    help="shortlist sizes to re-rank exactly with kept float16 vectors (indexes with --keep-vectors)")
     args = ap.parse_args()
     video = assets.vtest_video()
     out = args.out or Path(tempfile.mkdtemp(prefix="yolo_vq_product_"))
@@ -39,21 +46,47 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (out / "cb.json").is_file():
         fit_codebook(model, [video], out / "cb", code_bytes=args.bytes, max_frames=397, imgsz=args.imgsz)
-    with Indexer(model, out / "idx", codebook=out / "cb", track=True, imgsz=args.imgsz) as ix:
+    with Indexer(model, out / "idx", codebook=out / "cb", track=True, imgsz=args.imgsz,
+                 keep_vectors=bool(args.rerank)) as ix:
         print(ix.index_source(video).line())
     print(f"fit + index: {time.perf_counter() - t0:.0f} s")
     with Memory(out / "idx") as mem:
+        params = mem.codebook.meta.get("quantizer", {}).get("params", {})
+        print(f"codebook: {mem.codebook.code_size} B, rotation {params.get('rotation')}")
         ids, _ = mem.store.codes()
         det = mem.store.get(ids)
         track, frame = det.track_id, det.data["frame"]
         q = valid_queries(track, frame, args.gap)
-        vecs = mem.vectors_of(ids)
-        dist, order = mem.scan.search(vecs[q], len(ids))  # the ADC scan Memory.search runs
-        full = np.full((len(q), len(ids)), -np.inf, np.float32)
-        np.put_along_axis(full, np.searchsorted(ids, order), -dist, axis=1)
-        codes_map = retrieval_scores(full, q, track, frame, args.gap)
-    print(f"{len(ids)} stored detections, {len(q)} queries, G={args.gap}: mAP through the product "
-          f"{codes_map.mAP:.3f}, Rank-1 {codes_map.rank1:.3f}, R@10 {codes_map.recall10:.3f}")
+        print(f"{len(ids)} stored detections, {len(q)} queries, G={args.gap}")
+
+        def adc(vecs: np.ndarray) -> np.ndarray:
+            dist, order = mem.scan.search(vecs, len(ids))  # the ADC scan Memory.search runs
+            full = np.full((len(vecs), len(ids)), -np.inf, np.float32)
+            np.put_along_axis(full, np.searchsorted(ids, order), -dist, axis=1)
+            return full
+
+        def report(name: str, scores: np.ndarray, seconds: float | None = None) -> None:
+            m = retrieval_scores(scores, q, track, frame, args.gap)
+            took = "" if seconds is None else f" ({seconds / len(q) * 1e3:.2f} ms per query)"
+            print(f"{name}: mAP {m.mAP:.3f}, Rank-1 {m.rank1:.3f}, R@10 {m.recall10:.3f}{took}")
+
+        report("codes, query decoded from its codes, ADC", adc(mem.vectors_of(ids, stored=False)[q]))
+        if args.rerank:
+            vecs = mem.vectors_of(ids)[q]  # the stored float16 vectors
+            base = adc(vecs)
+            report("float16 query, ADC", base)
+            for k in args.rerank:
+                t1 = time.perf_counter()
+                hits = mem.search(vecs, k, rerank=k)  # the product's re-ranking, query by query
+                took = time.perf_counter() - t1
+                scores = base.copy()
+                for row, h in enumerate(hits):  # the shortlist first, in exact order; then the rest by ADC
+                    scores[row, np.searchsorted(ids, h.data["id"])] = 10.0 + h.data["score"]
+                report(f"float16 query, ADC top-{k} re-ranked by exact cosine", scores, took)
+            exact, _ = mem.store.vectors(ids)
+            exact /= np.linalg.norm(exact, axis=1, keepdims=True)
+            report("float16 query, exact cosine over all (the ceiling)", vecs @ exact.T /
+                   np.linalg.norm(vecs, axis=1, keepdims=True))
 
 
 if __name__ == "__main__":

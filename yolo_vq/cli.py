@@ -60,7 +60,7 @@ def cmd_index(a) -> None:
         fit_codebook(model, a.sources[:1], codebook, recipe=a.recipe, code_bytes=a.bytes, max_frames=a.fit_frames,
                      codebook_size=a.codebook_size, **_predict_args(a))
     with Indexer(model, index, codebook=codebook, recipe=a.recipe, track=a.track, batch=a.batch, thumbs=a.thumbs,
-                 **_predict_args(a)) as ix:
+                 keep_vectors=True if a.keep_vectors else None, **_predict_args(a)) as ix:
         for s in a.sources:
             print(ix.index_source(s, stride=a.stride, progress=not a.quiet).line())
         print(f"index {index}: {ix.store.count()} detections in {len(ix.store.sources())} sources")
@@ -110,7 +110,7 @@ def cmd_search(a) -> None:
 
     with Memory(a.index, engine=a.engine) as mem:
         vectors, exclude, query_img = _query_vectors(a, mem)
-        results = mem.search(vectors[:1], a.k, exclude=exclude, classes=a.cls, source=a.source,
+        results = mem.search(vectors[:1], a.k, exclude=exclude, rerank=a.rerank, classes=a.cls, source=a.source,
                              time_from=a.time_from, time_to=a.time_to, min_conf=a.min_conf)[0]
         rows = []
         for i in range(len(results)):
@@ -161,7 +161,7 @@ def cmd_demo(a) -> None:
     a2 = argparse.Namespace(index=str(out / "index"), engine="auto", detection=int(rows[2]), track=None, image=None,
                             crop=None, model=None, imgsz=640, k=10, cls=None, source=None, time_from=None,
                             time_to=None, min_conf=None, json=False, sheet=str(out / "results.jpg"),
-                            sheet_from="video")
+                            sheet_from="video", rerank=None)
     print(f"3/3 search: the first detection of track {rows[0]} ({rows[1]} detections) as the query")
     cmd_search(a2)
 
@@ -246,6 +246,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--thumbs", type=int, nargs="?", const=1, default=None, metavar="N",
                    help="store a small JPEG crop of every N-th detection of each track (always the first; every "
                         "untracked one); --thumbs alone: of every detection")
+    i.add_argument("--keep-vectors", action="store_true",
+                   help="also keep each detection's embedding as float16 (2 B per dim) so search can --rerank; an "
+                        "index that keeps them goes on keeping them")
     i.add_argument("--quiet", action="store_true")
     detect_args(i)
     i.set_defaults(fn=cmd_index)
@@ -263,6 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--time-to", type=float, default=None)
     s.add_argument("--min-conf", type=float, default=None)
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="re-rank the K best by ADC with exact cosine on the kept float16 vectors (index --keep-vectors)")
     s.add_argument("--engine", default="auto", choices=["auto", "faiss", "numpy"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--sheet", default=None, help="write a contact sheet picture (.jpg/.png)")

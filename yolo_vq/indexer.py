@@ -42,13 +42,15 @@ class IndexSummary:
     bytes_per_detection: int
     seconds: float
     thumb_bytes: int | None = None  # JPEG bytes of the thumbnails written; None when thumbnails are off
+    vector_bytes: int | None = None  # bytes of each kept float16 vector; None when vectors are not kept
 
     def line(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
-        thumbs = "" if self.thumb_bytes is None else \
+        extra = "" if self.thumb_bytes is None else \
             f" + {self.thumb_bytes / max(self.detections, 1):.0f} B thumbnails"
+        extra += "" if self.vector_bytes is None else f" + {self.vector_bytes} B float16 vectors"
         return (f"{self.source}: {self.frames} frames ({self.skipped_frames} already indexed), {self.detections} "
-                f"detections, {self.bytes_per_detection} B codes{thumbs} per detection, {self.seconds:.1f} s "
+                f"detections, {self.bytes_per_detection} B codes{extra} per detection, {self.seconds:.1f} s "
                 f"({fps:.1f} frames/s)")
 
 
@@ -81,6 +83,9 @@ class Indexer:
         thumbs: keep a small JPEG crop (longest side 96 px) of every ``thumbs``-th detection of each track (always
             its first; every untracked detection), written with the detection, so search results can be shown
             without the video (:func:`yolo_vq.thumbs.pictures`). None: no thumbnails.
+        keep_vectors: also keep each detection's embedding as float16 (2 bytes per dimension), so searches can
+            re-rank a shortlist exactly (``Memory.search(..., rerank=K)``). None: as the index does (an index that
+            keeps vectors goes on keeping them; a new one does not).
         predict_args: passed to ``model.predict``/``model.track`` (imgsz, conf, classes, device, ...).
     """
 
@@ -88,7 +93,7 @@ class Indexer:
         self, model: Any, index: str | Path, *, codebook: str | Path | None = None,
         recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, track: bool = False,
         tracker: str = "bytetrack.yaml", batch: int = 8, commit_every: int = 64, thumbs: int | None = None,
-        **predict_args: Any,
+        keep_vectors: bool | None = None, **predict_args: Any,
     ):
         if batch < 1 or commit_every < 1:
             raise ValueError(f"batch and commit_every must be >= 1, got batch={batch}, commit_every={commit_every}")
@@ -117,6 +122,7 @@ class Indexer:
             self.store.set_meta("model_fingerprint", self.embedder.fingerprint)
             self.store.set_meta("names", {int(k): v for k, v in getattr(model, "names", {}).items()})
         self.names = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
+        self.keep_vectors = self.store.vector_dim is not None if keep_vectors is None else bool(keep_vectors)
         self._attached = False  # the embedder's callbacks are on the model (context manager)
         self._run: _Run | None = None
         self._frames: list[tuple[int, float, np.ndarray]] = []  # added frames waiting for a batch
@@ -192,7 +198,8 @@ class Indexer:
         self._run = None  # a later add() to the same source starts a new run (and new tracks)
         size = self.store.get_meta("code_size") or 0
         return IndexSummary(src.uri, frames, run.stored, self._written[0] - before[0], int(size),
-                            perf_counter() - t0, None if self.thumbnailer is None else self._written[1] - before[1])
+                            perf_counter() - t0, None if self.thumbnailer is None else self._written[1] - before[1],
+                            2 * self.embedder.dim if self.keep_vectors else None)
 
     # -- the user's own loop ---------------------------------------------------------------------------------------
     def add(
@@ -320,7 +327,7 @@ class Indexer:
         if not self._pending:
             return 0
         frames, self._pending = self._pending, []
-        n = self.store.add_frames(self._run.source.id, frames)
+        n = self.store.add_frames(self._run.source.id, frames, vectors=self.keep_vectors)
         self._written[0] += n
         self._written[1] += sum(len(b) for f in frames for b in f.thumbs or () if b is not None)
         return n

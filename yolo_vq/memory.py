@@ -108,10 +108,16 @@ class Memory:
             keep = both(c["confidence"] >= float(min_conf))
         return None if keep is None else c["id"][keep]
 
-    def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
-        """Decoded (approximate) embeddings of stored detections: (n, D) float32."""
-        det = self.store.get(ids)
-        return self.codebook.decode(det.codes).numpy()
+    def vectors_of(self, ids: Sequence[int], *, stored: bool = True) -> np.ndarray:
+        """Embeddings of stored detections, (n, D) float32: the kept float16 vectors where the index keeps them
+        (``stored``), else decoded from the codes (approximate)."""
+        if not (stored and self.store.vector_dim is not None):
+            return self.codebook.decode(self.store.get(ids).codes).numpy()
+        out, present = self.store.vectors(ids)
+        if not present.all():
+            missing = np.flatnonzero(~present)
+            out[missing] = self.codebook.decode(self.store.get(np.asarray(ids)[missing]).codes).numpy()
+        return out
 
     def track_vector(self, source_id: int, track_id: int) -> np.ndarray:
         """(1, D) mean decoded embedding of a stored track, L2-normalised."""
@@ -154,19 +160,39 @@ class Memory:
         q = Tile(placeholder(text="query: not shown") if query is None else query, "query")
         return contact_sheet(q, tiles, columns=columns, title=f"top {len(tiles)} of {self.store.count()}")
 
-    def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), **filters) -> list[Detections]:
-        """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``."""
-        if not isinstance(k, int | np.integer) or k <= 0:
+    def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), rerank: int | None = None,
+               **filters) -> list[Detections]:
+        """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``.
+
+        Scores are cosine similarities estimated by ADC over the codes; with ``rerank=K`` (K >= k) the ADC
+        shortlist of the K best is re-ranked by exact cosine similarity to the kept float16 vectors (the index
+        must keep vectors: ``Indexer(keep_vectors=True)``), and scores are those exact cosines. Filters: see
+        :meth:`filter_ids`.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if rerank is not None:
+            if isinstance(rerank, bool) or not isinstance(rerank, int | np.integer) or rerank < k:
+                raise ValueError(f"rerank must be an int >= k ({k}), the shortlist size to re-rank exactly, got "
+                                 f"{rerank!r}: e.g. rerank={max(10 * k, 100)}")
+            if self.store.vector_dim is None:
+                raise StoreError(f"{self.index} keeps no float vectors to re-rank with: index it with --keep-vectors "
+                                 "(Indexer(keep_vectors=True)), or search without rerank")
         allowed = self.filter_ids(**filters)
         if exclude:
             base = allowed if allowed is not None else self._cols.get("id", np.zeros(0, np.int64))
             allowed = np.setdiff1d(base, np.asarray(exclude, dtype=np.int64))
-        dist, ids = self.scan.search(np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim), int(k),
-                                     allowed=allowed)
+        queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
+        dist, ids = self.scan.search(queries, int(rerank or k), allowed=allowed)
         out = []
-        for d, i in zip(dist, ids):
+        for q, d, i in zip(queries, dist, ids):
             keep = i >= 0
-            det = self.store.get(i[keep])
-            out.append(det.with_data(score=(1.0 - d[keep] / 2.0).astype(np.float32)))
+            if rerank is None:
+                out.append(self.store.get(i[keep]).with_data(score=(1.0 - d[keep] / 2.0).astype(np.float32)))
+                continue
+            cand = i[keep]
+            v = self.vectors_of(cand)  # rows stored before vectors were kept: decoded from their codes
+            cos = (v @ q) / np.maximum(np.linalg.norm(v, axis=1) * np.linalg.norm(q), 1e-12)
+            top = np.argsort(-cos, kind="stable")[:k]  # ties keep the ADC order
+            out.append(self.store.get(cand[top]).with_data(score=cos[top].astype(np.float32)))
         return out

@@ -3,6 +3,11 @@
 Writes go in batches, one transaction per batch, and each processed frame is recorded in ``frames`` in the same
 transaction as its detections: a crash loses at most the batch in flight, and re-running the same job skips every
 frame already recorded (idempotent per source fingerprint + frame). WAL lets other processes search while one writes.
+
+Optional parts, same schema version: a JPEG thumbnail per detection (``detections.thumb``), and the float16
+embedding of each detection in a separate ``vectors`` table (for exact re-ranking of a search shortlist), created by
+the first batch that keeps vectors. Stores without that table are complete version-1 stores (older yolo_vq versions
+read stores with it and ignore it); ``meta['vectors']`` says whether, and with what dim, vectors are kept.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 
 from .detections import Detections
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Frame", "Source", "Store", "StoreError"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "Frame", "Source", "Store", "StoreError"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "index.db"
@@ -56,6 +61,8 @@ CREATE INDEX IF NOT EXISTS detections_source_frame ON detections (source_id, fra
 CREATE INDEX IF NOT EXISTS detections_class ON detections (class_id);
 CREATE INDEX IF NOT EXISTS detections_track ON detections (source_id, track_id);
 """
+_VECTORS = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES detections(id), vector BLOB NOT NULL)"
+VECTOR_DTYPE = np.dtype("<f2")  # float16, little-endian: 2 bytes per dimension
 
 
 class StoreError(ValueError):
@@ -186,10 +193,12 @@ class Store:
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     # -- writing ---------------------------------------------------------------------------------------------------
-    def add_frames(self, source_id: int, frames: Iterable[Frame]) -> int:
+    def add_frames(self, source_id: int, frames: Iterable[Frame], *, vectors: bool = False) -> int:
         """Store a batch of frames in one transaction; frames already stored are skipped. Returns rows inserted.
 
-        Codes must all have one length, the store's (``code_size`` meta, set by the first codes stored).
+        Codes must all have one length, the store's (``code_size`` meta, set by the first codes stored). With
+        ``vectors``, each detection's embedding (``detections.embeddings``, (n, D) float32) is also kept as float16
+        in the ``vectors`` table (D fixed by the first vectors stored), for re-ranking.
         """
         if self.readonly:
             raise StoreError(f"{self.path} was opened read-only")
@@ -198,6 +207,9 @@ class Store:
         cur.execute("BEGIN IMMEDIATE")
         try:
             code_size = self.get_meta("code_size")
+            kept = self.get_meta("vectors") if vectors else None
+            if vectors:
+                cur.execute(_VECTORS)
             for f in frames:
                 d = f.detections
                 cur.execute("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", (source_id, int(f.frame), len(d)))
@@ -211,16 +223,24 @@ class Store:
                         raise StoreError(f"codes of {d.codes.shape[1] * d.codes.itemsize} bytes, this index stores "
                                          f"{code_size}-byte codes: use the index's codebook")
                 thumbs = f.thumbs if f.thumbs is not None else [None] * len(d)
-                cur.executemany(
-                    "INSERT INTO detections (source_id, frame, time, x1, y1, x2, y2, class_id, confidence, track_id, "
-                    "codes, thumb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (source_id, int(f.frame), float(f.time), *map(float, d.xyxy[i]), int(d.class_id[i]),
+                rows = [(source_id, int(f.frame), float(f.time), *map(float, d.xyxy[i]), int(d.class_id[i]),
                          float(d.confidence[i]), int(d.track_id[i]),
-                         None if d.codes is None else d.codes[i].tobytes(), thumbs[i])
-                        for i in range(len(d))
-                    ],
-                )
+                         None if d.codes is None else d.codes[i].tobytes(), thumbs[i]) for i in range(len(d))]
+                sql = ("INSERT INTO detections (source_id, frame, time, x1, y1, x2, y2, class_id, confidence, "
+                       "track_id, codes, thumb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                if not (vectors and len(d)):
+                    cur.executemany(sql, rows)
+                else:
+                    if d.dim == 0 or (kept is not None and d.dim != kept["dim"]):
+                        raise StoreError(f"detections carry embeddings of dim {d.dim}, this index keeps "
+                                         f"{kept['dim'] if kept else 'float'} vectors: keep the embeddings the "
+                                         "codes were encoded from (Detections.from_ultralytics of an Embedder's results)")
+                    if kept is None:
+                        kept = {"dtype": "float16", "dim": d.dim}
+                        self.set_meta("vectors", kept)
+                    for row, v in zip(rows, d.embeddings.astype(VECTOR_DTYPE)):
+                        cur.execute(sql, row)  # executemany does not report the ids
+                        cur.execute("INSERT INTO vectors VALUES (?, ?)", (cur.lastrowid, v.tobytes()))
                 inserted += len(d)
             cur.execute("COMMIT")
         except BaseException:
@@ -263,6 +283,34 @@ class Store:
         """``(track_id, detections, first detection id)`` of the track with the most detections, or None."""
         return self._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
                                 "GROUP BY source_id, track_id ORDER BY c DESC LIMIT 1").fetchone()
+
+    @property
+    def vector_dim(self) -> int | None:
+        """Dimension of the float16 vectors this index keeps, or None when it keeps none."""
+        kept = self.get_meta("vectors")
+        return None if kept is None else int(kept["dim"])
+
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kept embeddings of detection ids, in the order given: ``((n, D) float32, (n,) bool kept)``; rows of
+        detections stored without a vector (e.g. indexed before vectors were kept) are zeros with ``kept`` False.
+
+        Raises:
+            StoreError: the index keeps no vectors.
+        """
+        dim = self.vector_dim
+        if dim is None:
+            raise StoreError(f"{self.directory} keeps no float vectors: index with --keep-vectors "
+                             "(Indexer(keep_vectors=True)) to re-rank with them")
+        ids = [int(i) for i in ids]
+        out, present = np.zeros((len(ids), dim), np.float32), np.zeros(len(ids), bool)
+        if ids:
+            found = dict(self._db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(ids))})",
+                                          ids))
+            for k, i in enumerate(ids):
+                if (blob := found.get(i)) is not None:
+                    out[k] = np.frombuffer(blob, VECTOR_DTYPE)
+                    present[k] = True
+        return out, present
 
     def thumbs(self, ids: Sequence[int] | np.ndarray) -> list[bytes | None]:
         """The stored JPEG thumbnail of each detection id, in the order given (None where none was kept)."""

@@ -1,0 +1,107 @@
+"""Searching an index: exact re-ranking of an ADC shortlist with kept float16 vectors, and indexes without them."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from yolo_vq import Indexer, Memory
+from yolo_vq.cli import main
+from yolo_vq.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
+
+CONF = 0.01  # bikes frames 30-41: ~160 low-confidence detections, enough rows for a shortlist to matter
+
+
+@pytest.fixture(scope="module")
+def kept(index_model, small_codebook, bikes_frames, tmp_path_factory):
+    """Frames indexed from the user's loop with vectors kept; returns (index, their embeddings in id order)."""
+    idx = tmp_path_factory.mktemp("kept") / "idx"
+    embeddings = []
+    with Indexer(index_model, idx, codebook=small_codebook, keep_vectors=True) as ix:
+        for r in index_model.predict(bikes_frames, conf=CONF, verbose=False):
+            embeddings.append(r.vq_embeddings)
+            ix.add(r, source="cam0")
+    return idx, np.concatenate(embeddings)
+
+
+def test_kept_vectors_are_the_embeddings_in_float16(kept):
+    idx, emb = kept
+    with Store(idx, readonly=True) as s:
+        ids, _ = s.codes()
+        vectors, present = s.vectors(ids)
+        assert s.vector_dim == emb.shape[1] and len(ids) == len(emb) > 100 and present.all()
+    np.testing.assert_array_equal(vectors, emb.astype(np.float16).astype(np.float32))
+
+
+def test_rerank_is_exact_cosine_over_the_adc_shortlist(kept):
+    idx, emb = kept
+    with Memory(idx) as mem:
+        ids = mem.store.codes()[0]
+        exact = emb.astype(np.float16).astype(np.float32)
+        for qi in (0, 57, len(ids) - 1):
+            q = emb[qi : qi + 1]
+            cos = exact @ q[0] / (np.linalg.norm(exact, axis=1) * np.linalg.norm(q[0]))
+            full = mem.search(q, 10, rerank=len(ids))[0]  # shortlist = everything: exact search
+            np.testing.assert_array_equal(full.data["id"], ids[np.argsort(-cos, kind="stable")[:10]])
+            np.testing.assert_allclose(full.data["score"], np.sort(cos)[::-1][:10], rtol=1e-5)
+            assert full.data["id"][0] == ids[qi]  # a stored detection finds itself first
+            short = mem.search(q, 5, rerank=20)[0]
+            adc = mem.search(q, 20)[0].data["id"]  # the shortlist: ADC's top 20
+            pos = np.searchsorted(ids, adc)
+            np.testing.assert_array_equal(short.data["id"], adc[np.argsort(-cos[pos], kind="stable")[:5]])
+        q = emb[:1]
+        assert not np.array_equal(mem.search(q, 10)[0].data["id"], mem.search(q, 10, rerank=len(ids))[0].data["id"])
+
+
+def test_an_index_without_vectors_searches_and_rerank_says_how(index_model, small_codebook, bikes_frames, tmp_path):
+    idx = tmp_path / "idx"
+    with Indexer(index_model, idx, codebook=small_codebook, conf=CONF) as ix:
+        ix.add(bikes_frames[:6], source="cam0")
+    with sqlite3.connect(idx / DB_NAME) as db:  # what earlier versions wrote: no vectors table, same version
+        assert "vectors" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    with Memory(idx) as mem:
+        q = mem.vectors_of(mem.store.codes()[0][:1])
+        assert len(mem.search(q, 5)[0]) == 5 and mem.store.get_meta("schema_version") == SCHEMA_VERSION
+        with pytest.raises(StoreError, match=r"keeps no float vectors to re-rank with: index it with --keep-vectors"):
+            mem.search(q, 5, rerank=50)
+    with Indexer(index_model, idx, keep_vectors=True, conf=CONF) as ix:  # start keeping them
+        ix.add(bikes_frames[6:9], source="cam0")
+    with Indexer(index_model, idx, conf=CONF) as ix:  # ... and a later run goes on keeping them
+        ix.add(bikes_frames[9:], source="cam0")
+    with Memory(idx) as mem:
+        det = mem.store.get(mem.store.codes()[0])
+        present = mem.store.vectors(det.data["id"])[1]
+        assert not present[det.data["frame"] < 6].any() and present[det.data["frame"] >= 6].all()
+        res = mem.search(q, len(det), rerank=len(det))[0]  # old rows: their decoded vectors stand in
+        stored, has = mem.store.vectors(res.data["id"])
+        v = np.where(has[:, None], stored, mem.codebook.decode(res.codes).numpy())
+        assert 0 < has.sum() < len(has)
+        np.testing.assert_allclose(res.data["score"], v @ q[0] / np.linalg.norm(v, axis=1) / np.linalg.norm(q[0]),
+                                   rtol=1e-5)
+        assert (res.data["score"][:-1] >= res.data["score"][1:]).all()
+        for bad in (4, True, 2.5):
+            with pytest.raises(ValueError, match=r"rerank must be an int >= k \(5\)"):
+                mem.search(q, 5, rerank=bad)
+
+
+def test_cli_keep_vectors_and_rerank(small_codebook, bikes_frames, tmp_path, capsys):
+    import cv2
+
+    (tmp_path / "frames").mkdir()
+    for i, f in enumerate(bikes_frames):
+        cv2.imwrite(str(tmp_path / "frames" / f"{i:02d}.png"), f)
+    idx = str(tmp_path / "idx")
+    assert main(["index", str(tmp_path / "frames"), "--index", idx, "--codebook", str(small_codebook),
+                 "--keep-vectors", "--conf", str(CONF), "--quiet"]) == 0
+    with Store(idx, readonly=True) as s:
+        dim = s.vector_dim
+    assert f"8 B codes + {2 * dim} B float16 vectors per detection" in capsys.readouterr().out
+    assert main(["search", "--index", idx, "--detection", "3", "-k", "5", "--rerank", "40", "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)
+    with Memory(idx) as mem:
+        want = mem.search(mem.vectors_of([3]), 5, exclude=[3], rerank=40)[0]
+    assert [r["id"] for r in rows] == want.data["id"].tolist() and 3 not in [r["id"] for r in rows]
+    assert main(["search", "--index", idx, "--detection", "3", "-k", "5", "--rerank", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: rerank must be an int >= k (5)")
