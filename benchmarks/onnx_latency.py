@@ -51,15 +51,21 @@ def main() -> None:
     ours, check = export(model, cb, tmp / "ours.onnx", imgsz=args.imgsz, max_det=args.max_det)
     weights = tmp / "yolo11n-pose.pt"  # Ultralytics writes its export next to the weights: a copy, not the package
     shutil.copyfile(assets.pose_weights(), weights)
-    # simplify=False: onnxslim is not installed here (and Ultralytics would try to pip-install it)
+    # simplify=False: onnxslim is not installed here (and Ultralytics would try to pip-install it). Two baselines:
+    # the raw head output (NMS left to the caller, untimed) and nms=True (boxes out of the graph, like ours).
     theirs = Path(YOLO(str(weights)).export(format="onnx", imgsz=args.imgsz, opset=18, simplify=False, dynamic=True,
                                             verbose=False))
+    raw = theirs.rename(theirs.with_name("ultralytics_raw.onnx"))
+    theirs_nms = Path(YOLO(str(weights)).export(format="onnx", imgsz=args.imgsz, opset=18, simplify=False,
+                                                dynamic=True, nms=True, conf=0.25, iou=0.7, max_det=args.max_det,
+                                                verbose=False))
+    nms_path = theirs_nms.rename(theirs_nms.with_name("ultralytics_nms.onnx"))
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
-    sess = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-            for name, p in (("ours", ours), ("ultralytics", theirs))}
+    paths = {"ours": ours, "ultralytics": raw, "ultralytics nms=True": nms_path}
+    sess = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
     edge = EdgeModel(ours)
     cap = cv2.VideoCapture(str(assets.vtest_video()))
     frames = [cv2.imread(str(assets.ultralytics_image(n))) for n in ("bus.jpg", "zidane.jpg")]
@@ -77,7 +83,7 @@ def main() -> None:
     times = {k: [] for k in sess}
     for _ in range(args.reps):
         for i in range(len(x)):
-            for k, s in (sess.items() if i % 2 else reversed(sess.items())):
+            for k, s in (list(sess.items()) if i % 2 else list(sess.items())[::-1]):
                 t0 = time.perf_counter()
                 s.run(None, feed(k, i))
                 times[k].append(time.perf_counter() - t0)
@@ -102,10 +108,11 @@ def main() -> None:
     for k, v in times.items():
         med[k] = statistics.median(v) * 1e3
         outs = [o.name for o in sess[k].get_outputs()]
-        print(f"| {k} ({Path(ours if k == 'ours' else theirs).name}) | {', '.join(outs)} | {med[k]:.1f} | "
+        print(f"| {k} ({paths[k].name}) | {', '.join(outs)} | {med[k]:.1f} | "
               f"{np.percentile(v, 90) * 1e3:.1f} |")
-    print(f"\nratio ours / ultralytics: **{med['ours'] / med['ultralytics']:.3f}** ({len(frames)} images x {args.reps} "
-          f"runs per arm, interleaved)")
+    print(f"\nratio ours / ultralytics raw: **{med['ours'] / med['ultralytics']:.3f}**; ours / ultralytics nms=True: "
+          f"**{med['ours'] / med['ultralytics nms=True']:.3f}** ({len(frames)} images x {args.reps} runs per arm, "
+          f"interleaved)")
     dim = edge.meta["embedding"]["dim"]
     print(f"\nbytes per detection ({n} detections on these images): codes {edge.meta['code_size']} B; float32 "
           f"embedding {dim * 4} B ({dim * 4 / edge.meta['code_size']:.0f}x); JPEG crop q90 median "

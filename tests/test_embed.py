@@ -200,3 +200,26 @@ def test_same_person_closer_after_shift_and_rescale(recipe, pose_model_path, zid
         others = [_cos(a.vq_embeddings[i], b.vq_embeddings[k]) for _, k in pairs if k != j]
         print(f"{recipe}: person {i}: cos to itself {same:.3f}, to others {np.round(others, 3).tolist()}")
         assert same > max(others)
+
+
+@pytest.mark.parametrize("stripes", [8, 6])
+def test_sampled_colour_histogram_equals_roi_align_over_one_hot_bins(stripes):
+    """The colour cue gathers RoIAlign's sample cells instead of pooling a (B, nb, H, W) one-hot map: same numbers,
+    boxes past the map's edges and tiny boxes included."""
+    import torch.nn.functional as F
+    from torchvision.ops import roi_align
+
+    from yolo_vq.embed import _sampled_hist
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w, nb, st = 2, 40, 56, 72, 4
+    bins = torch.randint(0, nb, (b, h, w), generator=g).float()
+    one_hot = (bins.unsqueeze(1) == torch.arange(nb).view(1, -1, 1, 1)).float()
+    xy = torch.rand(200, 2, generator=g) * torch.tensor([w * st, h * st]) * 1.1 - 5
+    rois = torch.cat([torch.randint(0, b, (200, 1), generator=g).float(), xy,
+                      xy + torch.rand(200, 2, generator=g) * 120 + 0.5], 1)
+    rois[:3, 1:] = torch.tensor([[0.0, 0, w * st, h * st], [w * st - 3, h * st - 3, w * st, h * st], [0, 0, 2, 2]])
+    ref = F.avg_pool2d(roi_align(one_hot, rois, (stripes * 2, 2), spatial_scale=1 / st, sampling_ratio=2,
+                                 aligned=True), 2)
+    ref = ref.reshape(-1, nb, stripes).transpose(1, 2)
+    torch.testing.assert_close(_sampled_hist(bins, rois, stripes, nb, 1 / st, 2), ref, atol=1e-5, rtol=0)

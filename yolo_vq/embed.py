@@ -48,10 +48,56 @@ def hsv_bin_index(images: torch.Tensor, spec: ColourSpec) -> torch.Tensor:
     return (q(h, hb) * sb + q(s, sb)) * vb + q(v, vb)
 
 
-def _one_hot(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, H, W) bin indices -> (B, n, H, W) float32 indicators; RoIAlign over them gives bin fractions."""
-    bins = torch.arange(n, device=idx.device, dtype=idx.dtype).view(1, -1, 1, 1)
-    return (idx.unsqueeze(1) == bins).float()
+def _axis_samples(lo: torch.Tensor, hi: torch.Tensor, bins: int, ratio: int, size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoIAlign's sample points along one axis (``aligned=True``, ``ratio`` samples per bin) and their bilinear
+    neighbours, exactly as torchvision/ONNX RoiAlign place and clamp them.
+
+    Args: lo, hi (n,) roi edges in cells (already ``* scale - 0.5``); bins per roi; size of the map along this axis.
+    Returns: (n, bins * ratio) int64 low and high neighbour, and float32 weights of each (0 outside the map).
+    """
+    step = (hi - lo) / bins
+    at = torch.arange(bins, device=lo.device, dtype=lo.dtype)
+    frac = (at[:, None] + (torch.arange(ratio, device=lo.device, dtype=lo.dtype)[None] + 0.5) / ratio).reshape(-1)
+    p = lo[:, None] + step[:, None] * frac[None]  # (n, bins * ratio)
+    inside = ((p >= -1.0) & (p <= size)).float()
+    p = p.clamp_min(0.0)
+    low = p.floor().clamp_max(size - 1)
+    p = torch.minimum(p, low.where(low >= size - 1, p))  # at the last cell: sample it exactly
+    high = (low + 1).clamp_max(size - 1)
+    w_high = p - low
+    return low.long(), high.long(), (1.0 - w_high) * inside, w_high * inside
+
+
+def _sampled_hist(bins: torch.Tensor, rois: torch.Tensor, stripes: int, nb: int, scale: float, ratio: int
+                  ) -> torch.Tensor:
+    """Per-stripe bin histograms of each box: (n, stripes, nb) float32.
+
+    Equal to RoIAlign over the one-hot bin map (``stripes * 2`` x 2 bins of ``ratio`` x ``ratio`` samples, then 2 x 2
+    average pooling), without building that (B, nb, H, W) map: each sample's four neighbour cells add their bilinear
+    weights to their bins (a scatter-add over n x 128 x 4 entries instead of nb maps of every cell).
+
+    Args: bins (B, H, W) float32 bin index per cell (:func:`hsv_bin_index`); rois (n, 5) ``[b, x1, y1, x2, y2]``
+    input px; ``scale`` = 1 / cell size.
+    """
+    h, w = bins.shape[1], bins.shape[2]
+    r = rois.float()
+    ylo, yhi, wyl, wyh = _axis_samples(r[:, 2] * scale - 0.5, r[:, 4] * scale - 0.5, stripes * 2, ratio, h)
+    xlo, xhi, wxl, wxh = _axis_samples(r[:, 1] * scale - 0.5, r[:, 3] * scale - 0.5, 2, ratio, w)
+    base = r[:, 0].long() * (h * w)  # (n,)
+    ys, wy = torch.stack([ylo, yhi], 2), torch.stack([wyl, wyh], 2)  # (n, Py, 2)
+    xs, wx = torch.stack([xlo, xhi], 2), torch.stack([wxl, wxh], 2)  # (n, Px, 2)
+    cell = base[:, None, None, None, None] + ys[:, :, None, :, None] * w + xs[:, None, :, None, :]  # (n,Py,Px,2,2)
+    weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]
+    b = bins.reshape(-1).long()[cell.reshape(-1)].reshape(cell.shape)
+    py = cell.shape[1]
+    stripe = torch.arange(py, device=rois.device) // (2 * ratio)  # sample row -> stripe
+    n = r.shape[0]
+    slot = (torch.arange(n, device=rois.device)[:, None, None, None, None] * stripes
+            + stripe[None, :, None, None, None]) * nb + b
+    out = torch.zeros(n * stripes * nb, device=rois.device, dtype=torch.float32)
+    out = out.scatter_add(0, slot.reshape(-1), weight.reshape(-1))
+    return out.reshape(-1, stripes, nb) / float(4 * ratio * ratio)  # RoIAlign's sample mean, then 2 x 2 pooling
 
 
 def _windows(rois: torch.Tensor, scale: float, hw: tuple[int, int]) -> list[list[int]]:
@@ -145,18 +191,9 @@ class BoxEmbedder(nn.Module):
             v = cells.permute(0, 2, 3, 1).reshape(-1, lv.grid[0] * lv.grid[1] * cells.shape[1])
             parts.append((_l2(v) if cfg.level_norm else v) * lv.weight)
         if (c := cfg.colour) is not None:
-            nb, st = c.bins[0] * c.bins[1] * c.bins[2], c.stride
-            scale = 1.0 / st
-            if _crops_pay(images):  # bin only the pixels under each box's window
-                def src(b, x0, y0, x1, y1):
-                    return _one_hot(hsv_bin_index(images[b : b + 1, :, y0 * st : y1 * st, x0 * st : x1 * st], c), nb)
-
-                win = _windows(rois, scale, (images.shape[2] // st, images.shape[3] // st))
-            else:
-                src, win = _one_hot(hsv_bin_index(images, c), nb), None
-            hist = _roi_grid(src, rois, (c.stripes, 1), 2, scale, cfg.sampling_ratio, win)  # (n, nb, stripes, 1)
-            hist = hist.reshape(-1, nb, c.stripes).transpose(1, 2)  # (n, stripes, nb)
-            hist = hist / hist.sum(-1, keepdim=True).clamp_min(1e-6)
+            nb = c.bins[0] * c.bins[1] * c.bins[2]
+            hist = _sampled_hist(hsv_bin_index(images, c), rois, c.stripes, nb, 1.0 / c.stride, cfg.sampling_ratio)
+            hist = hist / hist.sum(-1, keepdim=True).clamp_min(1e-6)  # (n, stripes, nb) bin fractions
             v = hist.sqrt().reshape(-1, c.stripes * nb)  # Hellinger: sqrt of bin fractions, so L2 compares distributions fairly
             parts.append((_l2(v) if cfg.level_norm else v) * c.weight)
         out = torch.cat(parts, dim=1)

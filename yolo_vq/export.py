@@ -147,12 +147,11 @@ class VQGraph(nn.Module):
             y = y[:, : self.max_det]
             scores = y[..., 4]
             return y[..., :4], scores, y[..., 5].long(), scores > self.conf
-        # (B, 4 + nc + extra, A): xywh, class scores, then mask coefficients / keypoints
-        y = y.transpose(1, 2)
-        b, a = y.shape[0], y.shape[1]
-        xy, wh = y[..., :2], y[..., 2:4]
-        boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=2)
-        scores, classes = y[..., 4 : 4 + self.nc].max(dim=2)
+        # (B, 4 + nc + extra, A): xywh, class scores, then mask coefficients / keypoints (no full transpose)
+        b, a = y.shape[0], y.shape[2]
+        xy, wh = y[:, :2], y[:, 2:4]
+        boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=1).transpose(1, 2)  # (B, A, 4)
+        scores, classes = y[:, 4 : 4 + self.nc].max(dim=1)  # (B, A)
         cand = (scores > self.conf).reshape(-1).nonzero().squeeze(1)  # flat b * A + a
         bi = torch.div(cand, a, rounding_mode="floor")
         keep = batched_nms(boxes.reshape(-1, 4)[cand], scores.reshape(-1)[cand],
@@ -188,13 +187,24 @@ def _codebook_fingerprint(quantizer: Any) -> str:
     return sha
 
 
-def _model_copy(yolo: Any, end2end: bool) -> nn.Module:
+def _model_copy(yolo: Any, end2end: bool, dynamic: bool, max_det: int) -> nn.Module:
+    """A fused copy of the detector prepared as Ultralytics' own ONNX exporter prepares it (the user's model is left
+    as it is): heads in export mode, C2f blocks on their ``split`` forward (a cheaper graph, the same numbers)."""
+    from ultralytics.nn.modules import C2f, Detect
+
     model = copy.deepcopy(yolo.model).float().eval().cpu()
     if hasattr(model, "end2end"):
         model.end2end = end2end  # before fusion, as AutoBackend does
     model.fuse(verbose=False)
     for p in model.parameters():
         p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, Detect):
+            m.dynamic, m.export, m.format, m.xyxy, m.shape = dynamic, True, "onnx", False, None
+            if end2end:
+                m.max_det = max_det
+        elif isinstance(m, C2f):
+            m.forward = m.forward_split
     return model
 
 
@@ -274,9 +284,7 @@ def export(
     end2end = e2e_capable and nms is not True
     stride = int(max(head.stride.tolist()))
     hw = input_size(imgsz, source_size, stride)
-    det = _model_copy(model, end2end)
-    if end2end:
-        detect_head(det).max_det = max(int(max_det), 300)
+    det = _model_copy(model, end2end, dynamic, max(int(max_det), 300))
     q = copy.deepcopy(quantizer).float().cpu().eval()
     graph = VQGraph(det, BoxEmbedder(emb.config, emb.taps), q, input_hw=hw, conf=conf, iou=iou,
                     max_det=max_det, end2end=end2end, embeddings=embeddings).eval()
