@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=32)
     ap.add_argument("--gap", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rotation", default="auto", choices=["auto", "random", "none"],
+                    help="fit_codebook's rotation (auto: within recipe parts, the default)")
     ap.add_argument("--rerank", type=int, nargs="+", default=None, metavar="K",
                     help="shortlist sizes to re-rank exactly with kept float16 vectors (indexes with --keep-vectors)")
     args = ap.parse_args()
@@ -45,7 +47,8 @@ def main() -> None:
     model = YOLO(str(assets.pose_weights()))
     t0 = time.perf_counter()
     if not (out / "cb.json").is_file():
-        fit_codebook(model, [video], out / "cb", code_bytes=args.bytes, max_frames=397, imgsz=args.imgsz)
+        fit_codebook(model, [video], out / "cb", code_bytes=args.bytes, max_frames=397, imgsz=args.imgsz,
+                     rotation=None if args.rotation == "none" else args.rotation)
     with Indexer(model, out / "idx", codebook=out / "cb", track=True, imgsz=args.imgsz,
                  keep_vectors=bool(args.rerank)) as ix:
         print(ix.index_source(video).line())

@@ -191,8 +191,16 @@ class BoxEmbedder(nn.Module):
             v = cells.permute(0, 2, 3, 1).reshape(-1, lv.grid[0] * lv.grid[1] * cells.shape[1])
             parts.append((_l2(v) if cfg.level_norm else v) * lv.weight)
         if (c := cfg.colour) is not None:
-            nb = c.bins[0] * c.bins[1] * c.bins[2]
-            hist = _sampled_hist(hsv_bin_index(images, c), rois, c.stripes, nb, 1.0 / c.stride, cfg.sampling_ratio)
+            nb, st = c.bins[0] * c.bins[1] * c.bins[2], c.stride
+            hw = (images.shape[2] // st, images.shape[3] // st)
+            if _crops_pay(images):  # bin only the cells under the boxes (the same values as binning the frame)
+                bins = images.new_zeros((images.shape[0], *hw), dtype=torch.float32)
+                for b, x0, y0, x1, y1 in _windows(rois, 1.0 / st, hw):
+                    bins[b, y0:y1, x0:x1] = hsv_bin_index(images[b : b + 1, :, y0 * st : y1 * st, x0 * st : x1 * st],
+                                                          c)[0]
+            else:
+                bins = hsv_bin_index(images, c)
+            hist = _sampled_hist(bins, rois, c.stripes, nb, 1.0 / st, cfg.sampling_ratio)
             hist = hist / hist.sum(-1, keepdim=True).clamp_min(1e-6)  # (n, stripes, nb) bin fractions
             v = hist.sqrt().reshape(-1, c.stripes * nb)  # Hellinger: sqrt of bin fractions, so L2 compares distributions fairly
             parts.append((_l2(v) if cfg.level_norm else v) * c.weight)
