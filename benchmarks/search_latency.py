@@ -116,7 +116,12 @@ def main() -> None:
         faiss.copy_array_to_vector(mem.codebook.codebooks.numpy().ravel(), sub.pq.centroids)
         sub.is_trained = True
         sub.add_sa_codes(codes[np.searchsorted(ids, cls3)])
+        # The same IndexPQ object Memory scans, searched bare: identical FAISS objects (same centroids and codes, one
+        # process) scanned at ~8 or ~20 ms depending on the object on this VM (memory placement), so only the same
+        # object isolates what our filtering, id mapping and SQL add.
+        own = mem.scan._engine.index
         arms = {
+            "own": (lambda q: own.search(q, 10), tq),
             "bare": (lambda q: bare.search(q, 10), tq),
             "ours": (lambda q: mem.search(q, 10), queries),
             "bare_f": (lambda q: sub.search(q, 10), tq),
@@ -124,14 +129,16 @@ def main() -> None:
         }
         interleaved(arms, 20)  # warm-up
         t = interleaved(arms, args.reps)
-        anchor, ours, anchor_f, ours_f = t["bare"], t["ours"], t["bare_f"], t["ours_f"]
+        anchor, ours, anchor_f, ours_f, own_t = t["bare"], t["ours"], t["bare_f"], t["ours_f"], t["own"]
         disk = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith("index.db"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, faiss {faiss.__version__}, {n:,} detections, "
           f"32 B codes, dim {x.shape[1]}, {args.reps} queries, top-10")
-    print(f"bare FAISS IndexPQ           p50 {anchor[0]:6.2f} ms  p99 {anchor[1]:6.2f} ms")
+    print(f"bare FAISS, Memory's own IndexPQ object  p50 {own_t[0]:6.2f} ms  p99 {own_t[1]:6.2f} ms")
+    print(f"bare FAISS IndexPQ, a second object      p50 {anchor[0]:6.2f} ms  p99 {anchor[1]:6.2f} ms")
     print(f"yolo_vq Memory.search        p50 {ours[0]:6.2f} ms  p99 {ours[1]:6.2f} ms   ratio p50 "
-          f"{ours[0] / anchor[0]:.2f} (target <= 1.2)")
+          f"{ours[0] / own_t[0]:.2f} vs its own index searched bare (target <= 1.2), {ours[0] / anchor[0]:.2f} vs "
+          f"the second object")
     print(f"bare FAISS, one-class index  p50 {anchor_f[0]:6.2f} ms  p99 {anchor_f[1]:6.2f} ms")
     print(f"yolo_vq + class filter (10%) p50 {ours_f[0]:6.2f} ms  p99 {ours_f[1]:6.2f} ms   ratio p50 "
           f"{ours_f[0] / anchor[0]:.2f} vs the bare IndexPQ scan, {ours_f[0] / anchor_f[0]:.1f} vs the one-class index")

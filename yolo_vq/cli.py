@@ -1,4 +1,5 @@
-"""``yolo-vq``: index videos, train codebooks, search stored detections, run the offline demo.
+"""``yolo-vq``: train codebooks, index videos, search stored detections, export the edge graph, run it without torch
+(``edge``), ingest its records, run the offline demo.
 
 The CLI only parses arguments and calls library functions; every user error ends as one line on stderr and exit 2.
 """
@@ -35,8 +36,8 @@ def cmd_fit(a) -> None:
     from .fit import fit_codebook
 
     pq, n = fit_codebook(_model(a.model), a.sources, a.out, recipe=a.recipe, code_bytes=a.bytes,
-                         codebook_size=a.codebook_size, stride=a.stride, max_frames=a.max_frames,
-                         **_predict_args(a))
+                         codebook_size=a.codebook_size, rotation=None if a.rotation == "none" else a.rotation,
+                         stride=a.stride, max_frames=a.max_frames, **_predict_args(a))
     print(f"codebook: {n} detections sampled, {pq.stats.get('n_train')} used, {pq.code_size} B per detection, "
           f"distortion {pq.stats.get('distortion', float('nan')):.4f} -> {Path(a.out)}.safetensors/.json")
 
@@ -225,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--recipe", default=DEFAULT_RECIPE)
     f.add_argument("--bytes", type=int, default=32, help="bytes per detection (PQ sub-spaces)")
     f.add_argument("--codebook-size", type=int, default=256)
+    f.add_argument("--rotation", default="auto", choices=["auto", "random", "none"],
+                   help="auto: rotate within the recipe's parts (see docs/benchmarks.md); random: all dims; none")
     f.add_argument("--stride", type=int, default=1)
     f.add_argument("--max-frames", type=int, default=None)
     f.add_argument("--classes", type=int, nargs="+", default=None)

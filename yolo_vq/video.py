@@ -52,7 +52,10 @@ class VideoSource:
     _cap: cv2.VideoCapture | None = None
 
     def frames(self, *, start: int = 0, stride: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
-        """Frames ``start, start + stride, ...`` (indices of the source's own frame numbering)."""
+        """Frames ``start, start + stride, ...`` (indices of the source's own frame numbering).
+
+        A live stream (no frame count) does not replay what an earlier run read: its frames are numbered from
+        ``start`` on, so a resumed run continues the numbering instead of skipping ``start`` new frames."""
         if self._images is not None:
             for i in range(start, len(self._images), stride):
                 img = cv2.imread(str(self._images[i]))
@@ -62,9 +65,11 @@ class VideoSource:
             return
         cap = self._cap
         i = 0
-        if start > 0 and self.frame_count:  # files seek; streams start where they are
+        if start > 0 and self.frame_count:  # files seek
             cap.set(cv2.CAP_PROP_POS_FRAMES, start)
             i = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+        elif start > 0:  # streams go on from where they are now
+            i = start
         while True:
             ok = cap.grab()
             if not ok:
