@@ -12,7 +12,7 @@ from torch import nn
 from tests.conftest import yolo
 from yolo_vq import Embedder
 from yolo_vq.edge import EdgeError, EdgeModel
-from yolo_vq.export import ExportError, export, input_size, match_rows
+from yolo_vq.export import ExportError, export, input_size, pair_outputs
 from yolo_vq.quant import CodebookError, ProductQuantizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -86,7 +86,7 @@ def _pairs(edge: dict, result, tol: float = 1e-3) -> tuple[np.ndarray, np.ndarra
     b = result.boxes
     ref = [b.xyxy.numpy()[None], b.conf.numpy()[None], b.cls.numpy().astype(np.int64)[None], result.vq_codes[None],
            np.ones((1, len(b)), bool)]
-    a, r, unpaired = match_rows(got, ref, 0, tol)
+    a, r, unpaired = pair_outputs(got, ref, 0, tol)
     assert unpaired == 0 and len(a) == len(b) == len(edge["xyxy"]), (len(a), len(b), len(edge["xyxy"]))
     return a, r
 

@@ -40,8 +40,10 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from . import __version__
 from .embed import BoxEmbedder
 from .embedder import Embedder
+from .quant import codebook_checksum
 from .tap import detect_head
 
 __all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "input_size"]
@@ -180,7 +182,7 @@ class ExportCheck:
 
 
 def _codebook_fingerprint(quantizer: Any) -> str:
-    sha = (getattr(quantizer, "meta", {}) or {}).get("tensors", {}).get("sha256")
+    sha = codebook_checksum(getattr(quantizer, "meta", None) or {})
     if not sha:
         raise ExportError("the codebook has no recorded checksum: export needs a codebook saved with save_codebook "
                           "(e.g. `yolo-vq fit`), so the server can check edge codes against its index")
@@ -301,7 +303,7 @@ def export(
     proto = onnx.load(str(out))
     meta = {
         "yolo_vq_export": EXPORT_FORMAT,
-        "yolo_vq_version": _version(),
+        "yolo_vq_version": __version__,
         "names": {int(k): v for k, v in model.names.items()},
         "task": getattr(model, "task", "detect"),
         "imgsz": list(hw),
@@ -336,13 +338,7 @@ def export(
     return out, check
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def match_rows(got: list[np.ndarray], ref: list[np.ndarray], i: int, tol: float = 1e-3
+def pair_outputs(got: list[np.ndarray], ref: list[np.ndarray], i: int, tol: float = 1e-3
                ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pair image ``i``'s valid rows of two graph outputs (boxes, scores, classes, codes, valid) by class and box.
 
@@ -353,15 +349,14 @@ def match_rows(got: list[np.ndarray], ref: list[np.ndarray], i: int, tol: float 
     ba, bb = got[0][i][va].astype(np.float64), ref[0][i][vb].astype(np.float64)
     err = np.abs(ba[:, None] - bb[None]).max(-1) / np.maximum(np.abs(bb).max(-1), 1.0)[None]  # (a, b) relative
     err[got[2][i][va][:, None] != ref[2][i][vb][None]] = np.inf
-    pa, pb, used = [], [], set()
-    for j in np.argsort(err.min(1) if err.size else np.zeros(len(va)), kind="stable"):
-        if not err.shape[1]:
-            break
-        k = int(np.argmin(np.where(np.isin(np.arange(err.shape[1]), list(used)), np.inf, err[j])))
-        if err[j, k] <= tol and k not in used:
-            pa.append(va[j])
-            pb.append(vb[k])
-            used.add(k)
+    pa, pb = [], []
+    if err.size:  # greedy, closest rows first; each reference row is taken once
+        for j in np.argsort(err.min(1), kind="stable"):
+            k = int(np.argmin(err[j]))
+            if err[j, k] <= tol:
+                pa.append(va[j])
+                pb.append(vb[k])
+                err[:, k] = np.inf
     full = len(got[4][i])
     cut = min(ref[1][i][vb].min(initial=np.inf), got[1][i][va].min(initial=np.inf))
     rest_a = np.setdiff1d(va, pa)
@@ -399,7 +394,7 @@ def _self_check(graph: VQGraph, path: Path, hw: tuple[int, int], dynamic: bool, 
         with torch.no_grad():
             ref = [t.numpy() for t in graph(torch.from_numpy(chunk), torch.from_numpy(reg))]
         for i in range(len(chunk)):
-            a, b, bad = match_rows(got, ref, i)
+            a, b, bad = pair_outputs(got, ref, i)
             unpaired += bad
             paired += len(a)
             if len(a):

@@ -6,9 +6,7 @@ Two ways in, one write path: :meth:`Indexer.index_source` reads a video, folder 
 
 from __future__ import annotations
 
-import json
 import numbers
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,14 +19,13 @@ import numpy as np
 from .config import DEFAULT_RECIPE, EmbedConfig
 from .detections import Detections
 from .embedder import Embedder
-from .quant import codebook_paths
-from .store import Frame, Source, Store, StoreError
+from .quant import codebook_checksum
+from .store import CODEBOOK_STEM, Frame, Source, Store, StoreError
 from .thumbs import Thumbnailer
 from .video import VideoSource, chunks, fingerprint_name, open_source
 
 __all__ = ["CODEBOOK_STEM", "IndexSummary", "Indexer"]
 
-CODEBOOK_STEM = "codebook"  # <index>/codebook.safetensors + codebook.json
 
 
 @dataclass(frozen=True)
@@ -109,18 +106,14 @@ class Indexer:
         self.embedder = Embedder(model, recipe)
         # validate (fingerprint, dim) before touching the index
         self.embedder.codebook = self.embedder.load_codebook(own if codebook is None else codebook)
-        if existing and codebook is not None and own.is_file():
-            theirs = json.loads(own.read_text()).get("tensors", {}).get("sha256")
-            if self.embedder.codebook.meta.get("tensors", {}).get("sha256") != theirs:
-                raise StoreError(f"{self.index} was indexed with another codebook ({own}); index into a new "
-                                 f"directory or omit the codebook to use the index's own")
+        if (existing and codebook is not None and own.is_file()
+                and codebook_checksum(self.embedder.codebook.meta) != codebook_checksum(own)):
+            raise StoreError(f"{self.index} was indexed with another codebook ({own}); index into a new "
+                             f"directory or omit the codebook to use the index's own")
         self.store = Store(self.index, create=True)
         if not own.is_file():  # a new index keeps its codebook
-            for path, suffix in zip(codebook_paths(codebook), (".safetensors", ".json")):
-                shutil.copyfile(path, self.index / f"{CODEBOOK_STEM}{suffix}")
-            self.store.set_meta("embedding", self.embedder.describe())
-            self.store.set_meta("model_fingerprint", self.embedder.fingerprint)
-            self.store.set_meta("names", {int(k): v for k, v in getattr(model, "names", {}).items()})
+            self.store.keep_codebook(codebook, embedding=self.embedder.describe(),
+                                     model_fingerprint=self.embedder.fingerprint, names=getattr(model, "names", {}))
         self.names = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
         self.keep_vectors = self.store.vector_dim is not None if keep_vectors is None else bool(keep_vectors)
         self._attached = False  # the embedder's callbacks are on the model (context manager)

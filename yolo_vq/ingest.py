@@ -7,34 +7,23 @@ index's own; a new index takes its codebook from ``codebook=`` and must match to
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .detections import Detections
+from .quant.io import codebook_checksum, codebook_paths
 from .records import RecordError, read_records
-from .store import Frame, Store, StoreError
+from .store import CODEBOOK_STEM, Frame, Store, StoreError
 
 __all__ = ["IngestSummary", "ingest"]
-
-CODEBOOK_STEM = "codebook"  # as yolo_vq.indexer: <index>/codebook.safetensors + codebook.json
-
-
-def _codebook_sha(json_path: Path) -> str | None:
-    try:
-        return json.loads(json_path.read_text()).get("tensors", {}).get("sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
-
 
 def _open_index(index: Path, header: dict[str, Any], codebook: str | Path | None) -> Store:
     want = header["codebook_fingerprint"]
     own = index / f"{CODEBOOK_STEM}.json"
     if own.is_file():
-        have = _codebook_sha(own)
+        have = codebook_checksum(own)
         if have != want:
             raise StoreError(f"the edge file was encoded with codebook {want[:16]}..., index {index} holds codebook "
                              f"{str(have)[:16]}...: ingest into an index built with the codebook the graph was "
@@ -43,20 +32,15 @@ def _open_index(index: Path, header: dict[str, Any], codebook: str | Path | None
     if codebook is None:
         raise StoreError(f"{index} has no codebook yet: pass the codebook the edge graph was exported with "
                          f"(--codebook), or ingest into an index made by `yolo-vq index`")
-    from .quant.io import codebook_paths  # torch-free path helpers live next to the loader
-
     st, js = codebook_paths(codebook)
     if not js.is_file() or not st.is_file():
         raise StoreError(f"codebook {codebook}: {js.name} and {st.name} are both needed")
-    if _codebook_sha(js) != want:
+    if codebook_checksum(js) != want:
         raise StoreError(f"codebook {js} is not the one the edge graph was exported with (fingerprint "
-                         f"{str(_codebook_sha(js))[:16]}... vs {want[:16]}...)")
+                         f"{str(codebook_checksum(js))[:16]}... vs {want[:16]}...)")
     store = Store(index, create=True)
-    for path, suffix in ((st, ".safetensors"), (js, ".json")):
-        shutil.copyfile(path, index / f"{CODEBOOK_STEM}{suffix}")
-    store.set_meta("embedding", header.get("embedding"))
-    store.set_meta("model_fingerprint", header.get("model_fingerprint"))
-    store.set_meta("names", {int(k): v for k, v in header["names"].items()})
+    store.keep_codebook(codebook, embedding=header.get("embedding"), model_fingerprint=header.get("model_fingerprint"),
+                        names=header["names"])
     return store
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .detections import Detections
-from .indexer import CODEBOOK_STEM
-from .store import Store, StoreError
+from .store import CODEBOOK_STEM, Store, StoreError
 
 __all__ = ["Memory"]
 

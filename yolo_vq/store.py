@@ -13,6 +13,7 @@ read stores with it and ignore it); ``meta['vectors']`` says whether, and with w
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,10 +26,11 @@ import numpy as np
 
 from .detections import Detections
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "Frame", "Source", "Store", "StoreError"]
+__all__ = ["CODEBOOK_STEM", "DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "Frame", "Source", "Store", "StoreError"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "index.db"
+CODEBOOK_STEM = "codebook"  # <index>/codebook.safetensors + codebook.json: the codebook of every stored code
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -157,6 +159,18 @@ class Store:
         """A JSON value stored under ``key`` (schema version, codebook and model fingerprints, embedding config)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
+
+    def keep_codebook(self, codebook: str | Path, *, embedding: Any, model_fingerprint: Any,
+                      names: dict[int, str]) -> None:
+        """Make ``codebook`` (a saved codebook's stem or file) this new index's own (``CODEBOOK_STEM`` in its
+        directory) and record what its codes belong to: the embedding, the model fingerprint, the class names."""
+        from .quant.io import codebook_paths
+
+        for path, suffix in zip(codebook_paths(codebook), (".safetensors", ".json")):
+            shutil.copyfile(path, self.directory / f"{CODEBOOK_STEM}{suffix}")
+        self.set_meta("embedding", embedding)
+        self.set_meta("model_fingerprint", model_fingerprint)
+        self.set_meta("names", {int(k): v for k, v in names.items()})
 
     def set_meta(self, key: str, value: Any) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))

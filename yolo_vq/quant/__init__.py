@@ -6,7 +6,7 @@ All share :class:`Quantizer`: ``fit``, ``encode`` -> uint8/uint16 codes, ``decod
 """
 
 from .base import Quantizer, sample_training
-from .io import CodebookError, codebook_paths, fingerprint_module, load_codebook, save_codebook
+from .io import CodebookError, codebook_checksum, codebook_paths, fingerprint_module, load_codebook, save_codebook
 from .kmeans import KMeansResult, assign, kmeans
 from .pq import ProductQuantizer
 from .rq import ResidualQuantizer
@@ -20,6 +20,7 @@ __all__ = [
     "ResidualQuantizer",
     "VectorQuantizer",
     "assign",
+    "codebook_checksum",
     "codebook_paths",
     "fingerprint_module",
     "kmeans",

@@ -23,7 +23,8 @@ from .pq import ProductQuantizer
 from .rq import ResidualQuantizer
 from .vq import VectorQuantizer
 
-__all__ = ["CodebookError", "codebook_paths", "fingerprint_module", "load_codebook", "save_codebook"]
+__all__ = ["CodebookError", "codebook_checksum", "codebook_paths", "fingerprint_module", "load_codebook",
+           "save_codebook"]
 
 FORMAT_VERSION = 1
 _QUANTIZERS: dict[str, type[Quantizer]] = {
@@ -41,6 +42,20 @@ def codebook_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def codebook_checksum(path: str | os.PathLike | Mapping[str, Any]) -> str | None:
+    """The sha256 of a codebook's tensors as its JSON records it (a codebook path, or the loaded ``quantizer.meta``):
+    what indexes and exported graphs identify a codebook by. None if unreadable or not recorded."""
+    if isinstance(path, Mapping):
+        meta: Any = path
+    else:
+        try:
+            meta = json.loads(codebook_paths(path)[1].read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    tensors = meta.get("tensors") if isinstance(meta, Mapping) else None
+    return tensors.get("sha256") if isinstance(tensors, Mapping) else None
 
 
 def _version() -> str:
