@@ -6,13 +6,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-import yolo_vq.embed
 from tests.conftest import FAMILIES, yolo
-from yolo_vq import BoxEmbedder, Detections, Embedder, Tap, load_recipe
+from yolo_vq import Detections, Embedder, Tap
 from yolo_vq._rows import head_candidates, match_rows
-from yolo_vq.embed import anchor_features
+from yolo_vq.config import ColourSpec
+from yolo_vq.embed import _frame_mean, anchor_features, cell_taps, colour_hist, hsv_bin_index, map_rows, pool_cells
 from yolo_vq.letterbox import image_region, to_input
 
 LOW = 1e-9  # random-weight YAML models score ~1e-5: keep their boxes for plumbing tests
@@ -82,23 +83,47 @@ def test_roi_pooling_equals_manual_roi_align_on_letterboxed_input(pose_model_pat
     assert emb.dim == ref.shape[1]
 
 
-def test_window_crops_equal_whole_map_pooling(pose_model_path, bikes_frames, monkeypatch):
-    """The CPU fast path (each box pooled on its own window of a channels_last map) equals whole-map RoIAlign."""
+def test_gathered_pooling_equals_roi_align_on_a_real_channels_last_map(pose_model_path, bikes_frames):
+    """The recipe's cells (a gather of RoIAlign's bilinear taps from the map's rows) equal torchvision's RoIAlign over
+    the whole map, averaged to the grid, and the frame mean equals the map's mean, on Ultralytics' channels_last map."""
     from ultralytics import YOLO
 
     model = YOLO(pose_model_path)
     with Tap(model, ["s4"]) as tap:
         r = model.predict(bikes_frames[3], imgsz=640, conf=0.05, verbose=False)[0]
-        im, maps = tap.pop()
-    be = BoxEmbedder(load_recipe("default"), tap.info)
+        im, (fmap,) = tap.pop()
+    assert fmap.is_contiguous(memory_format=torch.channels_last) and not fmap.is_contiguous()
     xy = to_input(r.boxes.xyxy, r.orig_shape, im.shape[2:])
     rois = torch.cat([torch.zeros(len(xy), 1), xy], 1)
-    fast, fast_img = be.embed(im, maps, rois, image=True)
-    monkeypatch.setattr(yolo_vq.embed, "_crops_pay", lambda t: False)
-    slow, slow_img = be.embed(im, maps, rois, image=True)
     assert len(rois) > 0
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
-    torch.testing.assert_close(fast_img, slow_img)
+    taps, weights = cell_taps(rois, 1 / 4, (8, 1), 2, 2, fmap.shape[2:])
+    rows = map_rows(fmap)
+    assert rows.data_ptr() == fmap.data_ptr()  # a view: no copy of the map
+    got = pool_cells(rows, taps, weights)  # (n, 8, C)
+    ref = F.avg_pool2d(roi_align(fmap.float().contiguous(), rois, (16, 2), spatial_scale=1 / 4, sampling_ratio=2,
+                                 aligned=True), 2)
+    torch.testing.assert_close(got, ref.flatten(2).transpose(1, 2), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_frame_mean(rows), fmap.float().mean(dim=(2, 3)), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("grid,samples", [((8, 1), 2), ((2, 3), 1), ((1, 1), 3)])
+def test_gathered_pooling_equals_roi_align_past_the_edges(grid, samples, layout):
+    """Random maps and boxes, including boxes past every edge, boxes covering the whole map and sub-cell boxes."""
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w, st = 2, 16, 40, 56, 4
+    fmap = torch.randn(b, c, h, w, generator=g)
+    if layout == "channels_last":
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
+    xy = torch.rand(300, 2, generator=g) * torch.tensor([w * st, h * st]) * 1.2 - 10
+    rois = torch.cat([torch.randint(0, b, (300, 1), generator=g).float(), xy,
+                      xy + torch.rand(300, 2, generator=g) * 150 + 0.1], 1)
+    rois[:3, 1:] = torch.tensor([[0.0, 0, w * st, h * st], [w * st - 3, h * st - 3, w * st + 9, h * st + 9], [0, 0, 1, 1]])
+    taps, weights = cell_taps(rois, 1 / st, grid, samples, 2, (h, w))
+    got = pool_cells(map_rows(fmap), taps, weights)
+    ref = F.avg_pool2d(roi_align(fmap.contiguous(), rois, (grid[0] * samples, grid[1] * samples), spatial_scale=1 / st,
+                                 sampling_ratio=2, aligned=True), samples)
+    torch.testing.assert_close(got, ref.flatten(2).transpose(1, 2), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("source", ["pose-pt", "yolov8n.yaml"])
@@ -202,24 +227,78 @@ def test_same_person_closer_after_shift_and_rescale(recipe, pose_model_path, zid
         assert same > max(others)
 
 
+@pytest.mark.parametrize("stride", [4, 3])
 @pytest.mark.parametrize("stripes", [8, 6])
-def test_sampled_colour_histogram_equals_roi_align_over_one_hot_bins(stripes):
-    """The colour cue gathers RoIAlign's sample cells instead of pooling a (B, nb, H, W) one-hot map: same numbers,
-    boxes past the map's edges and tiny boxes included."""
-    import torch.nn.functional as F
-    from torchvision.ops import roi_align
-
-    from yolo_vq.embed import _sampled_hist
-
+def test_colour_histogram_equals_roi_align_over_one_hot_bins(stripes, stride):
+    """The colour cue bins only the cells RoIAlign's samples read (gathered from the input) instead of pooling a
+    (B, nb, H, W) one-hot map of every cell: same numbers, boxes past the edges and tiny boxes included; stride 3 does
+    not divide the width (pixel-wise gather instead of runs of a cell's row)."""
     g = torch.Generator().manual_seed(0)
-    b, h, w, nb, st = 2, 40, 56, 72, 4
-    bins = torch.randint(0, nb, (b, h, w), generator=g).float()
-    one_hot = (bins.unsqueeze(1) == torch.arange(nb).view(1, -1, 1, 1)).float()
-    xy = torch.rand(200, 2, generator=g) * torch.tensor([w * st, h * st]) * 1.1 - 5
+    b, h, w, nb = 2, 40, 56, 72
+    spec = ColourSpec(stripes=stripes, bins=(8, 3, 3), stride=stride)
+    extra = 0 if stride == 4 else 2  # stride 4: the width is a multiple of it (runs of a cell's row)
+    images = torch.randint(0, 256, (b, 3, h * stride + 1, w * stride + extra), generator=g).float() / 255
+    one_hot = (hsv_bin_index(images, spec).unsqueeze(1) == torch.arange(nb).view(1, -1, 1, 1)).float()
+    assert one_hot.shape[2:] == (h, w)
+    xy = torch.rand(200, 2, generator=g) * torch.tensor([w * stride, h * stride]) * 1.1 - 5
     rois = torch.cat([torch.randint(0, b, (200, 1), generator=g).float(), xy,
                       xy + torch.rand(200, 2, generator=g) * 120 + 0.5], 1)
-    rois[:3, 1:] = torch.tensor([[0.0, 0, w * st, h * st], [w * st - 3, h * st - 3, w * st, h * st], [0, 0, 2, 2]])
-    ref = F.avg_pool2d(roi_align(one_hot, rois, (stripes * 2, 2), spatial_scale=1 / st, sampling_ratio=2,
+    rois[:3, 1:] = torch.tensor([[0.0, 0, w * stride, h * stride], [w * stride - 3, h * stride - 3, w * stride,
+                                                                      h * stride], [0, 0, 2, 2]])
+    ref = F.avg_pool2d(roi_align(one_hot, rois, (stripes * 2, 2), spatial_scale=1 / stride, sampling_ratio=2,
                                  aligned=True), 2)
     ref = ref.reshape(-1, nb, stripes).transpose(1, 2)
-    torch.testing.assert_close(_sampled_hist(bins, rois, stripes, nb, 1 / st, 2), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(colour_hist(images, rois, spec, 2), ref, atol=1e-5, rtol=0)
+
+
+def _exact_hsv_bin(rgb: tuple[int, int, int], count: int, bins: tuple[int, int, int]) -> int:
+    """Reference: the joint HSV bin of the average of ``count`` pixels summing to ``rgb``, in exact rationals."""
+    from fractions import Fraction
+
+    r, g, b = (Fraction(v, 255 * count) for v in rgb)
+    v, d = max(r, g, b), max(r, g, b) - min(r, g, b)
+    s = d / v if v else Fraction(0)
+    if d == 0:
+        h = Fraction(0)
+    elif v == r:
+        h = ((g - b) / d) % 6
+    elif v == g:
+        h = (b - r) / d + 2
+    else:
+        h = (r - g) / d + 4
+    hb, sb, vb = bins
+    q = lambda t, n: min(int(t * n), n - 1)
+    return (q(h / 6, hb) * sb + q(s, sb)) * vb + q(v, vb)
+
+
+def test_hsv_bins_are_exact_and_the_same_in_onnxruntime(tmp_path):
+    """Colours on bin edges (uniform 85/255 and 170/255 cells, greys, pure hues, ties between channels) land in the
+    bin exact rational arithmetic gives, in PyTorch and in onnxruntime alike (float HSV flipped such cells between
+    the two runtimes, so edge devices shipped other codes)."""
+    import onnxruntime as ort
+
+    spec = ColourSpec(stripes=1, bins=(8, 3, 3), stride=4)
+    levels = [0, 1, 42, 85, 127, 128, 170, 212, 213, 254, 255]
+    cells = [(r, g, b) for r in levels for g in levels for b in levels]  # 1331 uniform cells, many on edges
+    g = torch.Generator().manual_seed(3)
+    side = 37
+    noisy = torch.randint(0, 256, (1, 3, 4 * side, 4 * side), generator=g)  # and random 4 x 4 mixtures
+    img = torch.zeros(1, 3, 4 * side, 4 * side)
+    for i, c in enumerate(cells):
+        y, x = divmod(i, side)
+        img[0, :, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4] = torch.tensor(c).view(3, 1, 1)
+    images = torch.cat([img, noisy.float()]) / 255
+    bins = hsv_bin_index(images, spec)
+    sums = F.avg_pool2d(images * 255, 4, divisor_override=1).round().long()
+    want = torch.tensor([[[_exact_hsv_bin(tuple(sums[b, :, y, x].tolist()), 16, spec.bins) for x in range(side)]
+                          for y in range(side)] for b in range(2)])
+    assert torch.equal(bins.long(), want)
+
+    class Bins(torch.nn.Module):
+        def forward(self, x):
+            return hsv_bin_index(x, spec)
+
+    path = tmp_path / "bins.onnx"
+    torch.onnx.export(Bins(), (images,), str(path), dynamo=False, opset_version=18, input_names=["x"])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": images.numpy()})[0]
+    np.testing.assert_array_equal(got, bins.numpy())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,6 +130,29 @@ def test_source_size_export_reproduces_predicts_rect_input(pose_vq, tmp_path, bi
     rate, n = _code_agreement(edges, results)
     print(f"bikes frames 30-41 at 288x640: {n // 32} detections, {rate:.2%} of code bytes equal")
     assert n // 32 >= 10 and rate >= 0.99
+
+
+def test_onnxruntime_reads_the_tapped_map_right_after_its_layer(pose_vq, tmp_path):
+    """With onnxruntime's default execution order, the recipe's first read of the tapped stride-4 map (its rows and
+    frame mean) runs before the detector is two layers further, not after the whole detector: the map is read while
+    in cache and its NCHWc original freed (~2 ms of 67 per 640 px image, benchmarks/onnx_latency.py). The order
+    follows the graph's node order, which a refactor of VQGraph.forward or BoxEmbedder.embed can silently undo."""
+    import onnxruntime as ort
+
+    model, cb = pose_vq
+    path, _ = export(model, cb, tmp_path / "m.onnx", imgsz=320)
+    tap = json.loads(onnx_meta(path)["embedding"])["layers"][0]
+    opts = ort.SessionOptions()
+    opts.enable_profiling, opts.profile_file_prefix = True, str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session.run(None, {"images": np.zeros((1, 3, 320, 320), np.float32),
+                       "regions": np.float32([[0, 0, 320, 320]])})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    order = [e["name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    first_read = next(i for i, n in enumerate(order) if n.startswith("/box/"))
+    further = next(i for i, n in enumerate(order) if n.startswith(f"/model/model.{tap + 2}/"))
+    print(f"{len(order)} nodes; first recipe node #{first_read} ({order[first_read]}), layer {tap + 2} from #{further}")
+    assert first_read < further
 
 
 def test_end_to_end_head_matches_predict_without_nms(tmp_path, bus, zidane):

@@ -142,7 +142,36 @@ class ProductQuantizer(Quantizer):
         """(n, D) -> (n, D') in the quantized space."""
         if self.center:
             x = x - self.mean
-        return x @ self.transform if self._rotates else x
+        if not self._rotates:
+            return x
+        if self.rotation_blocks and self.pca_dim is None and not self.opq:
+            return self._project_blocks(x)
+        return x @ self.transform
+
+    def _project_blocks(self, x: Tensor) -> Tensor:
+        """``x @ transform`` for a block-diagonal transform (``rotation_blocks``, no PCA or OPQ), block by block: a run
+        of k equal blocks of size s is one (k, n, s) @ (k, s, s) product, dims outside the blocks pass unchanged. In
+        an exported graph the weights shrink to the blocks (1088-d default recipe: 3.2x fewer than the dense matrix)."""
+        parts, at, runs = [], 0, []
+        for lo, hi in self.rotation_blocks:
+            if runs and runs[-1][1] == lo and hi - lo == runs[-1][2]:
+                runs[-1][1] = hi
+            else:
+                runs.append([lo, hi, hi - lo])
+        for lo, hi, s in runs:
+            if lo > at:
+                parts.append(x[:, at:lo])
+            k = (hi - lo) // s
+            if k == 1:  # a plain 2-D product (onnxruntime pre-packs its constant weights)
+                parts.append(x[:, lo:hi] @ self.transform[lo:hi, lo:hi])
+            else:
+                w = torch.stack([self.transform[a : a + s, a : a + s] for a in range(lo, hi, s)])  # (k, s, s)
+                y = torch.matmul(x[:, lo:hi].reshape(-1, k, s).transpose(0, 1), w)  # (k, n, s)
+                parts.append(y.transpose(0, 1).reshape(-1, hi - lo))
+            at = hi
+        if at < self.dim:
+            parts.append(x[:, at:])
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
     def _split(self, y: Tensor) -> Tensor:
         """(n, D') -> (m, n, D'/m) sub-vectors, one batch per sub-space."""
