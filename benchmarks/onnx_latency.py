@@ -7,7 +7,7 @@ in Python and is not timed here), so the ratio charges our in-graph NMS, pooling
 Also: bytes shipped per detection (codes) vs the float embedding and vs a JPEG crop of the box (quality 90, the
 crop at its original size and at a 96 px thumbnail).
 
-    python benchmarks/onnx_latency.py --threads 2
+    python benchmarks/onnx_latency.py --threads 1    # 2-thread medians are unsteady on a 2-core machine
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--imgsz", type=int, default=640)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30, help="timed runs per image and arm")
     ap.add_argument("--max-det", type=int, default=300)
     args = ap.parse_args()
