@@ -96,10 +96,10 @@ def test_gathered_pooling_equals_roi_align_on_a_real_channels_last_map(pose_mode
     xy = to_input(r.boxes.xyxy, r.orig_shape, im.shape[2:])
     rois = torch.cat([torch.zeros(len(xy), 1), xy], 1)
     assert len(rois) > 0
-    taps, weights = cell_taps(rois, 1 / 4, (8, 1), 2, 2, fmap.shape[2:])
+    taps = cell_taps(rois, 1 / 4, (8, 1), 2, 2, fmap.shape[2:])
     rows = map_rows(fmap)
     assert rows.data_ptr() == fmap.data_ptr()  # a view: no copy of the map
-    got = pool_cells(rows, taps, weights)  # (n, 8, C)
+    got = pool_cells(rows, taps)  # (n, 8, C)
     ref = F.avg_pool2d(roi_align(fmap.float().contiguous(), rois, (16, 2), spatial_scale=1 / 4, sampling_ratio=2,
                                  aligned=True), 2)
     torch.testing.assert_close(got, ref.flatten(2).transpose(1, 2), atol=2e-5, rtol=1e-5)
@@ -119,8 +119,7 @@ def test_gathered_pooling_equals_roi_align_past_the_edges(grid, samples, layout)
     rois = torch.cat([torch.randint(0, b, (300, 1), generator=g).float(), xy,
                       xy + torch.rand(300, 2, generator=g) * 150 + 0.1], 1)
     rois[:3, 1:] = torch.tensor([[0.0, 0, w * st, h * st], [w * st - 3, h * st - 3, w * st + 9, h * st + 9], [0, 0, 1, 1]])
-    taps, weights = cell_taps(rois, 1 / st, grid, samples, 2, (h, w))
-    got = pool_cells(map_rows(fmap), taps, weights)
+    got = pool_cells(map_rows(fmap), cell_taps(rois, 1 / st, grid, samples, 2, (h, w)))
     ref = F.avg_pool2d(roi_align(fmap.contiguous(), rois, (grid[0] * samples, grid[1] * samples), spatial_scale=1 / st,
                                  sampling_ratio=2, aligned=True), samples)
     torch.testing.assert_close(got, ref.flatten(2).transpose(1, 2), atol=2e-5, rtol=1e-5)

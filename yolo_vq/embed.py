@@ -8,6 +8,7 @@ Everything here works on the *network input* frame: boxes in letterboxed input p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from torch import nn
 from .config import ColourSpec, EmbedConfig
 from .tap import TapInfo
 
-__all__ = ["BoxEmbedder", "anchor_features", "cell_taps", "colour_hist", "hsv_bin_index", "image_embedding",
-           "map_rows", "pool_cells"]
+__all__ = ["BoxEmbedder", "CellTaps", "anchor_features", "cell_taps", "colour_hist", "hsv_bin_index",
+           "image_embedding", "map_rows", "pool_cells"]
 
 
 def _l2(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -84,12 +85,29 @@ def _axis_samples(lo: torch.Tensor, hi: torch.Tensor, bins: int, ratio: int, siz
     return low.long(), high.long(), (1.0 - w_high) * inside, w_high * inside
 
 
+class CellTaps(NamedTuple):
+    """RoIAlign's bilinear taps of every output cell of every box (:func:`cell_taps`), kept separable so each reader
+    turns them into positions of its own layout (:meth:`at`). ``k = samples * ratio`` samples per cell and axis, each
+    reading 2 neighbours; ``T = 4 * k * k`` taps per cell."""
+
+    image: torch.Tensor  # (n, 1, 1, 1, 1) int64: the image of each box
+    ys: torch.Tensor  # (n, rows, 1, 2k, 1) int64: the map rows each cell row reads
+    xs: torch.Tensor  # (n, 1, cols, 1, 2k) int64: the map columns each cell column reads
+    weights: torch.Tensor  # (n, rows * cols, T) float32, cells row-major; each cell's sum to at most 1
+    hw: tuple[int, int]  # (H, W) of the map (every tap lies inside it)
+
+    def at(self, image_stride: int, row_stride: int, col_stride: int = 1) -> torch.Tensor:
+        """(n, rows * cols, T) int64 positions ``image * image_stride + y * row_stride + x * col_stride``."""
+        p = self.image * image_stride + self.ys * row_stride + self.xs * col_stride  # (n, rows, cols, 2k, 2k)
+        return p.reshape(-1, int(self.weights.shape[1]), int(self.weights.shape[2]))
+
+
 def cell_taps(rois: torch.Tensor, scale: float, grid: tuple[int, int], samples: int, ratio: int,
-              hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoIAlign's bilinear taps of every output cell, as flat map positions and weights.
+              hw: tuple[int, int]) -> CellTaps:
+    """RoIAlign's bilinear taps of every output cell: which map cells each reads, with which weight.
 
     A cell is ``samples`` x ``samples`` RoIAlign bins of ``ratio`` x ``ratio`` samples each (``aligned=True``), each
-    sample reading its four neighbour cells; ``(weights * map_rows[taps]).sum(taps)`` is then exactly
+    sample reading its four neighbour cells; the weighted sum of the tapped cells (:func:`pool_cells`) is then exactly
     ``avg_pool2d(roi_align(map, rois, grid * samples, scale, ratio, aligned=True), samples)`` up to float rounding,
     for any ``rois`` (past the map's edges too). A pure gather: no map-wide work, nothing copied but the taps.
 
@@ -98,25 +116,19 @@ def cell_taps(rois: torch.Tensor, scale: float, grid: tuple[int, int], samples: 
         scale: 1 / the map's stride.
         grid: (rows, cols) output cells per box.
         hw: (H, W) of the map.
-    Returns:
-        taps (n, rows * cols, T) int64 positions ``b * H * W + y * W + x`` (always inside the map) and weights
-        (n, rows * cols, T) float32 that sum to at most 1 (samples outside the map weigh 0), T = 4 * (samples *
-        ratio) ** 2; cells row-major.
     """
     rows, cols = grid
-    h, w = hw
+    h, w = (int(v) for v in hw)
     k = samples * ratio  # samples per cell along each axis
     r = rois.float()
     ylo, yhi, wyl, wyh = _axis_samples(r[:, 2] * scale - 0.5, r[:, 4] * scale - 0.5, rows * samples, ratio, h)
     xlo, xhi, wxl, wxh = _axis_samples(r[:, 1] * scale - 0.5, r[:, 3] * scale - 0.5, cols * samples, ratio, w)
-    ys = torch.stack([ylo, yhi], 2).reshape(-1, rows, 2 * k)  # (n, rows, k samples x 2 neighbours)
-    wy = torch.stack([wyl, wyh], 2).reshape(-1, rows, 2 * k)
-    xs = torch.stack([xlo, xhi], 2).reshape(-1, cols, 2 * k)
-    wx = torch.stack([wxl, wxh], 2).reshape(-1, cols, 2 * k) / float(k * k)  # each cell: the mean of k * k samples
-    base = (r[:, 0].long() * (h * w)).reshape(-1, 1, 1, 1, 1)
-    taps = base + ys[:, :, None, :, None] * w + xs[:, None, :, None, :]  # (n, rows, cols, 2k, 2k)
-    weights = wy[:, :, None, :, None] * wx[:, None, :, None, :]
-    return taps.reshape(-1, rows * cols, 4 * k * k), weights.reshape(-1, rows * cols, 4 * k * k)
+    ys = torch.stack([ylo, yhi], 2).reshape(-1, rows, 1, 2 * k, 1)  # k samples x 2 neighbours per cell row
+    wy = torch.stack([wyl, wyh], 2).reshape(-1, rows, 1, 2 * k, 1)
+    xs = torch.stack([xlo, xhi], 2).reshape(-1, 1, cols, 1, 2 * k)
+    wx = torch.stack([wxl, wxh], 2).reshape(-1, 1, cols, 1, 2 * k) / float(k * k)  # a cell: the mean of k * k samples
+    weights = (wy * wx).reshape(-1, rows * cols, 4 * k * k)
+    return CellTaps(r[:, 0].long().reshape(-1, 1, 1, 1, 1), ys, xs, weights, (h, w))
 
 
 def map_rows(fmap: torch.Tensor) -> torch.Tensor:
@@ -134,21 +146,21 @@ def _frame_mean(rows: torch.Tensor) -> torch.Tensor:
     return torch.matmul(rows.new_full((1, hw), 1.0 / hw, dtype=torch.float32), rows.float()).squeeze(1)
 
 
-def pool_cells(rows: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sums of map rows: (B, H * W, C) rows (:func:`map_rows`), :func:`cell_taps` output -> (n, cells, C)
-    float32, as :func:`cell_taps` defines them."""
-    c = int(rows.shape[2])
-    cells, t = int(taps.shape[1]), int(taps.shape[2])
-    vals = rows.reshape(-1, c)[taps.reshape(-1)].float().reshape(-1, t, c)  # (n * cells, T, C)
-    return torch.matmul(weights.reshape(-1, 1, t), vals).reshape(-1, cells, c)
+def pool_cells(rows: torch.Tensor, taps: CellTaps) -> torch.Tensor:
+    """Each cell's weighted sum of its tapped map rows: (B, H * W, C) rows (:func:`map_rows`) -> (n, cells, C)
+    float32, as :func:`cell_taps` defines the cells."""
+    c, (h, w) = int(rows.shape[2]), taps.hw
+    cells, t = int(taps.weights.shape[1]), int(taps.weights.shape[2])
+    vals = rows.reshape(-1, c)[taps.at(h * w, w).reshape(-1)].float().reshape(-1, t, c)  # (n * cells, T, C)
+    return torch.matmul(taps.weights.reshape(-1, 1, t), vals).reshape(-1, cells, c)
 
 
 def colour_hist(images: torch.Tensor, rois: torch.Tensor, spec: ColourSpec, ratio: int,
-                taps: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                taps: CellTaps | None = None) -> torch.Tensor:
     """Per-stripe HSV bin histograms of each box: (n, stripes, nb) float32 (not normalised).
 
     Equal to RoIAlign (``stripes * 2`` x 2 bins, ``ratio`` samples, then 2 x 2 average pooling) over the one-hot map
-    of :func:`hsv_bin_index`, without building either map: only the cells RoIAlign's samples read are averaged and
+    of :func:`hsv_bin_index`, without building either map: only the cells RoIAlign's samples read are summed and
     binned (each a ``stride`` x ``stride`` block of input pixels), and their bilinear weights added to their bins.
 
     Args: images (B, 3, H, W) RGB in [0, 1]; rois (n, 5) ``[b, x1, y1, x2, y2]`` input px; ``taps``: the
@@ -158,23 +170,20 @@ def colour_hist(images: torch.Tensor, rois: torch.Tensor, spec: ColourSpec, rati
     st = spec.stride
     nb = spec.bins[0] * spec.bins[1] * spec.bins[2]
     big_h, big_w = int(images.shape[2]), int(images.shape[3])  # static sizes: no Shape op in an exported graph
-    h, w = big_h // st, big_w // st
-    taps, weights = taps or cell_taps(rois, 1.0 / st, (spec.stripes, 1), 2, ratio, (h, w))  # (n, stripes, T)
-    b, rest = torch.div(taps, h * w, rounding_mode="floor"), torch.remainder(taps, h * w)
-    cy, cx = torch.div(rest, w, rounding_mode="floor"), torch.remainder(rest, w)
-    corner = b * (3 * big_h * big_w) + cy * (st * big_w) + cx * st  # (n, stripes, T): the cell's top-left, channel 0
-    run = st if big_w % st == 0 else 1  # gather runs of `run` pixels: a cell row of one channel when rows align
-    ch = torch.arange(3, device=rois.device)[:, None, None] * (big_h * big_w)
-    block = (ch + torch.arange(st, device=rois.device)[None, :, None] * big_w
-             + torch.arange(0, st, run, device=rois.device)[None, None, :]).reshape(-1)  # offsets in the cell, by channel
-    idx = torch.div(corner[..., None] + block, run, rounding_mode="floor").reshape(-1)
-    px = _to_8bit(images.reshape(-1, run)[idx]).reshape(-1, 3, st * st)
+    taps = taps or cell_taps(rois, 1.0 / st, (spec.stripes, 1), 2, ratio, (big_h // st, big_w // st))
+    # gather runs of `run` pixels: one channel's row of a cell where rows align on cells, else single pixels
+    run = st if big_w % st == 0 else 1
+    corner = taps.at(3 * big_h * big_w // run, st * big_w // run, st // run)  # (n, stripes, T): each cell, channel 0
+    block = (torch.arange(3, device=rois.device)[:, None, None] * (big_h * big_w)
+             + torch.arange(st, device=rois.device)[None, :, None] * big_w
+             + torch.arange(0, st, run, device=rois.device)[None, None, :]).reshape(-1) // run  # a cell's runs
+    px = _to_8bit(images.reshape(-1, run)[(corner[..., None] + block).reshape(-1)]).reshape(-1, 3, st * st)
     rgb = px.sum(-1)  # (n * stripes * T, 3): each tapped cell's colour, as exact sums of 8-bit values
-    bins = _rgb_bins(rgb[:, 0], rgb[:, 1], rgb[:, 2], 255.0 * st * st, spec).long().reshape(taps.shape)
-    n, stripes = taps.shape[0], spec.stripes
+    bins = _rgb_bins(rgb[:, 0], rgb[:, 1], rgb[:, 2], 255.0 * st * st, spec).long().reshape(corner.shape)
+    n, stripes = corner.shape[0], spec.stripes
     slot = (torch.arange(n * stripes, device=rois.device).reshape(-1, stripes, 1)) * nb + bins
     out = torch.zeros(n * stripes * nb, device=rois.device, dtype=torch.float32)
-    out = out.scatter_add(0, slot.reshape(-1), weights.reshape(-1))
+    out = out.scatter_add(0, slot.reshape(-1), taps.weights.reshape(-1))
     return out.reshape(-1, stripes, nb)
 
 
@@ -227,9 +236,9 @@ class BoxEmbedder(nn.Module):
         # from the boxes come first, the map's rows, frame mean and gathers last, so onnxruntime reads the tapped map
         # out of its NCHWc layout right after the layer that wrote it (while it is in cache) and frees the original,
         # instead of reading it cold after the detector has finished (~2 ms per 640 x 640 image at one thread).
-        shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        shared: dict[tuple, CellTaps] = {}
 
-        def taps_of(scale: float, grid: tuple[int, int], samples: int, hw: tuple[int, int]):
+        def taps_of(scale: float, grid: tuple[int, int], samples: int, hw: tuple[int, int]) -> CellTaps:
             # the colour cells and a stride-4 level with the same grid read the very same taps: compute them once
             key = (scale, tuple(grid), samples, hw)
             if key not in shared:
@@ -247,9 +256,9 @@ class BoxEmbedder(nn.Module):
         image_of = rois[:, 0].long()
         for t, lv, fmap in zip(self.taps, cfg.levels, maps):
             hw = int(fmap.shape[2]), int(fmap.shape[3])
-            taps, weights = taps_of(1.0 / t.stride, lv.grid, lv.samples, hw)
+            taps = taps_of(1.0 / t.stride, lv.grid, lv.samples, hw)
             rows = map_rows(fmap)  # (B, H * W, C)
-            cells = pool_cells(rows, taps, weights)  # (n, r * c, C)
+            cells = pool_cells(rows, taps)  # (n, r * c, C)
             if cfg.center or image:
                 means.append(_frame_mean(rows))  # (B, C)
             if cfg.center:  # minus the frame's average feature, per image
