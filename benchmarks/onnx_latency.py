@@ -42,6 +42,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30, help="timed runs per image and arm")
     ap.add_argument("--max-det", type=int, default=300)
+    ap.add_argument("--mem-pattern", choices=["on", "off"], default="on",
+                    help="onnxruntime's memory pattern for every arm (default on, onnxruntime's default)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile ours and the raw export on bus.jpg (N runs each) and list where ours spends "
+                         "its extra time")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="onnx_latency_"))
@@ -64,6 +69,7 @@ def main() -> None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
+    opts.enable_mem_pattern = args.mem_pattern == "on"
     paths = {"ours": ours, "ultralytics": raw, "ultralytics nms=True": nms_path}
     sess = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for name, p in paths.items()}
     edge = EdgeModel(ours)
@@ -117,6 +123,48 @@ def main() -> None:
     print(f"\nbytes per detection ({n} detections on these images): codes {edge.meta['code_size']} B; float32 "
           f"embedding {dim * 4} B ({dim * 4 / edge.meta['code_size']:.0f}x); JPEG crop q90 median "
           f"{statistics.median(jpeg_full):.0f} B, 96 px thumbnail median {statistics.median(jpeg_thumb):.0f} B")
+    if args.profile:
+        profile(ort, opts, {"ours": ours, "raw": raw}, {"ours": feed("ours", 0), "raw": feed("ultralytics", 0)},
+                args.profile, tmp)
+
+
+def profile(ort, opts, paths, feeds, runs: int, tmp: Path) -> None:
+    """onnxruntime's per-node kernel times (mean over ``runs``) of ours and the raw export on one image: the
+    detector's nodes (named /model/...), onnxruntime's layout reorders, and ours' other nodes, the costliest listed."""
+    import collections
+    import json
+
+    per_node, op_of = {}, {}
+    for name, path in paths.items():
+        opts.enable_profiling, opts.profile_file_prefix = True, str(tmp / f"profile_{name}")
+        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            s.run(None, feeds[name])
+        t = collections.defaultdict(float)
+        for e in json.loads(Path(s.end_profiling()).read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                t[e["name"][: -len("_kernel_time")]] += e["dur"] / 1e3 / (runs + 1)
+                op_of[e["name"][: -len("_kernel_time")]] = e["args"].get("op_name", "?")
+        per_node[name] = t
+    opts.enable_profiling = False
+
+    def part(n: str) -> str:
+        return "detector" if n.startswith("/model") else "reorders" if n.startswith("Reorder") else "rest"
+
+    print(f"\nonnxruntime profile, bus.jpg, mean of {runs + 1} runs (kernel time, ms; profiling adds overhead):")
+    print("| graph | nodes | detector | layout reorders | rest | total |\n|---|---|---|---|---|---|")
+    for name, t in per_node.items():
+        sums = collections.Counter()
+        for n, v in t.items():
+            sums[part(n)] += v
+        print(f"| {name} | {len(t)} | {sums['detector']:.2f} | {sums['reorders']:.2f} | {sums['rest']:.2f} | "
+              f"{sum(t.values()):.2f} |")
+    rest = {n: v for n, v in per_node["ours"].items() if part(n) == "rest"}
+    tiny = [v for v in rest.values() if v < 0.015]
+    print(f"ours' own nodes (neither detector nor reorder): {len(rest)}, {len(tiny)} of them under 15 us "
+          f"({sum(tiny):.2f} ms); the costliest:")
+    for n, v in sorted(rest.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {v:6.3f} ms  {op_of[n]:18s} {n}")
 
 
 if __name__ == "__main__":

@@ -140,8 +140,8 @@ def map_rows(fmap: torch.Tensor) -> torch.Tensor:
 
 
 def _frame_mean(rows: torch.Tensor) -> torch.Tensor:
-    """(B, H * W, C) rows -> (B, C) float32 averages, as one (1, H * W) @ rows product: onnxruntime reduces the middle
-    axis of a 3-D tensor ~30x slower (9.9 ms vs 0.3 ms for 160 x 160 x 64 at one thread)."""
+    """(B, H * W, C) rows -> (B, C) float32 averages, as one (1, H * W) @ rows product: onnxruntime's ReduceMean over
+    the middle axis of a 3-D tensor is far slower than this MatMul."""
     hw = int(rows.shape[1])
     return torch.matmul(rows.new_full((1, hw), 1.0 / hw, dtype=torch.float32), rows.float()).squeeze(1)
 
@@ -235,7 +235,7 @@ class BoxEmbedder(nn.Module):
         # follows (a depth-first walk from the outputs, newest inputs first): the colour part and everything derived
         # from the boxes come first, the map's rows, frame mean and gathers last, so onnxruntime reads the tapped map
         # out of its NCHWc layout right after the layer that wrote it (while it is in cache) and frees the original,
-        # instead of reading it cold after the detector has finished (~2 ms per 640 x 640 image at one thread).
+        # instead of reading it cold after the detector has finished (docs/benchmarks.md, edge section).
         shared: dict[tuple, CellTaps] = {}
 
         def taps_of(scale: float, grid: tuple[int, int], samples: int, hw: tuple[int, int]) -> CellTaps:

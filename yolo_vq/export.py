@@ -83,8 +83,8 @@ def input_size(imgsz: int | tuple[int, int], source_size: tuple[int, int] | None
 class _NMS(torch.autograd.Function):
     """``torchvision.ops.nms`` that exports as one ONNX ``NonMaxSuppression`` + ``Gather`` of the kept indices.
 
-    torchvision's own export squeezes the result with a dynamic-shape ``If`` and ``batched_nms`` adds another for its
-    empty-input check: each a sub-graph onnxruntime runs per image (~0.15 ms)."""
+    torchvision's ``batched_nms`` exports its empty-input check as an ``If`` sub-graph, which onnxruntime runs per image
+    (profiled in docs/benchmarks.md, edge section)."""
 
     @staticmethod
     def forward(ctx: Any, boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
@@ -150,10 +150,10 @@ class VQGraph(nn.Module):
 
     def forward(self, images: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Node order matters for speed: onnxruntime's default execution order is a depth-first walk from the outputs
-        # that follows the newest input first. Sizes come from `images` (never from detector outputs) and the output
-        # buffers and scatter indices are made before the recipe runs, so the walk reaches the recipe's reads of the
-        # tapped map (BoxEmbedder.embed) before the rest of the detector: the map leaves onnxruntime's NCHWc layout
-        # right after the layer that wrote it, while it is in cache (~2 ms per 640 x 640 image at one thread).
+        # that follows the newest input first. The output buffers take their sizes from `images` (not from detector
+        # outputs) and are made, with their scatter indices, before the recipe runs, so the walk reaches the
+        # recipe's reads of the tapped map (BoxEmbedder.embed) before the rest of the detector: the map leaves
+        # onnxruntime's NCHWc layout right after the layer that wrote it, while it is in cache (docs/benchmarks.md).
         self._maps.clear()
         y = self.model(images)
         y = y[0] if isinstance(y, tuple | list) else y  # eval mode: (predictions, raw head outputs)
