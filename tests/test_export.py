@@ -132,6 +132,21 @@ def test_source_size_export_reproduces_predicts_rect_input(pose_vq, tmp_path, bi
     assert n // 32 >= 10 and rate >= 0.99
 
 
+@pytest.mark.parametrize("n", [0, 1, 400])
+def test_class_nms_keeps_what_torchvision_batched_nms_keeps(n):
+    """The exportable NMS (one ONNX NonMaxSuppression, no sub-graphs) keeps torchvision's ``batched_nms`` rows, in its
+    order, per group; and no boxes give no rows."""
+    from torchvision.ops import batched_nms
+
+    from yolo_vq.export import class_nms
+
+    g = torch.Generator().manual_seed(n)
+    xy = torch.rand(n, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 120 + 1], 1)
+    scores, groups = torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g)
+    torch.testing.assert_close(class_nms(boxes, scores, groups, 0.5), batched_nms(boxes, scores, groups, 0.5))
+
+
 def test_onnxruntime_reads_the_tapped_map_right_after_its_layer(pose_vq, tmp_path):
     """With onnxruntime's default execution order, the recipe's first read of the tapped stride-4 map (its rows and
     frame mean) runs before the detector is two layers further, not after the whole detector: the map is read while

@@ -187,6 +187,21 @@ def test_partial_rotation_leaves_other_dims_on_their_axes(fitted, tmp_path):
     torch.testing.assert_close(back.transform, t, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("blocks", [[(24, 40), (40, 64)], [(0, 8), (8, 16), (16, 24), (32, 64)], [(0, 64)]])
+def test_block_rotation_is_applied_block_by_block_as_the_dense_transform(blocks):
+    """Encoding applies a block-diagonal rotation block by block (equal blocks batched, gaps passed through): the
+    same projection as the dense ``(x - mean) @ transform``, hence the same codes."""
+    x = low_rank(3000)
+    pq = ProductQuantizer(dim=D, m=8, codebook_size=16, rotation="random", rotation_blocks=blocks, center=True,
+                          iters=4).to(DEVICE).fit(x)
+    dense = (x - pq.mean) @ pq.transform
+    torch.testing.assert_close(pq._project(x), dense, atol=1e-5, rtol=1e-5)
+    from yolo_vq.quant.kmeans import assign
+
+    want, _ = assign(pq._split(dense), pq.codebooks, with_distance=False)
+    assert (pq.encode(x).long() == want.transpose(0, 1)).float().mean() >= 0.999
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
