@@ -32,16 +32,21 @@ _EXPORTS = {
     "Tap": "tap",
     "TapInfo": "tap",
     "resolve_layers": "tap",
+    "YoloVQError": "errors",
 }
+# Submodules reachable as attributes after a bare ``import yolo_vq`` (the README's ``yolo_vq.assets.pose_weights()``).
+_SUBMODULES = {"assets", "errors", "quant"}
 
 __all__ = [
     "DEFAULT_RECIPE", "BoxEmbedder", "ColourSpec", "Detections", "EdgeModel", "EmbedConfig", "Embedder", "Indexer",
     "LevelSpec", "Memory", "Store", "Tap", "TapInfo", "__version__", "export", "ingest", "list_recipes", "load_recipe",
-    "resolve_layers",
+    "YoloVQError", "resolve_layers",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)  # the import binds it as an attribute: no second lookup
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'yolo_vq' has no attribute {name!r}")

@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .errors import EdgeError
 from .letterbox import letterbox_params
 from .records import SUFFIXES, RecordWriter
 from .video import chunks, open_source
@@ -35,10 +36,6 @@ __all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "run"]
 EDGE_FORMAT = 1
 PAD_VALUE = 114
 _REQUIRED = ("yolo_vq_export", "imgsz", "codebook_fingerprint", "code_size", "names")
-
-
-class EdgeError(ValueError):
-    """An unusable edge model or records file (the message says what is wrong and what to do)."""
 
 
 def _meta_from_session(sess: Any, path: Path) -> dict[str, Any]:

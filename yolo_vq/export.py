@@ -43,6 +43,7 @@ from torchvision.ops import nms
 from . import __version__
 from .embed import BoxEmbedder
 from .embedder import Embedder
+from .errors import ExportError
 from .quant import codebook_checksum
 from .tap import detect_head
 
@@ -51,10 +52,6 @@ __all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "
 EXPORT_FORMAT = 1  # version of the metadata layout below, read by yolo_vq.edge
 OUTPUTS = ("boxes", "scores", "classes", "codes", "valid")
 DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
-
-
-class ExportError(ValueError):
-    """The model, recipe or codebook cannot be exported as asked (the message names the part and the fix)."""
 
 
 def input_size(imgsz: int | tuple[int, int], source_size: tuple[int, int] | None = None,

@@ -20,15 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import RecordError
+
 __all__ = ["SUFFIXES", "RecordError", "RecordWriter", "read_records"]
 
 SUFFIXES = (".jsonl", ".parquet")
 _PARQUET_KEY = b"yolo_vq"
 _ROW_GROUP = 512  # frames per Parquet row group
-
-
-class RecordError(ValueError):
-    """A records file that cannot be written or read (the message says what and how to fix it)."""
 
 
 def _pyarrow():

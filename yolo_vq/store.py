@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .detections import Detections
+from .errors import StoreError
 
 __all__ = ["CODEBOOK_STEM", "DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "Frame", "Source", "Store", "StoreError"]
 
@@ -65,10 +66,6 @@ CREATE INDEX IF NOT EXISTS detections_track ON detections (source_id, track_id);
 """
 _VECTORS = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES detections(id), vector BLOB NOT NULL)"
 VECTOR_DTYPE = np.dtype("<f2")  # float16, little-endian: 2 bytes per dimension
-
-
-class StoreError(ValueError):
-    """An index directory that cannot be used as asked (missing, foreign schema, inconsistent codes)."""
 
 
 @dataclass(frozen=True)

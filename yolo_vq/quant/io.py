@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import CodebookError
 from .base import Quantizer
 from .pq import ProductQuantizer
 from .rq import ResidualQuantizer
@@ -30,10 +31,6 @@ FORMAT_VERSION = 1
 _QUANTIZERS: dict[str, type[Quantizer]] = {
     c.__name__: c for c in (ProductQuantizer, ResidualQuantizer, VectorQuantizer)
 }
-
-
-class CodebookError(ValueError):
-    """A codebook file is unreadable, or does not belong to the model/embedding it is used with."""
 
 
 def codebook_paths(path: str | os.PathLike) -> tuple[Path, Path]:

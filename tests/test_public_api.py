@@ -1,0 +1,37 @@
+"""The public API a newcomer reaches with a bare ``import yolo_vq`` (a fresh interpreter each, so no earlier import
+of a submodule hides a missing attribute)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_assets_reachable_after_bare_import():
+    # the README tells users to call yolo_vq.assets.pose_weights() after `import yolo_vq`
+    out = _run("import yolo_vq, sys; print(yolo_vq.assets.pose_weights().name); print('torch' in sys.modules)")
+    assert out.split() == ["yolo11n-pose.pt", "False"]
+
+
+def test_every_error_is_one_catchable_value_error():
+    out = _run(
+        "import yolo_vq\n"
+        "from yolo_vq import errors\n"
+        "from yolo_vq.store import StoreError\n"
+        "from yolo_vq.quant import CodebookError\n"
+        "from yolo_vq.records import RecordError\n"
+        "from yolo_vq.edge import EdgeError\n"
+        "names = [n for n in errors.__all__ if n != 'YoloVQError']\n"
+        "assert all(issubclass(getattr(errors, n), yolo_vq.YoloVQError) for n in names), names\n"
+        "assert issubclass(yolo_vq.YoloVQError, ValueError)\n"
+        "assert StoreError is errors.StoreError and CodebookError is errors.CodebookError\n"
+        "assert RecordError is errors.RecordError and EdgeError is errors.EdgeError\n"
+        "print(len(names))\n"
+    )
+    assert int(out) >= 7
