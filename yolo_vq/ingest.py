@@ -7,6 +7,7 @@ index's own; a new index takes its codebook from ``codebook=`` and must match to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +15,88 @@ import numpy as np
 
 from .detections import Detections
 from .quant.io import codebook_checksum, codebook_paths
-from .records import RecordError, read_records
-from .store import CODEBOOK_STEM, Frame, Store, StoreError
+from .records import BadRecord, read_records
+from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError
 
 __all__ = ["IngestSummary", "ingest"]
 
-def _open_index(index: Path, header: dict[str, Any], codebook: str | Path | None) -> Store:
-    want = header["codebook_fingerprint"]
-    own = index / f"{CODEBOOK_STEM}.json"
-    if own.is_file():
-        have = codebook_checksum(own)
-        if have != want:
-            raise StoreError(f"the edge file was encoded with codebook {want[:16]}..., index {index} holds codebook "
-                             f"{str(have)[:16]}...: ingest into an index built with the codebook the graph was "
+
+class _Index:
+    """The index an ingest writes to. Checked on construction (codebook, code size) and written to only by
+    :meth:`add`: a new index is made (and bound to its codebook), and each source registered, with its first stored
+    frames, so a file refused before its first valid frame leaves no trace, not even a directory."""
+
+    def __init__(self, index: Path, header: dict[str, Any], codebook: str | Path | None):
+        self.index, self.header = index, header
+        want = header["codebook_fingerprint"]
+        self._store: Store | None = None
+        self._bind: CodebookBinding | None = None  # the codebook to bind with the first stored frames
+        self._ids: dict[str, int] = {}  # source fingerprint -> store id
+        if (index.exists() and not index.is_dir()) or (index / DB_NAME).exists() \
+                or (index / f"{CODEBOOK_STEM}.json").exists():
+            self._store = Store(index)  # reads only until add(); refuses a damaged index (its own error)
+            try:
+                self._check(want, codebook)
+            except BaseException:
+                self._store.close()
+                raise
+        else:
+            self._bind = self._binding(_checked_codebook(index, header, codebook))
+
+    def _check(self, want: str, codebook: str | Path | None) -> None:
+        have = self._store.codebook_sha256
+        if have is None:
+            self._bind = self._binding(_checked_codebook(self.index, self.header, codebook))
+        elif have != want:
+            raise StoreError(f"the edge file was encoded with codebook {want[:16]}..., index {self.index} holds "
+                             f"codebook {have[:16]}...: ingest into an index built with the codebook the graph was "
                              f"exported with (or a new directory with --codebook)")
-        return Store(index, create=True)
+        else:
+            _check_code_size(self.index / f"{CODEBOOK_STEM}.json", self.header)
+        stored = self._store.get_meta("code_size")
+        if stored is not None and stored != self.header["code_size"]:
+            raise StoreError(f"the edge file holds {self.header['code_size']}-byte codes, index {self.index} stores "
+                             f"{stored}-byte codes: ingest into an index built with the graph's codebook")
+
+    def _binding(self, codebook: str | Path) -> CodebookBinding:
+        h = self.header
+        return CodebookBinding(codebook, embedding=h.get("embedding"), model_fingerprint=h.get("model_fingerprint"),
+                               names=h["names"])
+
+    def frames_done(self, fingerprint: str) -> set[int]:
+        """Frames of the source with this content fingerprint already stored (none if the index lacks it)."""
+        if self._store is None:
+            return set()
+        try:
+            sid = self._store.source(fingerprint=fingerprint).id
+        except KeyError:
+            return set()
+        self._ids[fingerprint] = sid
+        return set(self._store.frames_done(sid).tolist())
+
+    def add(self, source: dict[str, Any], frames: list[Frame]) -> int:
+        """Store ``frames`` of ``source`` (a checked source record), making the index (bound to its codebook) and
+        registering the source first if needed. Returns the detections inserted."""
+        if self._store is None:
+            self._store = Store(self.index, create=True, codebook=self._bind)
+        elif self._bind is not None:
+            self._store.bind_codebook(self._bind)
+        self._bind = None
+        sid = self._ids.get(source["fingerprint"])
+        if sid is None:
+            sid = self._ids[source["fingerprint"]] = self._store.add_source(
+                source["uri"], source["fingerprint"], fps=source["fps"], frame_count=source["frame_count"],
+                width=source["width"], height=source["height"]).id
+        return self._store.add_frames(sid, frames)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def _checked_codebook(index: Path, header: dict[str, Any], codebook: str | Path | None) -> str | Path:
+    """``codebook`` for an index without one, checked to be the edge file's; writes nothing."""
+    want = header["codebook_fingerprint"]
     if codebook is None:
         raise StoreError(f"{index} has no codebook yet: pass the codebook the edge graph was exported with "
                          f"(--codebook), or ingest into an index made by `yolo-vq index`")
@@ -38,14 +106,24 @@ def _open_index(index: Path, header: dict[str, Any], codebook: str | Path | None
     if codebook_checksum(js) != want:
         raise StoreError(f"codebook {js} is not the one the edge graph was exported with (fingerprint "
                          f"{str(codebook_checksum(js))[:16]}... vs {want[:16]}...)")
-    store = Store(index, create=True)
-    store.keep_codebook(codebook, embedding=header.get("embedding"), model_fingerprint=header.get("model_fingerprint"),
-                        names=header["names"])
-    return store
+    _check_code_size(js, header)
+    return codebook
+
+
+def _check_code_size(js: Path, header: dict[str, Any]) -> None:
+    """The header's code size must be its codebook's (matched by fingerprint): else the header was altered."""
+    try:
+        have = json.loads(js.read_text()).get("code_size")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        have = None  # the codebook's own checks report an unreadable file
+    if have is not None and have != header["code_size"]:
+        raise StoreError(f"the edge file's header says {header['code_size']}-byte codes, its codebook {js} makes "
+                         f"{have}-byte codes: the header was altered; ingest the file `yolo-vq edge` wrote")
 
 
 class IngestSummary(dict):
-    """``{"sources", "frames", "skipped_frames", "detections"}`` of one ingest."""
+    """``{"sources", "frames", "skipped_frames", "detections"}`` of one ingest: sources with frames in the file,
+    frames stored now, frames skipped (stored before, or twice in the file), detections stored now."""
 
     def line(self) -> str:
         return (f"ingested {self['frames']} frames ({self['skipped_frames']} already stored) from {self['sources']} "
@@ -56,66 +134,87 @@ def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None =
            commit_every: int = 256) -> IngestSummary:
     """Add an edge records file (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.records`) to the index ``index``.
 
+    Frames are stored in batches of ``commit_every``, each source registered (and a new index made) with its
+    first stored frames. A malformed record stops the ingest: the frames before it are stored, then the error says
+    where and how many; a re-run of the same file skips them and stops at the same place.
+
     Raises:
-        RecordError: not an edge file, or a malformed record (frames before it are stored; re-running resumes).
-        StoreError: codebook mismatch, or a new index without ``codebook``; nothing is written then.
+        RecordError: not an edge file, or a malformed record (:class:`~yolo_vq.records.BadRecord`, ``file:line:``
+            first; the frames before it are stored, and the index is untouched if there were none).
+        StoreError: codebook (or code size) mismatch, or a new index without ``codebook``: nothing is written
+            then; or a fault while writing (the batches committed before it are kept).
     """
-    header, records = read_records(path)
-    index = Path(index)
-    store = _open_index(index, header, codebook)
-    size = int(header["code_size"])
-    dtype = np.dtype(header.get("code_dtype", "uint8"))
-    width = size // dtype.itemsize
+    path, index = Path(path), Path(index)
+    header, records = read_records(path)  # a bad header is refused here, before the index is looked at
+    target = _Index(index, header, codebook)
+    dtype = np.dtype(header["code_dtype"])
+    width = header["code_size"] // dtype.itemsize
     summary = IngestSummary(sources=0, frames=0, skipped_frames=0, detections=0)
-    sources: dict[int, tuple[int, set[int]]] = {}
+    declared: dict[int, dict[str, Any]] = {}  # the file's source number -> its source record
+    done: dict[str, set[int]] = {}  # source fingerprint -> its frames stored (before, or now)
     pending: list[Frame] = []
-    current = None
+    current: int | None = None  # the source of the pending frames
 
     def flush() -> None:
         if pending:
-            summary["detections"] += store.add_frames(current, pending)
+            summary["detections"] += target.add(declared[current], pending)
+            summary["frames"] += len(pending)
             pending.clear()
 
     try:
-        for rec in records:
-            kind = rec.get("type")
-            if kind == "source":
-                flush()
-                s = store.add_source(rec["uri"], rec["fingerprint"], fps=rec.get("fps"),
-                                     frame_count=rec.get("frame_count"), width=rec.get("width"),
-                                     height=rec.get("height"))
-                sources[rec["source"]] = (s.id, set(store.frames_done(s.id).tolist()))
+        for _, rec in records:
+            k = rec["source"]
+            if rec["type"] == "source":
+                declared[k] = rec
+                continue
+            fp = declared[k]["fingerprint"]
+            if fp not in done:
+                done[fp] = target.frames_done(fp)
                 summary["sources"] += 1
-            elif kind == "frame":
-                if rec.get("source") not in sources:
-                    raise RecordError(f"{path}: frame record for source {rec.get('source')!r} before its source record")
-                sid, done = sources[rec["source"]]
-                if sid != current:
-                    flush()
-                    current = sid
-                if rec["frame"] in done:
-                    summary["skipped_frames"] += 1
-                    continue
-                pending.append(Frame(rec["frame"], rec["time"], _detections(rec, dtype, width, path)))
-                summary["frames"] += 1
-                if len(pending) >= commit_every:
-                    flush()
-            else:
-                raise RecordError(f"{path}: unknown record type {kind!r} (expected 'source' or 'frame')")
+            if rec["frame"] in done[fp]:
+                summary["skipped_frames"] += 1
+                continue
+            frame = Frame(rec["frame"], rec["time"], _detections(rec, dtype, width))
+            if k != current:
+                flush()
+                current = k
+            pending.append(frame)
+            done[fp].add(rec["frame"])
+            if len(pending) >= commit_every:
+                flush()
         flush()
-    except (KeyError, TypeError) as e:
+    except BadRecord as e:
         flush()
-        raise RecordError(f"{path}: malformed record ({type(e).__name__}: {e}); records before it were stored") from None
+        raise BadRecord(e.where, e.at, f"{e.problem}: {_stored(summary)}; {_fix(path, e.at, summary)}") from None
     finally:
-        store.close()
+        target.close()
     return summary
 
 
-def _detections(rec: dict[str, Any], dtype: np.dtype, width: int, path: Path) -> Detections:
-    codes = rec["codes"]
-    if any(len(c) != width * dtype.itemsize for c in codes):
-        raise RecordError(f"{path}: frame {rec['frame']} has codes of {sorted({len(c) for c in codes})} bytes, the "
-                        f"header says {width * dtype.itemsize}")
-    arr = np.frombuffer(b"".join(codes), dtype=dtype).reshape(len(codes), width)
+def _stored(summary: IngestSummary) -> str:
+    new, old = summary["frames"], summary["skipped_frames"]
+    if new + old == 0:
+        return "no frame came before it, nothing was stored"
+    if old == 0:
+        return f"the {_frames(new)} before it {'was' if new == 1 else 'were'} stored"
+    if new == 0:
+        return f"the {_frames(old)} before it {'was' if old == 1 else 'were'} already stored (0 new)"
+    return f"the {_frames(new + old)} before it are stored ({new} now, {old} already)"
+
+
+def _frames(n: int) -> str:
+    return f"{n} frame{'s' * (n != 1)}"
+
+
+def _fix(path: Path, at: str, summary: IngestSummary) -> str:
+    if not summary["frames"] + summary["skipped_frames"]:
+        return f"fix {at} and re-run"
+    how = f"fix or cut the file at {at}" if path.suffix == ".jsonl" else f"fix {at}"
+    return f"{how} and re-run (stored frames are skipped)"
+
+
+def _detections(rec: dict[str, Any], dtype: np.dtype, width: int) -> Detections:
+    """A checked frame record's boxes and codes (``width`` codes of ``dtype`` per box)."""
+    codes = np.frombuffer(b"".join(rec["codes"]), dtype=dtype).reshape(len(rec["codes"]), width)
     return Detections(np.asarray(rec["xyxy"], np.float32).reshape(-1, 4), rec["confidence"], rec["class_id"],
-                      codes=arr)
+                      codes=codes)
