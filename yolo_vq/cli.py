@@ -1,18 +1,90 @@
 """``yolo-vq``: train codebooks, index videos, search stored detections, export the edge graph, run it without torch
 (``edge``), ingest its records, run the offline demo.
 
-The CLI only parses arguments and calls library functions; every user error ends as one line on stderr and exit 2.
+The CLI only parses arguments and calls library functions. Every user error (a :class:`~yolo_vq.errors.YoloVQError`,
+a missing file, a bad option value) ends as one ``error:`` line on stderr and exit 2; Ctrl-C as one line saying what
+was kept, exit 130; anything else is a bug, reported in one line with exit 70 (``YOLO_VQ_DEBUG=1`` shows the
+traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
+
+DESCRIPTION = ("yolo-vq: a searchable, compressed visual memory for Ultralytics YOLO. Train a codebook (fit), index "
+               "videos (index), search stored detections (search), export one ONNX graph for edge devices (export), "
+               "run it without torch (edge), add its records to an index (ingest), or run the offline demo (demo).")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: argument --crop: ...; see yolo-vq search --help``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, with what was kept (the message)."""
+
+
+def _crop(text: str) -> tuple[float, float, float, float]:
+    """``"x1,y1,x2,y2"`` -> four floats with x1 < x2 and y1 < y2 (argparse type)."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(map(math.isfinite, box)) or box[0] >= box[2] or box[1] >= box[3]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a box x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2, "
+                                         f"e.g. --crop 10,20,110,220")
+    return box  # type: ignore[return-value]
+
+
+def _track(text: str) -> tuple[int, int]:
+    """``"SOURCE:TRACK"`` (or ``"TRACK"``, in source 1) -> (source_id, track_id) (argparse type)."""
+    src, sep, tid = text.partition(":")
+    if not sep:
+        src, tid = "1", src
+    if not (src.strip().isdigit() and tid.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SOURCE_ID:TRACK_ID (or TRACK_ID in source 1) as "
+                                         f"non-negative integers, e.g. --track 1:7 (ids as `search --json` prints)")
+    return int(src), int(tid)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return v
+
+
+def _classes(model: Any, wanted: list[str] | None) -> list[int] | None:
+    """``--classes`` as names or ids -> ids of ``model``'s classes; an unknown one lists the known."""
+    if not wanted:
+        return None
+    names = {int(k): v for k, v in (getattr(model, "names", None) or {}).items()}
+    by_name = {v: k for k, v in names.items()}
+    out = []
+    for w in wanted:
+        if w.isdigit() and (int(w) in names or not names):
+            out.append(int(w))
+        elif w in by_name:
+            out.append(by_name[w])
+        else:
+            known = ", ".join(f"{k} {v}" for k, v in list(names.items())[:20])
+            raise ValueError(f"--classes {w!r}: not a class of this model (it has {known}"
+                             f"{' ...' if len(names) > 20 else ''}): pass names or ids")
+    return out
 
 
 def _model(name: str | None):
@@ -23,10 +95,10 @@ def _model(name: str | None):
     return YOLO(name or str(assets.pose_weights()))
 
 
-def _predict_args(a) -> dict[str, Any]:
+def _predict_args(a, model: Any = None) -> dict[str, Any]:
     out = {"imgsz": a.imgsz, "conf": a.conf}
     if getattr(a, "classes", None):
-        out["classes"] = a.classes
+        out["classes"] = _classes(model, a.classes)
     if getattr(a, "device", None):
         out["device"] = a.device
     return out
@@ -35,36 +107,49 @@ def _predict_args(a) -> dict[str, Any]:
 def cmd_fit(a) -> None:
     from .fit import fit_codebook
 
-    pq, n = fit_codebook(_model(a.model), a.sources, a.out, recipe=a.recipe, code_bytes=a.bytes,
+    model = _model(a.model)
+    pq, n = fit_codebook(model, a.sources, a.out, recipe=a.recipe, code_bytes=a.bytes,
                          codebook_size=a.codebook_size, rotation=None if a.rotation == "none" else a.rotation,
-                         stride=a.stride, max_frames=a.max_frames, **_predict_args(a))
+                         stride=a.stride, max_frames=a.max_frames, **_predict_args(a, model))
     print(f"codebook: {n} detections sampled, {pq.stats.get('n_train')} used, {pq.code_size} B per detection, "
           f"distortion {pq.stats.get('distortion', float('nan')):.4f} -> {Path(a.out)}.safetensors/.json")
 
 
 def cmd_index(a) -> None:
-    from .indexer import CODEBOOK_STEM, Indexer
+    from .indexer import Indexer
 
-    model = _model(a.model)
-    codebook = a.codebook
-    index = Path(a.index)
+    from .video import open_source
+
     if a.thumbs is not None and a.thumbs < 1:
         raise ValueError(f"--thumbs must be >= 1 (keep every N-th detection of each track), got {a.thumbs}: "
                          "--thumbs alone keeps every detection's")
-    if codebook is None and not (index / f"{CODEBOOK_STEM}.json").is_file():
-        from .fit import fit_codebook
-
+    for s in a.sources:  # a file that is no video is refused before the index is made or touched
+        if not (str(s).isdigit() or "://" in str(s)):  # streams are opened once, when indexed
+            open_source(s).close()
+    model = _model(a.model)
+    index = Path(a.index)
+    predict = _predict_args(a, model)
+    fit = None
+    if a.codebook is None and not Indexer.has_codebook(index):  # a damaged index is refused here, before fitting
         print(f"no codebook given: fitting one on the first {a.fit_frames} frames of {a.sources[0]} (say --codebook "
               f"to use a trained one)")
-        index.mkdir(parents=True, exist_ok=True)
-        codebook = index / "fitted"
-        fit_codebook(model, a.sources[:1], codebook, recipe=a.recipe, code_bytes=a.bytes, max_frames=a.fit_frames,
-                     codebook_size=a.codebook_size, **_predict_args(a))
-    with Indexer(model, index, codebook=codebook, recipe=a.recipe, track=a.track, batch=a.batch, thumbs=a.thumbs,
-                 keep_vectors=True if a.keep_vectors else None, **_predict_args(a)) as ix:
-        for s in a.sources:
-            print(ix.index_source(s, stride=a.stride, progress=not a.quiet).line())
-        print(f"index {index}: {ix.store.count()} detections in {len(ix.store.sources())} sources")
+        fit = {"code_bytes": a.bytes, "max_frames": a.fit_frames, "codebook_size": a.codebook_size,
+               "progress": not a.quiet, **predict}
+    ix = None
+    try:
+        with Indexer(model, index, codebook=a.codebook, recipe=a.recipe, track=a.track, batch=a.batch,
+                     thumbs=a.thumbs, keep_vectors=True if a.keep_vectors else None, fit_on=a.sources[:1] if fit else None,
+                     fit_args=fit, **predict) as ix:
+            for s in a.sources:
+                print(ix.index_source(s, stride=a.stride, progress=not a.quiet).line())
+            print(f"index {index}: {ix.store.count()} detections in {len(ix.store.sources())} sources")
+    except KeyboardInterrupt:
+        if ix is None or ix.last_stored is None:
+            raise _Interrupted(f"interrupted before any frame was stored in {index}: nothing changed") from None
+        uri, frame = ix.last_stored
+        raise _Interrupted(f"interrupted: {ix.stored_detections} detections stored by this run, {Path(uri).name} up to "
+                           f"frame {frame}; re-run the same command to resume after it (stored frames are skipped)"
+                           ) from None
 
 
 def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
@@ -76,12 +161,11 @@ def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
 
     if a.detection is not None:
         return mem.vectors_of([a.detection]), [a.detection], mem.store.get([a.detection])
-    if a.track is not None:
-        src, _, tid = a.track.partition(":")
-        if not tid:
-            src, tid = "1", src
-        v = mem.track_vector(int(src), int(tid))
-        return v, [], mem.store.get(mem.store.track_ids(int(src), int(tid))[:1])
+    if a.track is not None:  # the track's mean vector; its own detections are not results
+        src, tid = a.track
+        v = mem.track_vector(src, tid)
+        ids = mem.store.track_ids(src, tid)
+        return v, ids.tolist(), mem.store.get(ids[:1])
     image = cv2.imread(a.image) if a.image else None
     if image is None:
         raise ValueError(f"cannot read query image {a.image!r}: expected a JPEG/PNG file")
@@ -91,9 +175,11 @@ def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
         raise ValueError(f"--model {a.model or 'yolo11n-pose.pt'} is not the model this index was built with "
                          f"({mem.store.get_meta('embedding')['model']}): pass that model")
     if a.crop:
-        box = np.array([float(v) for v in a.crop.split(",")], dtype=np.float32)
-        if box.shape != (4,):
-            raise ValueError(f"--crop must be x1,y1,x2,y2, got {a.crop!r}")
+        h, w = image.shape[:2]
+        box = np.array(a.crop, dtype=np.float32)
+        if box[0] >= w or box[1] >= h or box[2] <= 0 or box[3] <= 0:
+            raise ValueError(f"--crop {','.join(f'{v:g}' for v in a.crop)} lies outside the {w}x{h} image "
+                             f"{a.image}: pass x1,y1,x2,y2 inside it")
         boxes = box[None]
     else:
         with emb:
@@ -111,8 +197,11 @@ def cmd_search(a) -> None:
 
     with Memory(a.index, engine=a.engine) as mem:
         vectors, exclude, query_img = _query_vectors(a, mem)
-        results = mem.search(vectors[:1], a.k, exclude=exclude, rerank=a.rerank, classes=a.cls, source=a.source,
-                             time_from=a.time_from, time_to=a.time_to, min_conf=a.min_conf)[0]
+        filters = {"classes": a.cls, "source": a.source, "time_from": a.time_from, "time_to": a.time_to,
+                   "min_conf": a.min_conf}
+        results = mem.search(vectors[:1], a.k, exclude=exclude, rerank=a.rerank, **filters)[0]
+        if not len(results):
+            print(f"no results: {mem.why_empty(exclude=exclude, **filters)}", file=sys.stderr)
         rows = []
         for i in range(len(results)):
             src = mem.store.source(int(results.data["source_id"][i]))
@@ -211,68 +300,83 @@ def cmd_ingest(a) -> None:
 def _parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_RECIPE
 
-    p = argparse.ArgumentParser(prog="yolo-vq", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="yolo-vq", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def detect_args(s, conf=0.25):
-        s.add_argument("--model", default=None, help="YOLO weights (.pt) or .yaml; default: the offline yolo11n-pose")
-        s.add_argument("--imgsz", type=int, default=640)
-        s.add_argument("--conf", type=float, default=conf)
-        s.add_argument("--device", default=None)
+        s.add_argument("--model", default=None,
+                       help="YOLO weights (.pt, loaded with pickle: trusted files only) or architecture (.yaml); "
+                            "default: the offline yolo11n-pose.pt")
+        s.add_argument("--imgsz", type=_positive, default=640, help="inference size in pixels (default 640)")
+        s.add_argument("--conf", type=float, default=conf, help=f"detection confidence threshold (default {conf})")
+        s.add_argument("--device", default=None, help="torch device, e.g. cpu or 0 (default: Ultralytics' choice)")
+
+    def classes_arg(s):
+        s.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                       help="only these classes, by name or id (e.g. person 2)")
 
     f = sub.add_parser("fit", help="train a codebook on sampled detections")
-    f.add_argument("sources", nargs="+")
+    f.add_argument("sources", nargs="+", help="videos, image folders or streams to sample detections from")
     f.add_argument("--out", required=True, help="codebook path stem (writes .safetensors + .json)")
-    f.add_argument("--recipe", default=DEFAULT_RECIPE)
-    f.add_argument("--bytes", type=int, default=32, help="bytes per detection (PQ sub-spaces)")
-    f.add_argument("--codebook-size", type=int, default=256)
+    f.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"embedding recipe preset or .yaml (default {DEFAULT_RECIPE})")
+    f.add_argument("--bytes", type=_positive, default=32, help="bytes per detection (PQ sub-spaces; default 32)")
+    f.add_argument("--codebook-size", type=_positive, default=256,
+                   help="centroids per sub-space, at most 256 (default 256; lowered with a warning when the video "
+                        "has too few detections)")
     f.add_argument("--rotation", default="auto", choices=["auto", "random", "none"],
                    help="auto: rotate within the recipe's parts (see docs/benchmarks.md); random: all dims; none")
-    f.add_argument("--stride", type=int, default=1)
-    f.add_argument("--max-frames", type=int, default=None)
-    f.add_argument("--classes", type=int, nargs="+", default=None)
+    f.add_argument("--stride", type=_positive, default=1, help="use every N-th frame (default 1)")
+    f.add_argument("--max-frames", type=_positive, default=None, help="read at most this many frames per source")
+    classes_arg(f)
     detect_args(f)
     f.set_defaults(fn=cmd_fit)
 
     i = sub.add_parser("index", help="index videos, image folders or streams into an index directory")
-    i.add_argument("sources", nargs="+")
-    i.add_argument("--index", required=True)
-    i.add_argument("--codebook", default=None, help="trained codebook; default: the index's own, or fit one")
-    i.add_argument("--fit-frames", type=int, default=250, help="frames to fit on when no codebook exists")
-    i.add_argument("--bytes", type=int, default=32)
-    i.add_argument("--codebook-size", type=int, default=256)
-    i.add_argument("--recipe", default=DEFAULT_RECIPE)
+    i.add_argument("sources", nargs="+", help="video files, image folders, webcam indices or stream URLs")
+    i.add_argument("--index", required=True, help="the index directory (created if missing)")
+    i.add_argument("--codebook", default=None,
+                   help="trained codebook (a new index keeps a copy); default: the index's own, or fit one")
+    i.add_argument("--fit-frames", type=_positive, default=250,
+                   help="frames of the first source to fit on when no codebook exists (default 250)")
+    i.add_argument("--bytes", type=_positive, default=32, help="bytes per detection of a fitted codebook (default 32)")
+    i.add_argument("--codebook-size", type=_positive, default=256,
+                   help="centroids per sub-space of a fitted codebook (default 256; lowered if the data is short)")
+    i.add_argument("--recipe", default=DEFAULT_RECIPE, help="embedding recipe; must be the codebook's")
     i.add_argument("--track", action="store_true", help="run the tracker and store track ids")
-    i.add_argument("--stride", type=int, default=1)
-    i.add_argument("--batch", type=int, default=8)
-    i.add_argument("--classes", type=int, nargs="+", default=None)
+    i.add_argument("--stride", type=_positive, default=1, help="index every N-th frame (default 1)")
+    i.add_argument("--batch", type=_positive, default=8, help="frames per inference call (default 8)")
+    classes_arg(i)
     i.add_argument("--thumbs", type=int, nargs="?", const=1, default=None, metavar="N",
                    help="store a small JPEG crop of every N-th detection of each track (always the first; every "
                         "untracked one); --thumbs alone: of every detection")
     i.add_argument("--keep-vectors", action="store_true",
                    help="also keep each detection's embedding as float16 (2 B per dim) so search can --rerank; an "
                         "index that keeps them goes on keeping them")
-    i.add_argument("--quiet", action="store_true")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
     detect_args(i)
     i.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("search", help="search stored detections by visual similarity")
-    s.add_argument("--index", required=True)
+    s.add_argument("--index", required=True, help="the index directory (opened read-only)")
     q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--image", help="query image: each detection (first one shown) or --crop")
-    q.add_argument("--detection", type=int, help="a stored detection id")
-    q.add_argument("--track", help="a stored track: SOURCE_ID:TRACK_ID (or TRACK_ID in source 1)")
-    s.add_argument("--crop", help="x1,y1,x2,y2 region of --image to search with")
-    s.add_argument("--class", dest="cls", nargs="+", default=None)
-    s.add_argument("--source", default=None, help="source id or part of its path")
-    s.add_argument("--time-from", type=float, default=None)
-    s.add_argument("--time-to", type=float, default=None)
-    s.add_argument("--min-conf", type=float, default=None)
-    s.add_argument("-k", type=int, default=10)
+    q.add_argument("--image", help="query image: its first detection (or --crop) is the query")
+    q.add_argument("--detection", type=int, help="a stored detection id (not itself a result)")
+    q.add_argument("--track", type=_track, metavar="SOURCE:TRACK",
+                   help="a stored track: SOURCE_ID:TRACK_ID (or TRACK_ID in source 1); its mean vector is the query "
+                        "and its own detections are not results")
+    s.add_argument("--crop", type=_crop, metavar="X1,Y1,X2,Y2", help="region of --image to search with, in pixels")
+    s.add_argument("--class", dest="cls", nargs="+", default=None, metavar="CLASS",
+                   help="only results of these classes, by name or id")
+    s.add_argument("--source", default=None, help="only results of this source: its id or part of its path")
+    s.add_argument("--time-from", type=float, default=None, help="only results at or after this time (s)")
+    s.add_argument("--time-to", type=float, default=None, help="only results at or before this time (s)")
+    s.add_argument("--min-conf", type=float, default=None, help="only results of at least this confidence")
+    s.add_argument("-k", type=int, default=10, help="number of results (default 10; at most what is stored)")
     s.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="re-rank the K best by ADC with exact cosine on the kept float16 vectors (index --keep-vectors)")
-    s.add_argument("--engine", default="auto", choices=["auto", "faiss", "numpy"])
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--engine", default="auto", choices=["auto", "faiss", "numpy"],
+                   help="code scan engine (default auto: FAISS when installed)")
+    s.add_argument("--json", action="store_true", help="print results as JSON")
     s.add_argument("--sheet", default=None, help="write a contact sheet picture (.jpg/.png)")
     s.add_argument("--sheet-from", default="video", choices=["video", "thumbs"],
                    help="pictures from the source video where it is still readable (else stored thumbnails), "
@@ -288,11 +392,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--source-size", default=None,
                    help="camera frame size WIDTHxHEIGHT: input shaped as predict letterboxes it (same codes as the "
                         "server)")
-    e.add_argument("--conf", type=float, default=0.25)
-    e.add_argument("--iou", type=float, default=0.7)
-    e.add_argument("--max-det", type=int, default=300)
-    e.add_argument("--opset", type=int, default=18)
-    e.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
+    e.add_argument("--conf", type=float, default=0.25, help="confidence threshold in the graph (default 0.25)")
+    e.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold in the graph (default 0.7)")
+    e.add_argument("--max-det", type=_positive, default=300, help="most detections per frame (default 300)")
+    e.add_argument("--opset", type=_positive, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--batch", type=_positive, default=None, help="fixed batch size (default: dynamic)")
     e.add_argument("--half", action="store_true", help="fp16 weights (needs a CUDA export)")
     e.add_argument("--embeddings", action="store_true", help="also output the float embeddings")
     e.add_argument("--nms", action="store_true", help="end-to-end models: NMS on the one-to-many head instead")
@@ -300,37 +404,59 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("edge", help="run an exported graph on video with onnxruntime only (no torch)")
     g.add_argument("model", help="the .onnx written by `yolo-vq export`")
-    g.add_argument("sources", nargs="+")
-    g.add_argument("--out", required=True, help="detections.jsonl")
-    g.add_argument("--stride", type=int, default=1)
-    g.add_argument("--batch", type=int, default=4)
-    g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("sources", nargs="+", help="video files, image folders, webcam indices or stream URLs")
+    g.add_argument("--out", required=True, help="records file to write: .jsonl or .parquet")
+    g.add_argument("--stride", type=_positive, default=1, help="run on every N-th frame (default 1)")
+    g.add_argument("--batch", type=_positive, default=4, help="frames per graph call (default 4)")
+    g.add_argument("--threads", type=_positive, default=None, help="onnxruntime intra-op threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_edge)
 
-    n = sub.add_parser("ingest", help="add edge detections (.jsonl) to an index")
-    n.add_argument("files", nargs="+")
-    n.add_argument("--index", required=True)
+    n = sub.add_parser("ingest", help="add edge detections (.jsonl/.parquet) to an index")
+    n.add_argument("files", nargs="+", help="records files written by `yolo-vq edge`")
+    n.add_argument("--index", required=True, help="the index directory")
     n.add_argument("--codebook", default=None, help="for a new index: the codebook the graph was exported with")
     n.set_defaults(fn=cmd_ingest)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on bikes.mp4 (needs the demo extra)")
-    d.add_argument("--out", default="yolo_vq_demo")
+    d.add_argument("--out", default="yolo_vq_demo", help="output folder (default yolo_vq_demo)")
     d.set_defaults(fn=cmd_demo)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+    return " ".join(str(msg).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .errors import YoloVQError
+
     a = _parser().parse_args(argv)
     if getattr(a, "k", 1) <= 0:
         print(f"error: -k must be a positive number of results, got {a.k}", file=sys.stderr)
         return 2
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # CodebookError, StoreError, EdgeError too
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except (YoloVQError, ValueError, KeyError, OSError) as e:  # user errors: files, options, indexes, codebooks
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = _one_line(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except _Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line unless asked for the traceback
+        if os.environ.get("YOLO_VQ_DEBUG"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {_one_line(e)[:300]}); this is a bug in yolo_vq: "
+              f"re-run with YOLO_VQ_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 70
     return 0
 
 

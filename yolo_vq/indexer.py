@@ -7,6 +7,7 @@ Two ways in, one write path: :meth:`Indexer.index_source` reads a video, folder 
 from __future__ import annotations
 
 import numbers
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,8 +20,7 @@ import numpy as np
 from .config import DEFAULT_RECIPE, EmbedConfig
 from .detections import Detections
 from .embedder import Embedder
-from .quant import codebook_checksum
-from .store import CODEBOOK_STEM, Frame, Source, Store, StoreError
+from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Source, Store, StoreError
 from .thumbs import Thumbnailer
 from .video import VideoSource, chunks, fingerprint_name, open_source
 
@@ -83,14 +83,24 @@ class Indexer:
         keep_vectors: also keep each detection's embedding as float16 (2 bytes per dimension), so searches can
             re-rank a shortlist exactly (``Memory.search(..., rerank=K)``). None: as the index does (an index that
             keeps vectors goes on keeping them; a new one does not).
+        fit_on: sources to fit a codebook on when ``codebook`` is None and the index has none yet (what
+            ``yolo-vq index`` without ``--codebook`` does): :func:`yolo_vq.fit.fit_codebook` with ``fit_args``
+            (e.g. ``max_frames``, ``code_bytes``, ``codebook_size``, ``conf``). An index that has a codebook never
+            gets a new one: a missing or damaged copy is a :class:`~yolo_vq.errors.CodebookError`.
         predict_args: passed to ``model.predict``/``model.track`` (imgsz, conf, classes, device, ...).
+
+    Raises:
+        CodebookError: ``codebook`` belongs to another model or recipe, or is not the index's own (also when
+            another process bound another codebook to a new index first), or the index's copy is damaged.
+        StoreError: a new index without a codebook, a damaged, read-only or foreign index directory.
     """
 
     def __init__(
         self, model: Any, index: str | Path, *, codebook: str | Path | None = None,
         recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, track: bool = False,
         tracker: str = "bytetrack.yaml", batch: int = 8, commit_every: int = 64, thumbs: int | None = None,
-        keep_vectors: bool | None = None, **predict_args: Any,
+        keep_vectors: bool | None = None, fit_on: Sequence[str | Path | int] | None = None,
+        fit_args: dict[str, Any] | None = None, **predict_args: Any,
     ):
         if batch < 1 or commit_every < 1:
             raise ValueError(f"batch and commit_every must be >= 1, got batch={batch}, commit_every={commit_every}")
@@ -99,21 +109,31 @@ class Indexer:
         self.batch, self.commit_every = batch, commit_every
         self.predict_args = {"verbose": False, **predict_args}
         self.index = Path(index)
-        existing = (self.index / "index.db").is_file()
-        own = self.index / f"{CODEBOOK_STEM}.json"
-        if codebook is None and not own.is_file():
-            raise ValueError(f"{self.index} has no codebook yet: pass one (train it with `yolo-vq fit`)")
         self.embedder = Embedder(model, recipe)
-        # validate (fingerprint, dim) before touching the index
-        self.embedder.codebook = self.embedder.load_codebook(own if codebook is None else codebook)
-        if (existing and codebook is not None and own.is_file()
-                and codebook_checksum(self.embedder.codebook.meta) != codebook_checksum(own)):
-            raise StoreError(f"{self.index} was indexed with another codebook ({own}); index into a new "
-                             f"directory or omit the codebook to use the index's own")
-        self.store = Store(self.index, create=True)
-        if not own.is_file():  # a new index keeps its codebook
-            self.store.keep_codebook(codebook, embedding=self.embedder.describe(),
-                                     model_fingerprint=self.embedder.fingerprint, names=getattr(model, "names", {}))
+        self.fitted: int | None = None  # detections the codebook was fitted on, when this run fitted it
+        with tempfile.TemporaryDirectory(prefix="yolo_vq_fit_") as tmp:
+            if codebook is None and fit_on is not None and not Indexer.has_codebook(self.index):
+                from .fit import fit_codebook
+
+                codebook = Path(tmp) / "fitted"
+                _, self.fitted = fit_codebook(model, fit_on, codebook, recipe=recipe, **(fit_args or {}))
+            binding = None
+            if codebook is not None:  # validate (fingerprint, dim) before touching the index
+                self.embedder.load_codebook(codebook)
+                binding = CodebookBinding(codebook, self.embedder.describe(), self.embedder.fingerprint,
+                                          dict(getattr(model, "names", None) or {}), fitted=self.fitted is not None)
+            elif not (self.index / DB_NAME).is_file():
+                raise StoreError(f"{self.index} has no codebook yet: pass one (train it with `yolo-vq fit`)")
+            # a new index is made and bound to the codebook in one transaction; an existing one must hold it
+            self.store = Store(self.index, create=binding is not None, codebook=binding)
+        try:
+            own = self.store.codebook_path()  # verified against the checksum index.db records
+            if own is None:
+                raise StoreError(f"{self.index} has no codebook yet: pass one (train it with `yolo-vq fit`)")
+            self.embedder.codebook = self.embedder.load_codebook(own)
+        except BaseException:
+            self.store.close()
+            raise
         self.names = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
         self.keep_vectors = self.store.vector_dim is not None if keep_vectors is None else bool(keep_vectors)
         self._attached = False  # the embedder's callbacks are on the model (context manager)
@@ -121,6 +141,23 @@ class Indexer:
         self._frames: list[tuple[int, float, np.ndarray]] = []  # added frames waiting for a batch
         self._pending: list[Frame] = []  # inferred frames waiting for a commit
         self._written = [0, 0]  # detections and thumbnail bytes committed
+        self.last_stored: tuple[str, int] | None = None  # (source, frame) of the last frame committed
+
+    @property
+    def stored_detections(self) -> int:
+        """Detections this indexer has committed to the store so far."""
+        return self._written[0]
+
+    @staticmethod
+    def has_codebook(index: str | Path) -> bool:
+        """Whether the index directory ``index`` has a codebook bound (reading it; a damaged index is a
+        :class:`~yolo_vq.errors.StoreError`, a missing one False)."""
+        db = Path(index) / DB_NAME
+        if not (Path(index) / f"{CODEBOOK_STEM}.json").exists() and (
+                not db.exists() or db.is_file() and db.stat().st_size == 0):
+            return False  # a new index (or one whose creation was interrupted before anything was stored)
+        with Store(index, readonly=True) as st:  # refuses a damaged database, or a codebook whose database is lost
+            return st.codebook_sha256 is not None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -321,6 +358,7 @@ class Indexer:
             return 0
         frames, self._pending = self._pending, []
         n = self.store.add_frames(self._run.source.id, frames, vectors=self.keep_vectors)
+        self.last_stored = (self._run.source.uri, int(frames[-1].frame))
         self._written[0] += n
         self._written[1] += sum(len(b) for f in frames for b in f.thumbs or () if b is not None)
         return n

@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from .detections import Detections
-from .store import CODEBOOK_STEM, Store, StoreError
+from .store import Store, StoreError
 
 __all__ = ["Memory"]
+
+
+def _check_range(time_from: float | None, time_to: float | None) -> None:
+    if time_from is not None and time_to is not None and float(time_from) > float(time_to):
+        raise ValueError(f"time_from ({time_from}) is after time_to ({time_to}): pass time_from <= time_to "
+                         f"(seconds from the start of each source)")
 
 
 class Memory:
@@ -31,16 +37,24 @@ class Memory:
 
         self.index = Path(index)
         self.store = Store(self.index, readonly=True)
-        self.codebook = load_codebook(self.index / CODEBOOK_STEM)  # CodebookError names a missing/corrupt file
-        fp = self.store.get_meta("model_fingerprint")
-        if self.codebook.meta.get("model_fingerprint") != fp:
-            raise StoreError(f"{self.index}: its codebook belongs to model {self.codebook.meta.get('model_fingerprint')}"
-                             f", the index to {fp}: the index is inconsistent, re-index it")
-        self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
-        self.scan = CodeIndex(self.codebook, engine=engine)
-        self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
-        self._last = 0
-        self.refresh()
+        try:
+            own = self.store.codebook_path()  # verified against index.db's record: CodebookError says how to recover
+            if own is None:
+                raise StoreError(f"{self.index} has no codebook and no detections yet: index a video into it first")
+            self.codebook = load_codebook(own)
+            fp = self.store.get_meta("model_fingerprint")
+            if self.codebook.meta.get("model_fingerprint") != fp:
+                raise StoreError(f"{self.index}: its codebook belongs to model "
+                                 f"{self.codebook.meta.get('model_fingerprint')}, the index to {fp}: the index is "
+                                 f"inconsistent, re-index it")
+            self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
+            self.scan = CodeIndex(self.codebook, engine=engine)
+            self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
+            self._last = 0
+            self.refresh()
+        except BaseException:
+            self.store.close()
+            raise
 
     def close(self) -> None:
         self.store.close()
@@ -82,7 +96,15 @@ class Memory:
         self, *, classes: Sequence[str | int] | None = None, source: int | str | None = None,
         time_from: float | None = None, time_to: float | None = None, min_conf: float | None = None,
     ) -> np.ndarray | None:
-        """Ids passing the filters (None when there are none to apply), from in-memory columns (no SQL per query)."""
+        """Ids passing the filters (None when there are none to apply), from in-memory columns (no SQL per query).
+
+        Raises:
+            ValueError: an unknown class, ``time_from > time_to``, a non-finite bound.
+        """
+        _check_range(time_from, time_to)
+        for name, v in (("time_from", time_from), ("time_to", time_to), ("min_conf", min_conf)):
+            if v is not None and not np.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if not self._cols:
             return None if not (classes or source is not None or time_from is not None or time_to is not None
                                 or min_conf is not None) else np.zeros(0, np.int64)
@@ -94,11 +116,7 @@ class Memory:
         if classes:
             keep = both(np.logical_or.reduce([c["class_id"] == k for k in self.class_ids(classes)]))
         if source is not None:
-            if isinstance(source, int) or str(source).isdigit():
-                wanted = [int(source)]
-            else:
-                wanted = [s.id for s in self.store.sources() if str(source) in s.uri]
-            keep = both(np.isin(c["source_id"], wanted))
+            keep = both(np.isin(c["source_id"], self.source_ids(source)))
         if time_from is not None:
             keep = both(c["time"] >= float(time_from))
         if time_to is not None:
@@ -106,6 +124,51 @@ class Memory:
         if min_conf is not None:
             keep = both(c["confidence"] >= float(min_conf))
         return None if keep is None else c["id"][keep]
+
+    def source_ids(self, source: int | str) -> list[int]:
+        """Ids of the sources a ``source`` filter names: an id, or a part of their path/URL."""
+        if isinstance(source, int) or str(source).isdigit():
+            return [int(source)]
+        return [s.id for s in self.store.sources() if str(source) in s.uri]
+
+    def why_empty(self, *, exclude: Sequence[int] = (), classes: Sequence[str | int] | None = None,
+                  source: int | str | None = None, time_from: float | None = None, time_to: float | None = None,
+                  min_conf: float | None = None) -> str:
+        """Why a search with these filters finds nothing: the first filter that leaves no detection, with what the
+        index holds instead (e.g. ``time 60-120 s leaves none: stored times span 0.0-9.96 s``)."""
+        c = self._cols
+        if not c or not len(c["id"]):
+            return f"{self.index} holds no detections yet"
+        keep = ~np.isin(c["id"], np.asarray(exclude, np.int64))
+        if not keep.any():
+            return "the index holds no detection besides the query's own"
+        steps = []
+        if classes:
+            ids = self.class_ids(classes)
+            have = sorted({self.names.get(int(k), str(int(k))) for k in np.unique(c["class_id"][keep])})
+            steps.append((np.isin(c["class_id"], ids), f"class {', '.join(map(str, classes))}",
+                          f"stored classes: {', '.join(have[:20])}"))
+        if source is not None:
+            listed = ", ".join(f"{s.id} {Path(s.uri).name}" for s in self.store.sources()[:10])
+            steps.append((np.isin(c["source_id"], self.source_ids(source)), f"source {source!r}",
+                          f"sources: {listed}"))
+        if time_from is not None or time_to is not None:
+            t = c["time"]
+            m = (t >= (-np.inf if time_from is None else float(time_from))) & \
+                (t <= (np.inf if time_to is None else float(time_to)))
+            lo, hi = float(t[keep].min()), float(t[keep].max())
+            steps.append((m, f"time {'' if time_from is None else time_from}-{'' if time_to is None else time_to} s",
+                          f"stored times span {lo:.2f}-{hi:.2f} s"))
+        if min_conf is not None:
+            steps.append((c["confidence"] >= float(min_conf), f"min confidence {min_conf}",
+                          f"the highest stored confidence is {float(c['confidence'][keep].max()):.3f}"))
+        for m, what, context in steps:
+            if not (keep & m).any():
+                alone = "" if m.any() else " on its own"
+                together = "" if (keep & m).any() or not m.any() else " together with the filters before it"
+                return f"the filter {what} leaves no detection{alone}{together} ({context})"
+            keep &= m
+        return "no detection matches the filters"
 
     def vectors_of(self, ids: Sequence[int], *, stored: bool = True) -> np.ndarray:
         """Embeddings of stored detections, (n, D) float32: the kept float16 vectors where the index keeps them
@@ -178,14 +241,25 @@ class Memory:
                 raise StoreError(f"{self.index} keeps no float vectors to re-rank with: index it with --keep-vectors "
                                  "(Indexer(keep_vectors=True)), or search without rerank")
         allowed = self.filter_ids(**filters)
-        if exclude:
-            base = allowed if allowed is not None else self._cols.get("id", np.zeros(0, np.int64))
-            allowed = np.setdiff1d(base, np.asarray(exclude, dtype=np.int64))
+        stored = self._cols.get("id", np.zeros(0, np.int64))
+        exclude = np.unique(np.asarray(exclude, dtype=np.int64))
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
-        dist, ids = self.scan.search(queries, int(rerank or k), allowed=allowed)
+        if allowed is not None:  # filtered: the excluded ids are simply not allowed
+            allowed = np.setdiff1d(allowed, exclude) if len(exclude) else allowed
+            pool, extra = len(allowed), 0
+        else:  # unfiltered: ask for as many more as are excluded, and drop them (no allowed list of every other id)
+            extra = int(np.isin(exclude, stored).sum())
+            pool = len(stored) - extra
+        # k (and the shortlist) never beyond what is stored: no allocation grows with a huge k
+        want = min(int(rerank or k), pool)
+        if want > 0:
+            dist, ids = self.scan.search(queries, want + extra, allowed=allowed)
+        else:
+            dist, ids = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         out = []
         for q, d, i in zip(queries, dist, ids):
-            keep = i >= 0
+            keep = (i >= 0) & ~np.isin(i, exclude) if extra else i >= 0
+            keep &= np.cumsum(keep) <= want
             if rerank is None:
                 out.append(self.store.get(i[keep]).with_data(score=(1.0 - d[keep] / 2.0).astype(np.float32)))
                 continue

@@ -90,7 +90,7 @@ def save_codebook(
     Returns:
         The two paths written. Each file is written to a temporary name and renamed, so a crash leaves no half file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"quantizer must be a yolo_vq Quantizer, got {type(quantizer).__name__}")
@@ -108,7 +108,9 @@ def save_codebook(
     st_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in quantizer.state_dict().items()}
     tmp = st_path.with_name(st_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "yolo_vq_format_version": str(FORMAT_VERSION)})
+    # bytes written by Python, not safetensors' save_file (which creates its file 0600): the mode follows the
+    # umask like the JSON's
+    tmp.write_bytes(save(tensors, metadata={"format": "pt", "yolo_vq_format_version": str(FORMAT_VERSION)}))
     os.replace(tmp, st_path)
     meta = {
         "format_version": FORMAT_VERSION,
