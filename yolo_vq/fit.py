@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,29 @@ def part_blocks(emb: Embedder) -> list[tuple[int, int]]:
     return blocks
 
 
+def _supported_size(n: int, requested: int, floor: int) -> int | None:
+    """The codebook size to train on ``n`` vectors: ``requested`` if ``n >= requested`` (the PQ rule:
+    ``ProductQuantizer._fit`` and :func:`~yolo_vq.quant.kmeans` need at least as many training rows as centroids),
+    else the largest power of two ``<= n``, or None below ``min(floor, requested)``."""
+    if n >= requested:
+        return requested
+    size = 1 << (n.bit_length() - 1) if n > 0 else 0
+    return size if size >= min(floor, requested) else None
+
+
+def _options(kwargs: dict[str, Any]) -> str:
+    """The sampling options in force, as CLI flags (for messages)."""
+    opts = [f"--conf {kwargs.get('conf', 0.25)}", f"--stride {kwargs.get('stride', 1)}"]
+    if kwargs.get("max_frames"):
+        opts.append(f"at most {kwargs['max_frames']} frames per source")
+    return ", ".join(opts)
+
+
 def fit_codebook(
     model: Any, sources: Sequence[str | Path | int], out: str | Path, *,
     recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, code_bytes: int = 32, codebook_size: int = 256,
-    rotation: str | None = "auto", max_train: int = 256_000, seed: int = 0, **kwargs: Any,
+    min_codebook_size: int = 16, rotation: str | None = "auto", max_train: int = 256_000, seed: int = 0,
+    **kwargs: Any,
 ) -> tuple[Any, int]:
     """Train a product quantizer of ``code_bytes`` bytes per detection on detections sampled from ``sources``
     and save it to ``out`` (``.safetensors`` + ``.json``). Returns ``(quantizer, vectors seen)``.
@@ -77,30 +97,73 @@ def fit_codebook(
     and the colour histogram as a whole (the best mAP and recall@10 at 32 bytes in docs/benchmarks.md);
     ``"random"`` rotates all dims together; ``None`` none.
 
+    ``codebook_size`` is what the data supports: PQ training needs at least as many vectors as centroids, so with
+    fewer detections (after the ``max_train`` sample) it drops to the largest power of two that fits, down to
+    ``min_codebook_size``, with a ``UserWarning``; the quantizer's ``stats`` (saved in the JSON) then hold
+    ``codebook_size_requested`` and ``codebook_size_reason``, its config the size used. Codes stay uint8 (for sizes
+    up to 256), so the bytes per detection do not change.
+
     Raises:
-        ValueError: too few detections for ``codebook_size`` centroids (say how many were found).
+        ValueError: too few detections even for ``min_codebook_size`` centroids (says how many were found and
+            which options give more).
     """
     from .quant import ProductQuantizer
+    from .quant.base import sample_training
 
+    if not isinstance(min_codebook_size, int) or min_codebook_size < 1:
+        raise ValueError(f"min_codebook_size must be a positive int, got {min_codebook_size!r}")
     emb = Embedder(model, recipe)
-    seen = 0
+    seen, read_all = 0, False
+    names = [str(s) for s in sources]
 
     def batches():
-        nonlocal seen
+        nonlocal seen, read_all
         for b in embeddings_of(model, sources, recipe=recipe, **kwargs):
             seen += len(b)
             yield b
+        read_all = True
 
     blocks = None
     if rotation == "auto":
         rotation, blocks = ("random", part_blocks(emb)) if emb.config.mode == "roi" else (None, None)
-    pq = ProductQuantizer(dim=emb.dim, m=code_bytes, codebook_size=codebook_size, rotation=rotation,
-                          rotation_blocks=blocks, max_train=max_train, seed=seed)
+
+    def quantizer(k: int) -> Any:
+        return ProductQuantizer(dim=emb.dim, m=code_bytes, codebook_size=k, rotation=rotation,
+                                rotation_blocks=blocks, max_train=max_train, seed=seed)
+
+    pq = quantizer(codebook_size)  # checks the options before any video is read
+    # the bounded uniform sample ProductQuantizer.fit keeps (at most max_train rows, seeded), drawn here so the
+    # codebook size can follow it; fit() on it keeps every row in order, so the codebook is what fit(stream) gives
     try:
-        pq.fit(batches())
-    except ValueError as e:
-        raise ValueError(f"found {seen} detections in {[str(s) for s in sources]}, too few to train "
-                         f"{codebook_size} centroids: add video, lower --stride or --conf, or --codebook-size ({e})"
-                         ) from None
+        x, seen = sample_training(batches(), dim=emb.dim, max_train=max_train, seed=seed)
+    except ValueError:
+        if seen or not read_all:  # a bad batch or option, not an empty stream
+            raise
+        x = None
+    n = 0 if x is None else int(x.shape[0])
+    size = _supported_size(n, codebook_size, min_codebook_size)
+    if size is None:
+        floor = min(min_codebook_size, codebook_size)
+        last = (f", or pass --codebook-size {1 << (n.bit_length() - 1)} (a weak codebook)" if n else
+                " (none at all: check the source and --classes)")
+        raise ValueError(
+            f"found {seen} detections in {names} ({_options(kwargs)}), too few to train a codebook: PQ needs at least "
+            f"as many as its centroids, here {floor} at the least: add video, lower --stride or --conf, or raise "
+            f"--max-frames (fit) / --fit-frames (index){last}"
+        )
+    reason = None
+    if size != codebook_size:
+        asked, pq = pq.code_size, quantizer(size)
+        same = (f"still {pq.code_size} B per detection" if asked == pq.code_size else
+                f"{pq.code_size} B per detection instead of {asked}")
+        reason = (f"found {seen} detections in {names} ({_options(kwargs)}), too few for --codebook-size "
+                  f"{codebook_size} (PQ needs at least as many as its centroids): trained {size} centroids per "
+                  f"sub-space ({same}); more video or a lower --stride or --conf gives a better codebook")
+        warnings.warn(reason, UserWarning, stacklevel=2)
+    pq.fit(x)
+    pq.stats["n_seen"] = seen  # fit() saw only the sample
+    if reason is not None:
+        pq.stats["codebook_size_requested"] = codebook_size
+        pq.stats["codebook_size_reason"] = reason
     emb.save_codebook(pq, out)
     return pq, seen
