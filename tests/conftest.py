@@ -99,3 +99,26 @@ def small_codebook(index_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("small_codebook") / "cb"
     emb.save_codebook(pq, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def frames_folder(bikes_frames, tmp_path_factory):
+    """The 12 ``bikes_frames`` as a PNG folder: a source ``yolo-vq index`` reads in a few seconds."""
+    d = tmp_path_factory.mktemp("frames")
+    for i, f in enumerate(bikes_frames):
+        cv2.imwrite(str(d / f"{i:03d}.png"), f)
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_index(index_model, small_codebook, frames_folder, tmp_path_factory):
+    """``frames_folder`` indexed with ``small_codebook`` at conf 0.1 (tracked): copy it before changing it."""
+    from yolo_vq import Indexer
+    from yolo_vq.store import Store
+
+    idx = tmp_path_factory.mktemp("small_index") / "idx"
+    with Indexer(index_model, idx, codebook=small_codebook, conf=0.1, track=True) as ix:
+        ix.index_source(frames_folder, progress=False)
+    with Store(idx, readonly=True) as s:
+        assert s.count() > 10
+    return idx

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import cv2
 import numpy as np
 import pytest
 
@@ -38,23 +37,14 @@ def other_codebook(index_model, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def folder(bikes_frames, tmp_path_factory):
-    """12 frames of bikes.mp4 as a PNG folder (a source `yolo-vq index` reads)."""
-    d = tmp_path_factory.mktemp("frames")
-    for i, f in enumerate(bikes_frames):
-        cv2.imwrite(str(d / f"{i:03d}.png"), f)
-    return d
+@pytest.fixture
+def built(small_index):
+    return small_index
 
 
-@pytest.fixture(scope="module")
-def built(index_model, small_codebook, folder, tmp_path_factory):
-    idx = tmp_path_factory.mktemp("bound") / "idx"
-    with Indexer(index_model, idx, codebook=small_codebook, conf=0.1) as ix:
-        ix.index_source(folder, progress=False)
-    with Store(idx, readonly=True) as s:
-        assert s.count() > 10
-    return idx
+@pytest.fixture
+def folder(frames_folder):
+    return frames_folder
 
 
 @pytest.fixture

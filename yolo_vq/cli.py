@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +89,9 @@ def _classes(model: Any, wanted: list[str] | None) -> list[int] | None:
 
 
 def _model(name: str | None):
-    from ultralytics import YOLO
+    from .model import load_model
 
-    from . import assets
-
-    return YOLO(name or str(assets.pose_weights()))
+    return load_model(name)  # a bad --model is one ModelError line, before anything else is done
 
 
 def _predict_args(a, model: Any = None) -> dict[str, Any]:
@@ -111,13 +110,13 @@ def cmd_fit(a) -> None:
     pq, n = fit_codebook(model, a.sources, a.out, recipe=a.recipe, code_bytes=a.bytes,
                          codebook_size=a.codebook_size, rotation=None if a.rotation == "none" else a.rotation,
                          stride=a.stride, max_frames=a.max_frames, **_predict_args(a, model))
-    print(f"codebook: {n} detections sampled, {pq.stats.get('n_train')} used, {pq.code_size} B per detection, "
+    print(f"codebook: {n} detections sampled, {pq.stats.get('n_train')} used, {pq.code_size} B per detection "
+          f"({pq.codebook_size} centroids per sub-space), "
           f"distortion {pq.stats.get('distortion', float('nan')):.4f} -> {Path(a.out)}.safetensors/.json")
 
 
 def cmd_index(a) -> None:
     from .indexer import Indexer
-
     from .video import open_source
 
     if a.thumbs is not None and a.thumbs < 1:
@@ -436,8 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(a, "k", 1) <= 0:
         print(f"error: -k must be a positive number of results, got {a.k}", file=sys.stderr)
         return 2
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
     try:
-        a.fn(a)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            a.fn(a)
     except (YoloVQError, ValueError, KeyError, OSError) as e:  # user errors: files, options, indexes, codebooks
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             msg = f"{e.filename}: {e.strerror}"

@@ -164,9 +164,8 @@ class Memory:
                           f"the highest stored confidence is {float(c['confidence'][keep].max()):.3f}"))
         for m, what, context in steps:
             if not (keep & m).any():
-                alone = "" if m.any() else " on its own"
-                together = "" if (keep & m).any() or not m.any() else " together with the filters before it"
-                return f"the filter {what} leaves no detection{alone}{together} ({context})"
+                together = " together with the filters before it" if m.any() else ""
+                return f"the filter {what} leaves no detection{together} ({context})"
             keep &= m
         return "no detection matches the filters"
 

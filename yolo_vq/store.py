@@ -100,7 +100,8 @@ def _sql_fault(path: Path, doing: str, e: sqlite3.Error) -> StoreError:
         return StoreError(f"{path}: the disk is full ({msg}) while {doing}: everything committed before is kept and "
                           f"this batch was rolled back; free space on the disk of {path.parent} and re-run the same "
                           f"command to resume")
-    if "readonly" in low or "read-only" in low:
+    writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+    if "readonly" in low or "read-only" in low or "unable to open" in low and not writable:
         return StoreError(f"{path} is read-only ({msg}) while {doing}: make the index folder and its files writable, "
                           f"or index into a writable directory (search works on a read-only index)")
     if "locked" in low or "busy" in low:
@@ -263,23 +264,12 @@ class Store:
             self._db.execute("ROLLBACK")
         tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables and create:
-            self._db.execute("PRAGMA journal_mode=WAL")  # a header write first: an empty file is never left behind
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                                 (json.dumps(SCHEMA_VERSION),))
-                if codebook is not None:
-                    self._bind(codebook)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-            codebook = None  # bound (or, had another process made the schema first, checked) above
+            self._create(codebook)
+            codebook = None  # bound (or, had another process made the schema first, checked) in the transaction
             tables = set(_COLUMNS)
+        if not tables:
+            raise StoreError(f"{self.path} holds no index yet: its creation stopped before anything was stored; index "
+                             f"into it again (`yolo-vq index VIDEO --index {self.directory}`)")
         version = self.get_meta("schema_version") if "meta" in tables else None
         if version != SCHEMA_VERSION:
             raise StoreError(
@@ -296,6 +286,33 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
         if codebook is not None:
             self.bind_codebook(codebook)
+
+    def _create(self, codebook: CodebookBinding | None) -> None:
+        """Make the schema (and bind ``codebook``) in one write transaction; another process may be doing the same.
+
+        Two processes making one new database can get SQLITE_BUSY at once, without the busy timeout (the switch to
+        WAL mode and a first write lock race for the same fresh file): retried until ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")  # a header write first: no empty file is left behind
+                self._db.execute("BEGIN IMMEDIATE")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                 (json.dumps(SCHEMA_VERSION),))
+                if codebook is not None:
+                    self._bind(codebook)
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            time.sleep(0.05)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -388,8 +405,13 @@ class Store:
             if dst.exists() and dst.samefile(src):
                 continue
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            except OSError as e:  # e.g. the disk is full: the transaction rolls back, no half file stays
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"{dst}: cannot copy the codebook into the index ({e.strerror or e}): nothing was "
+                                 f"stored; free space or fix permissions of {self.directory} and re-run") from None
         if problem := self._own_codebook_problem(want):
             raise CodebookError(f"codebook {codebook.path} does not match its own checksum once copied ({problem})")
         if have is None:
