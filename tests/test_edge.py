@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from yolo_vq import assets
+from yolo_vq.errors import CodebookError
 from yolo_vq.export import export
 from yolo_vq.ingest import ingest
 from yolo_vq.records import RecordError
-from yolo_vq.store import Store, StoreError
+from yolo_vq.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -110,7 +111,7 @@ def test_ingest_refuses_another_codebook_and_keeps_the_index(edge_run, tmp_path,
     from tests.test_export import fit_on, scrambled
 
     tmp, out, _, _ = edge_run
-    with pytest.raises(StoreError, match="another|not the one"):
+    with pytest.raises(CodebookError, match="another|not the one"):
         ingest(out, tmp_path / "new", codebook=fit_on(scrambled("yolo11n-pose.yaml"), [bus, zidane],
                                                       tmp_path / "other", conf=0.05))
     server = tmp / "server"
@@ -119,7 +120,7 @@ def test_ingest_refuses_another_codebook_and_keeps_the_index(edge_run, tmp_path,
     lines = out.read_text().splitlines()
     head = json.loads(lines[0]) | {"codebook_fingerprint": "0" * 64}
     forged.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
-    with pytest.raises(StoreError, match="encoded with codebook 0000"):
+    with pytest.raises(CodebookError, match="encoded with codebook 0000"):
         ingest(forged, server)
     assert (server / "index.db").read_bytes() == before
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from yolo_vq.errors import CodebookError
 from yolo_vq.ingest import ingest
 from yolo_vq.records import BadRecord, RecordError, RecordWriter, read_records
 from yolo_vq.store import StoreError
@@ -291,10 +292,10 @@ def test_a_refusal_before_any_valid_frame_leaves_the_index_unchanged(header, sma
         "code size": [header | {"code_size": 16}, source(1, "fp-new"), line(0, 1, codes=["00" * 16] * 2)],
     }[case]
     path = write(tmp_path / "b.jsonl", bad)
-    with pytest.raises((RecordError, StoreError)):
+    with pytest.raises((RecordError, StoreError, CodebookError)):
         ingest(path, index)
     assert sha(index) == before and sorted(p.name for p in index.iterdir()) == files_before
-    with pytest.raises((RecordError, StoreError)):
+    with pytest.raises((RecordError, StoreError, CodebookError)):
         ingest(path, tmp_path / "new", codebook=small_codebook)
     assert not (tmp_path / "new").exists()
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .detections import Detections
+from .errors import CodebookError
 from .quant.io import codebook_checksum, codebook_paths
 from .records import BadRecord, read_records
 from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError
@@ -48,7 +49,7 @@ class _Index:
         if have is None:
             self._bind = self._binding(_checked_codebook(self.index, self.header, codebook))
         elif have != want:
-            raise StoreError(f"the edge file was encoded with codebook {want[:16]}..., index {self.index} holds "
+            raise CodebookError(f"the edge file was encoded with codebook {want[:16]}..., index {self.index} holds "
                              f"codebook {have[:16]}...: ingest into an index built with the codebook the graph was "
                              f"exported with (or a new directory with --codebook)")
         else:
@@ -104,7 +105,7 @@ def _checked_codebook(index: Path, header: dict[str, Any], codebook: str | Path 
     if not js.is_file() or not st.is_file():
         raise StoreError(f"codebook {codebook}: {js.name} and {st.name} are both needed")
     if codebook_checksum(js) != want:
-        raise StoreError(f"codebook {js} is not the one the edge graph was exported with (fingerprint "
+        raise CodebookError(f"codebook {js} is not the one the edge graph was exported with (fingerprint "
                          f"{str(codebook_checksum(js))[:16]}... vs {want[:16]}...)")
     _check_code_size(js, header)
     return codebook
