@@ -186,7 +186,7 @@ def load_codebook(
         )
     q = meta.get("quantizer")
     qtype = q.get("type") if isinstance(q, dict) else None
-    if qtype not in _QUANTIZERS:
+    if not isinstance(qtype, str) or qtype not in _QUANTIZERS:  # a list or dict is no name (and unhashable)
         raise CodebookError(f"{js_path}: unknown quantizer type {qtype!r}, expected one of {sorted(_QUANTIZERS)}")
     if not st_path.is_file():
         raise CodebookError(f"{st_path}: codebook tensor file missing (its metadata {js_path.name} exists)")
