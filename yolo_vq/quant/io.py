@@ -198,14 +198,18 @@ def load_codebook(
         tensors = load_file(str(st_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or corrupt header/data
         raise CodebookError(f"{st_path}: unreadable safetensors file ({type(e).__name__}: {_one_line(e)})") from None
+    cls, params = _QUANTIZERS[qtype], q.get("params", {})
     try:
-        quantizer = _QUANTIZERS[qtype](**q.get("params", {}))
-    except (TypeError, ValueError) as e:
+        with torch.device("meta"):  # shapes only: a damaged dim or m allocates nothing (dim 10**12 asked for TBs)
+            shaped = cls(**params)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # RuntimeError: sizes torch cannot hold
         raise CodebookError(f"{js_path}: bad {qtype} parameters {q.get('params')!r} ({_one_line(e)})") from None
     try:
-        quantizer.load_state_dict(tensors, strict=True)
+        shaped.load_state_dict(tensors, strict=True, assign=True)  # names and shapes against the file's tensors
     except RuntimeError as e:
         raise CodebookError(f"{st_path}: tensors do not match the {qtype} in {js_path.name} ({_one_line(e)})") from None
+    quantizer = cls(**params)  # as large as the file's tensors now
+    quantizer.load_state_dict(tensors, strict=True)
     quantizer.to(device)
     quantizer.stats = dict(meta["stats"]) if isinstance(meta.get("stats"), dict) else {}
     quantizer.meta = meta
