@@ -22,8 +22,9 @@ from .kmeans import assign, check_init, fp32, kmeans
 __all__ = ["ProductQuantizer"]
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, limit: int = 1 << 16) -> list[int]:
+    """Divisors of ``n`` up to ``limit``: hints for an error message, which a dim of 10**12 + 1 must not hang."""
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
 class ProductQuantizer(Quantizer):
