@@ -28,7 +28,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -569,9 +569,16 @@ class Store:
         self._db.execute("BEGIN")  # deferred: the snapshot starts at the first read
         try:
             yield self
-        finally:
+        except BaseException:
             if self._db.in_transaction:
+                with suppress(sqlite3.Error):  # a damaged file fails COMMIT too: the error in flight says so
+                    self._db.execute("ROLLBACK")
+            raise
+        if self._db.in_transaction:
+            try:
                 self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise _sql_fault(self.path, "reading it", e) from None
 
     @_guard("reading a track")
     def track_ids(self, source_id: int, track_id: int) -> np.ndarray:
