@@ -115,6 +115,14 @@ def test_a_damaged_database_is_one_line_and_left_as_it_is(idx, damage, command, 
     assert sha(db) == before  # never re-created or repaired over
 
 
+def test_a_file_as_the_index_is_refused_before_fitting(tmp_path, frames_folder, capsys):
+    (tmp_path / "idx").write_text("not a folder")
+    assert main(["index", str(frames_folder), "--index", str(tmp_path / "idx"), "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert "is a file, not an index directory" in one_error_line(out.err) and "fitting" not in out.out
+    assert (tmp_path / "idx").read_text() == "not a folder"
+
+
 def test_a_lost_database_beside_its_codebook_is_not_recreated(idx, frames_folder, small_codebook, capsys):
     (idx / "index.db").unlink()
     assert main(["index", str(frames_folder), "--index", str(idx), "--codebook", str(small_codebook), "--quiet"]) == 2
@@ -173,6 +181,14 @@ _DISK_FULL = textwrap.dedent("""
         cmd = [sys.executable, "-m", "yolo_vq.cli", "index", str(src), "--index", str(disk / "idx"), "--codebook",
                str(codebook), "--conf", "0.1", "--thumbs", "--quiet"]
         return subprocess.run(cmd, capture_output=True, text=True)
+    small = disk / "small"  # a disk too small for the codebook a new index copies (4.8 MB here)
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    cmd = [sys.executable, "-m", "yolo_vq.cli", "index", str(a), "--index", str(small / "idx"), "--codebook",
+           str(codebook), "--quiet"]
+    tiny = subprocess.run(cmd, capture_output=True, text=True)
+    tiny_files = sorted(p.name for p in (small / "idx").iterdir())
+    subprocess.run(["umount", str(small)], check=True)
     first = index(a)
     st = os.statvfs(disk)
     filler = disk / "filler"
@@ -186,7 +202,7 @@ _DISK_FULL = textwrap.dedent("""
     again = index(b)
     with Store(disk / "idx", readonly=True) as s:
         after = {x.uri: s.frames_done(x.id).tolist() for x in s.sources()}, s.count()
-    print(json.dumps({"first": [first.returncode, first.stderr], "full": [full.returncode, full.stderr],
+    print(json.dumps({"tiny": [tiny.returncode, tiny.stderr, tiny_files], "first": [first.returncode, first.stderr], "full": [full.returncode, full.stderr],
                       "kept": kept, "integrity": integrity, "again": [again.returncode, again.stderr],
                       "after": after}))
 """)
@@ -207,6 +223,9 @@ def test_disk_full_mid_index_is_one_line_keeps_the_data_and_a_rerun_resumes(fram
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    rc, err, files = r["tiny"]  # a new index on a disk too small for its codebook: one line, no half file
+    assert rc == 2 and "cannot copy the codebook into the index (No space left on device)" in one_error_line(err)
+    assert not [f for f in files if f.endswith(".tmp")], files
     assert r["first"][0] == 0, r["first"]
     assert r["full"][0] == 2
     line = one_error_line(r["full"][1])

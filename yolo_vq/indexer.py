@@ -153,6 +153,8 @@ class Indexer:
         """Whether the index directory ``index`` has a codebook bound (reading it; a damaged index is a
         :class:`~yolo_vq.errors.StoreError`, a missing one False)."""
         db = Path(index) / DB_NAME
+        if Path(index).exists() and not Path(index).is_dir():
+            Store(index, readonly=True)  # refuses a file given as the index directory, before any fitting
         if not (Path(index) / f"{CODEBOOK_STEM}.json").exists() and (
                 not db.exists() or db.is_file() and db.stat().st_size == 0):
             return False  # a new index (or one whose creation was interrupted before anything was stored)
