@@ -49,7 +49,7 @@ def codebook_checksum(path: str | os.PathLike | Mapping[str, Any]) -> str | None
     else:
         try:
             meta = json.loads(codebook_paths(path)[1].read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: [[[[...
             return None
     tensors = meta.get("tensors") if isinstance(meta, Mapping) else None
     return tensors.get("sha256") if isinstance(tensors, Mapping) else None
@@ -173,7 +173,7 @@ def load_codebook(
         meta = json.loads(js_path.read_text())
     except FileNotFoundError:
         raise CodebookError(f"{js_path}: codebook metadata file missing (expected next to {st_path.name})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...
         raise CodebookError(
             f"{js_path}: not valid codebook JSON ({_one_line(e)}); re-save it with save_codebook()"
         ) from None
