@@ -54,7 +54,48 @@ def _meta_from_session(sess: Any, path: Path) -> dict[str, Any]:
             meta[k] = v
     if meta["yolo_vq_export"] != 1:
         raise EdgeError(f"{path}: export format {meta['yolo_vq_export']!r}, this yolo_vq reads 1; re-export it")
+    _check_graph(sess, path, meta)
     return meta
+
+
+def _sizes(v: Any, n: int) -> bool:
+    """``v`` is a list of ``n`` ints in [1, 2**31)."""
+    return isinstance(v, list) and len(v) == n and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1 << 31 for x in v)
+
+
+def _check_graph(sess: Any, path: Path, meta: dict[str, Any]) -> None:
+    """The metadata the runner uses, checked against the graph's inputs and outputs, so that a damaged or foreign
+    graph is one :class:`EdgeError` here and not an onnxruntime or numpy error after the records file is begun."""
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+
+    def bad(what: str) -> EdgeError:
+        return EdgeError(f"{path}: {what}; re-export it with `yolo-vq export`")
+
+    want = ("boxes", "scores", "classes", "codes", "valid")
+    if sorted(inputs) != ["images", "regions"] or not set(want) <= set(outputs) \
+            or len(inputs["images"]) != 4 or len(inputs["regions"]) != 2:
+        raise bad(f"inputs {inputs} and outputs {outputs} are not those of a yolo_vq export (images (B, 3, H, W) and "
+                  f"regions (B, 4) -> {', '.join(want)})")
+    shape, imgsz, batch = inputs["images"], meta["imgsz"], meta.get("batch")
+    if not _sizes(imgsz, 2) or any(isinstance(s, int) and s != v for s, v in zip(shape[2:], imgsz)):
+        raise bad(f"metadata imgsz {imgsz!r} is not the graph's input size [H, W] {shape[2:]}")
+    fixed = shape[0] if isinstance(shape[0], int) else None
+    if not (batch is None or _sizes([batch], 1)) or batch != fixed:
+        raise bad(f"metadata batch {batch!r} is not the graph's input batch ({fixed or 'dynamic'})")
+    names = meta["names"]
+    if not isinstance(names, dict) or not all(isinstance(k, str) and k.strip().isascii() and k.strip().isdigit()
+                                              and isinstance(v, str) for k, v in names.items()):
+        raise bad(f"metadata names {str(names)[:60]!r} is not a dict of class id -> name")
+    side, src = meta.get("letterbox_imgsz"), meta.get("source_size")
+    if src is not None and not _sizes(src, 2):
+        raise bad(f"metadata source_size {src!r} is not [height, width] of the camera")
+    if isinstance(side, int) and src is not None:  # the scale letterbox_image uses for frames of that size
+        r = min(side / src[0], side / src[1]) if 0 < side < 1 << 31 else 0.0
+        if not (1 <= round(src[0] * r) <= imgsz[0] and 1 <= round(src[1] * r) <= imgsz[1]):
+            raise bad(f"metadata letterbox_imgsz {side!r} scales a {src[1]}x{src[0]} frame beyond the graph's input "
+                      f"{imgsz[1]}x{imgsz[0]}")
 
 
 def letterbox_image(image: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
