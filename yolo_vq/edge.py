@@ -50,7 +50,7 @@ def _meta_from_session(sess: Any, path: Path) -> dict[str, Any]:
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             meta[k] = v
     if meta["yolo_vq_export"] != 1:
         raise EdgeError(f"{path}: export format {meta['yolo_vq_export']!r}, this yolo_vq reads 1; re-export it")
