@@ -166,8 +166,12 @@ class EdgeModel:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise EdgeError(f"{self.path} is not a loadable ONNX model ({first}); re-export it with "
                             f"`yolo-vq export`") from None
-        self.meta = _meta_from_session(self.session, self.path)
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        try:
+            self.meta = _meta_from_session(self.session, self.path)
+            self.outputs = [o.name for o in self.session.get_outputs()]
+        except UnicodeDecodeError as e:  # onnxruntime decodes names and metadata of the graph as UTF-8
+            raise EdgeError(f"{self.path}: names or metadata in the graph are not UTF-8 text ({e.reason}); re-export "
+                            f"it with `yolo-vq export`") from None
         self.batch = self.meta.get("batch")  # None: dynamic
         self.names = {int(k): v for k, v in self.meta["names"].items()}
 
