@@ -240,6 +240,7 @@ def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int],
               "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     described = [{"type": "source", "source": k, "uri": s.uri, "fingerprint": s.fingerprint, "fps": s.fps,
                   "frame_count": s.frame_count, "width": s.width, "height": s.height} for k, s in enumerate(opened)]
+    writer = None
     try:
         with RecordWriter(out, header, described) as writer:
             for k, src in enumerate(opened):
@@ -253,6 +254,10 @@ def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int],
                     counts["frames"] += len(chunk)
                     bar.update(len(chunk))
                 bar.close()
+    except Exception:
+        if writer is not None:  # refused part-way: no records file that reads as whole (Ctrl-C keeps the frames)
+            out.unlink(missing_ok=True)
+        raise
     finally:
         for src in opened:
             src.close()
