@@ -92,6 +92,21 @@ _COLUMNS = {
 _RESTORE = "restore it from a backup, or index into a new directory"
 
 
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+_NOT_JSON = object()
+# What the meta values the code reads must be (None, a key not set, is always allowed): checked as they are read.
+_META_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "codebook_sha256": (lambda v: isinstance(v, str), "a sha256 hex string"),
+    "code_size": (_count, "a positive int"),
+    "names": (lambda v: isinstance(v, dict) and all(k.isascii() and k.isdigit() and isinstance(n, str)
+                                                    for k, n in v.items()), "a dict of class id -> name"),
+    "vectors": (lambda v: isinstance(v, dict) and _count(v.get("dim")), "a dict with the vectors' dim"),
+}
+
+
 def _sql_fault(path: Path, doing: str, e: sqlite3.Error) -> StoreError:
     """One :class:`StoreError` line for an SQLite error while ``doing`` something with the store at ``path``."""
     msg = str(e)
@@ -327,9 +342,22 @@ class Store:
     # -- metadata --------------------------------------------------------------------------------------------------
     @_guard("reading its metadata")
     def get_meta(self, key: str, default: Any = None) -> Any:
-        """A JSON value stored under ``key`` (schema version, codebook and model fingerprints, embedding config)."""
+        """A JSON value stored under ``key`` (schema version, codebook and model fingerprints, embedding config).
+
+        Raises:
+            StoreError: the value is not JSON, or not of the form its key has (a damaged index).
+        """
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        if row is None:
+            return default
+        try:
+            value = json.loads(row[0])
+        except (TypeError, ValueError, RecursionError):
+            value = _NOT_JSON
+        if value is _NOT_JSON or value is not None and key in _META_FORMS and not _META_FORMS[key][0](value):
+            raise StoreError(f"{self.path} is damaged: its meta {key!r} is {str(row[0])[:40]!r}, not "
+                             f"{_META_FORMS.get(key, (None, 'JSON'))[1]}; {_RESTORE} (nothing was changed)")
+        return value
 
     # -- the codebook binding -------------------------------------------------------------------------------------
     @property
