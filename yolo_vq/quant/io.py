@@ -52,7 +52,8 @@ def codebook_checksum(path: str | os.PathLike | Mapping[str, Any]) -> str | None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: [[[[...
             return None
     tensors = meta.get("tensors") if isinstance(meta, Mapping) else None
-    return tensors.get("sha256") if isinstance(tensors, Mapping) else None
+    sha = tensors.get("sha256") if isinstance(tensors, Mapping) else None
+    return sha if isinstance(sha, str) else None  # a checksum of another type is none recorded
 
 
 def _version() -> str:
