@@ -97,7 +97,7 @@ def _count(v: Any) -> bool:
 
 
 _NOT_JSON = object()
-# What the meta values the code reads must be (None, a key not set, is always allowed): checked as they are read.
+# What the meta values the code reads must be (a key not set reads as the default): checked as they are read.
 _META_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "codebook_sha256": (lambda v: isinstance(v, str), "a sha256 hex string"),
     "code_size": (_count, "a positive int"),
@@ -354,7 +354,7 @@ class Store:
             value = json.loads(row[0])
         except (TypeError, ValueError, RecursionError):
             value = _NOT_JSON
-        if value is _NOT_JSON or value is not None and key in _META_FORMS and not _META_FORMS[key][0](value):
+        if value is _NOT_JSON or key in _META_FORMS and not _META_FORMS[key][0](value):  # never stored as null
             raise StoreError(f"{self.path} is damaged: its meta {key!r} is {str(row[0])[:40]!r}, not "
                              f"{_META_FORMS.get(key, (None, 'JSON'))[1]}; {_RESTORE} (nothing was changed)")
         return value
