@@ -213,11 +213,11 @@ class Store:
         fresh = self._check_file(create and not readonly)
         try:
             self._db = self._connect(readonly)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, UnicodeDecodeError) as e:  # UnicodeDecodeError: SQLite's error quotes a damaged schema
             raise _sql_fault(self.path, "opening it", e) from None
         try:
             self._open(create and not readonly, fresh, codebook)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, UnicodeDecodeError) as e:
             self._db.close()
             raise _sql_fault(self.path, "opening it", e) from None
         except BaseException:
