@@ -33,8 +33,8 @@ def main() -> None:
     from ultralytics import YOLO
 
     from yolo_vq import assets
-    from yolo_vq.edge import EdgeModel, letterbox_batch
-    from yolo_vq.export import export
+    from yolo_vq.edge.export import export
+    from yolo_vq.edge.runner import EdgeModel, letterbox_batch
     from yolo_vq.fit import fit_codebook
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

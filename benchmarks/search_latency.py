@@ -41,9 +41,9 @@ def real_embeddings() -> np.ndarray:
 
 def build(path: Path, pq, x: np.ndarray, n: int) -> None:
     from yolo_vq import Detections
-    from yolo_vq.indexer import CODEBOOK_STEM
+    from yolo_vq.index.indexer import CODEBOOK_STEM
+    from yolo_vq.index.store import Frame, Store
     from yolo_vq.quant import save_codebook
-    from yolo_vq.store import Frame, Store
 
     codes = pq.encode(torch.from_numpy(x)).numpy()
     save_codebook(pq, path / CODEBOOK_STEM, model_fingerprint="bench")

@@ -14,9 +14,9 @@ import pytest
 
 from yolo_vq import assets
 from yolo_vq.cli import main
-from yolo_vq.memory import Memory
+from yolo_vq.index.memory import Memory
+from yolo_vq.index.store import Store
 from yolo_vq.metrics import retrieval_scores, valid_queries
-from yolo_vq.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from yolo_vq import assets
 from yolo_vq.cli import _parser, main
-from yolo_vq.store import Store
+from yolo_vq.index.store import Store
 
 ENV = {**os.environ, "YOLO_OFFLINE": "1"}
 
@@ -194,7 +194,7 @@ _DISK_FULL = textwrap.dedent("""
     filler = disk / "filler"
     filler.write_bytes(b"\\0" * max(0, st.f_bavail * st.f_frsize - 24_000))  # ~24 kB left: less than B needs
     full = index(b)
-    from yolo_vq.store import Store
+    from yolo_vq.index.store import Store
     with Store(disk / "idx", readonly=True) as s:
         kept = {x.uri: s.frames_done(x.id).tolist() for x in s.sources()}, s.count()
         integrity = s._db.execute("PRAGMA integrity_check").fetchone()[0]

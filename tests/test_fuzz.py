@@ -438,7 +438,7 @@ def test_search_on_a_damaged_index_db(small_index, work, damages):
 def test_index_into_a_damaged_index_db(small_index, small_codebook, frames_folder, work, damages):
     """index --codebook on a damaged index: refused before any inference with the index as it was, or (the damage
     left it readable) done."""
-    from yolo_vq.indexer import Indexer
+    from yolo_vq.index.indexer import Indexer
 
     infer = Indexer._infer
     inferred: list[int] = []
@@ -532,7 +532,7 @@ def edge_header(index_model, small_codebook) -> dict:
 @pytest.fixture(scope="module")
 def stored(small_index) -> tuple[str, set]:
     """small_index's source fingerprint and its stored (fingerprint, frame) pairs."""
-    from yolo_vq.store import Store
+    from yolo_vq.index.store import Store
 
     with Store(small_index, readonly=True) as s:
         (src,) = s.sources()
@@ -542,7 +542,7 @@ def stored(small_index) -> tuple[str, set]:
 def new_frames_before_error(path: Path, done: set) -> int:
     """Frames the reader yields before its first error that are not in the index yet: 0 means ingest may store
     nothing (the oracle for "refused before any valid frame")."""
-    from yolo_vq.records import RecordError, read_records
+    from yolo_vq.edge.records import RecordError, read_records
 
     new, fps = set(), {}
     try:
@@ -619,7 +619,7 @@ def pq_frame(f: dict) -> tuple[dict, list[bytes]]:
        damage=st.none() | BYTE_MUTATION)
 def test_ingest_fuzzed_parquet(small_index, edge_header, stored, work, header_edits, sources, source_edits, frames,
                                damage):
-    from yolo_vq.records import RecordWriter
+    from yolo_vq.edge.records import RecordWriter
 
     real_fp, done = stored
     with scratch(work) as tmp:
@@ -743,7 +743,7 @@ def test_the_tiny_graph_runs_as_an_exported_one(work, two_frames):
 def test_fuzzed_onnx_metadata(work, two_frames, broken_folder, case, broken):
     """EdgeModel and `edge` on the tiny graph with edited metadata (or other bytes), on the 2-frame video or, with
     ``broken``, a folder whose second image does not decode."""
-    from yolo_vq.edge import EdgeModel
+    from yolo_vq.edge.runner import EdgeModel
 
     with scratch(work) as tmp:
         model = tmp / "m.onnx"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from ultralytics.utils.ops import scale_boxes
 
-from yolo_vq.letterbox import image_region, letterbox_params, to_input, to_original
+from yolo_vq._letterbox import image_region, letterbox_params, to_input, to_original
 
 
 @pytest.mark.parametrize(

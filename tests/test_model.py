@@ -105,7 +105,7 @@ def test_bad_model_is_one_modelerror_line_without_network(file, make, arg, words
     ("yolo11n-pose.yaml", "pose", "Pose"),
 ])
 def test_good_models_load(arg, task, head, no_network):
-    from yolo_vq.tap import detect_head
+    from yolo_vq.features.tap import detect_head
 
     model = load_model(arg)
     assert isinstance(model.model, torch.nn.Module) and model.task == task

@@ -23,10 +23,10 @@ def test_every_error_is_one_catchable_value_error():
     out = _run(
         "import yolo_vq\n"
         "from yolo_vq import errors\n"
-        "from yolo_vq.store import StoreError\n"
+        "from yolo_vq.index.store import StoreError\n"
         "from yolo_vq.quant import CodebookError\n"
-        "from yolo_vq.records import RecordError\n"
-        "from yolo_vq.edge import EdgeError\n"
+        "from yolo_vq.edge.records import RecordError\n"
+        "from yolo_vq.edge.runner import EdgeError\n"
         "names = [n for n in errors.__all__ if n != 'YoloVQError']\n"
         "assert all(issubclass(getattr(errors, n), yolo_vq.YoloVQError) for n in names), names\n"
         "assert issubclass(yolo_vq.YoloVQError, ValueError)\n"

@@ -184,7 +184,7 @@ def test_cli_index_refuses_a_text_file_and_stores_nothing(tmp_path, capsys, smal
     line = _one_error_line(capsys)
     assert "notes.txt" in line and "text art" in line and "codec 'ansi'" in line
     if (idx / "index.db").exists():  # the index may be created before the source is opened: it must stay empty
-        from yolo_vq.store import Store
+        from yolo_vq.index.store import Store
 
         with Store(idx, readonly=True) as s:
             assert s.count() == 0 and s.sources() == []
@@ -202,7 +202,7 @@ def test_cli_fit_refuses_a_text_file_and_writes_no_codebook(tmp_path, capsys):
 def test_edge_run_refuses_a_text_file_before_writing(tmp_path):
     """``edge.run`` opens every source before it writes: a bare EdgeModel (no ONNX graph) is enough to show the
     refusal comes from ``open_source`` and no records file is started."""
-    from yolo_vq.edge import EdgeModel, run
+    from yolo_vq.edge.runner import EdgeModel, run
 
     txt = _file("notes.txt", TEXT)(tmp_path)
     good = assets.bikes_video()

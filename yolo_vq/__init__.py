@@ -21,21 +21,21 @@ _EXPORTS = {
     "list_recipes": "config",
     "load_recipe": "config",
     "Detections": "detections",
-    "BoxEmbedder": "embed",
-    "Embedder": "embedder",
-    "EdgeModel": "edge",
-    "export": "export",
-    "ingest": "ingest",
-    "Indexer": "indexer",
-    "Memory": "memory",
-    "Store": "store",
-    "Tap": "tap",
-    "TapInfo": "tap",
-    "resolve_layers": "tap",
+    "BoxEmbedder": "features.pool",
+    "Embedder": "features.embedder",
+    "EdgeModel": "edge.runner",
+    "export": "edge.export",
+    "ingest": "edge.ingest",
+    "Indexer": "index.indexer",
+    "Memory": "index.memory",
+    "Store": "index.store",
+    "Tap": "features.tap",
+    "TapInfo": "features.tap",
+    "resolve_layers": "features.tap",
     "YoloVQError": "errors",
 }
 # Submodules reachable as attributes after a bare ``import yolo_vq`` (the README's ``yolo_vq.assets.pose_weights()``).
-_SUBMODULES = {"assets", "errors", "quant"}
+_SUBMODULES = {"assets", "edge", "errors", "features", "index", "quant"}
 
 __all__ = [
     "DEFAULT_RECIPE", "BoxEmbedder", "ColourSpec", "Detections", "EdgeModel", "EmbedConfig", "Embedder", "Indexer",

@@ -116,7 +116,7 @@ def cmd_fit(a) -> None:
 
 
 def cmd_index(a) -> None:
-    from .indexer import Indexer
+    from .index.indexer import Indexer
     from .video import open_source
 
     if a.thumbs is not None and a.thumbs < 1:
@@ -156,7 +156,7 @@ def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
     import cv2
     import numpy as np
 
-    from .embedder import Embedder
+    from .features.embedder import Embedder
 
     if a.detection is not None:
         return mem.vectors_of([a.detection]), [a.detection], mem.store.get([a.detection])
@@ -192,7 +192,7 @@ def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
 
 
 def cmd_search(a) -> None:
-    from .memory import Memory
+    from .index.memory import Memory
 
     with Memory(a.index, engine=a.engine) as mem:
         vectors, exclude, query_img = _query_vectors(a, mem)
@@ -231,8 +231,8 @@ def cmd_demo(a) -> None:
     """Offline end to end on bikes.mp4 with yolo11n-pose.pt: fit, index with tracking, search, contact sheet."""
     from . import assets
     from .fit import fit_codebook
-    from .indexer import Indexer
-    from .memory import Memory
+    from .index.indexer import Indexer
+    from .index.memory import Memory
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def _size(text: str, what: str) -> tuple[int, int]:
 
 
 def cmd_export(a) -> None:
-    from .export import export
+    from .edge.export import export
 
     size = _size(a.imgsz, "--imgsz")
     imgsz = size[0] if size[0] == size[1] else size
@@ -280,7 +280,7 @@ def cmd_export(a) -> None:
 
 
 def cmd_edge(a) -> None:
-    from .edge import EdgeModel, run
+    from .edge.runner import EdgeModel, run
 
     model = EdgeModel(a.model, threads=a.threads)
     counts = run(model, a.sources, a.out, stride=a.stride, batch=a.batch, progress=not a.quiet)
@@ -290,7 +290,7 @@ def cmd_edge(a) -> None:
 
 
 def cmd_ingest(a) -> None:
-    from .ingest import ingest
+    from .edge.ingest import ingest
 
     for path in a.files:
         print(f"{path}: " + ingest(path, a.index, codebook=a.codebook).line())

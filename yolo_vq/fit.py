@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .config import DEFAULT_RECIPE, EmbedConfig
-from .embedder import Embedder
+from .features.embedder import Embedder
 from .video import open_source
 
 __all__ = ["embeddings_of", "fit_codebook", "part_blocks"]
@@ -52,7 +52,7 @@ def embeddings_of(
 
 def part_blocks(emb: Embedder) -> list[tuple[int, int]]:
     """The ``roi`` embedding's layout as ``(start, stop)`` dim ranges: one per pooled cell of each level (its C
-    channels, cell-major as :class:`~yolo_vq.embed.BoxEmbedder` writes them), then the whole colour histogram.
+    channels, cell-major as :class:`~yolo_vq.features.pool.BoxEmbedder` writes them), then the whole colour histogram.
 
     Product quantizers rotate each range among itself: channels of one location mix (dense features spread evenly
     over sub-spaces) without mixing locations, and the sparse histogram bins mix across the box."""

@@ -151,7 +151,7 @@ def load_model(name: str | Path | None, *, task: str | None = None) -> Any:
     if not isinstance(net, torch.nn.Module):
         raise ModelError(f"--model {shown} loaded as {type(net).__name__}, not a PyTorch module: yolo_vq taps the "
                          f"modules of {_HEADS}: pass its .pt weights")
-    from .tap import detect_head
+    from .features.tap import detect_head
 
     try:
         detect_head(net)

@@ -12,8 +12,8 @@ from torch import nn
 
 from tests.conftest import yolo
 from yolo_vq import Embedder
-from yolo_vq.edge import EdgeError, EdgeModel
-from yolo_vq.export import ExportError, export, input_size, pair_outputs
+from yolo_vq.edge.export import ExportError, export, input_size, pair_outputs
+from yolo_vq.edge.runner import EdgeError, EdgeModel
 from yolo_vq.quant import CodebookError, ProductQuantizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -138,7 +138,7 @@ def test_class_nms_keeps_what_torchvision_batched_nms_keeps(n):
     order, per group; and no boxes give no rows."""
     from torchvision.ops import batched_nms
 
-    from yolo_vq.export import class_nms
+    from yolo_vq.edge.export import class_nms
 
     g = torch.Generator().manual_seed(n)
     xy = torch.rand(n, 2, generator=g) * 600

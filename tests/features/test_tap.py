@@ -76,7 +76,7 @@ def test_tap_removed_on_exception(bus):
     net = model.predictor.model.model
     assert not any(m._forward_hooks for m in net.modules())
     assert not net._forward_pre_hooks
-    assert all(getattr(cb, "__name__", "") != "on_predict_start" or cb.__module__ != "yolo_vq.tap"
+    assert all(getattr(cb, "__name__", "") != "on_predict_start" or cb.__module__ != "yolo_vq.features.tap"
                for cb in model.callbacks["on_predict_start"])
 
 

@@ -2,7 +2,7 @@
 
 The graph (:class:`VQGraph`) runs the fused detector on a letterboxed batch, selects detections in-graph (YOLO26's
 end-to-end head needs no NMS; YOLOv8/YOLO11 heads get class-wise NMS), pools every kept box on the tapped maps exactly
-as :class:`~yolo_vq.embed.BoxEmbedder` does on the server (RoIAlign, stripes, frame-mean centering, the HSV colour cue
+as :class:`~yolo_vq.features.pool.BoxEmbedder` does on the server (RoIAlign, stripes, frame-mean centering, the HSV colour cue
 from the same input, normalisation) and encodes the vectors with the codebook. So the codes an edge device ships are
 the codes ``yolo-vq index`` would have stored for the same input.
 
@@ -10,7 +10,7 @@ Inputs and outputs (N = ``max_det``)::
 
     images      (B, 3, H, W) float32   RGB in [0, 1], letterboxed as Ultralytics does (pad value 114/255)
     regions     (B, 4)       float32   x0, y0, x1, y1: each frame's area inside the input, in input pixels
-                                       (``yolo_vq.edge.letterbox_batch`` returns both)
+                                       (``yolo_vq.edge.runner.letterbox_batch`` returns both)
     boxes       (B, N, 4)    float32   x1, y1, x2, y2 in input pixels, clipped to the frame's region
     scores      (B, N)       float32
     classes     (B, N)       int64
@@ -40,16 +40,16 @@ import torch
 from torch import nn
 from torchvision.ops import nms
 
-from . import __version__
-from .embed import BoxEmbedder
-from .embedder import Embedder
-from .errors import ExportError
-from .quant import codebook_checksum
-from .tap import detect_head
+from .. import __version__
+from ..errors import ExportError
+from ..features.embedder import Embedder
+from ..features.pool import BoxEmbedder
+from ..features.tap import detect_head
+from ..quant import codebook_checksum
 
 __all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "input_size"]
 
-EXPORT_FORMAT = 1  # version of the metadata layout below, read by yolo_vq.edge
+EXPORT_FORMAT = 1  # version of the metadata layout below, read by yolo_vq.edge.runner
 OUTPUTS = ("boxes", "scores", "classes", "codes", "valid")
 DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
 
@@ -297,7 +297,7 @@ def export(
                           "detect, segment or pose model")
     quantizer = codebook
     if isinstance(codebook, str | Path):
-        from .quant import load_codebook
+        from ..quant import load_codebook
 
         quantizer = load_codebook(codebook)
     if recipe is None:
@@ -403,12 +403,12 @@ def _self_check(graph: VQGraph, path: Path, hw: tuple[int, int], dynamic: bool, 
     """Run ``path`` in onnxruntime and ``graph`` in PyTorch on >= 2 real letterboxed images; raise if they differ."""
     import onnxruntime as ort
 
-    from .edge import letterbox_batch
+    from .runner import letterbox_batch
 
     if images is None:
         import cv2
 
-        from .assets import ultralytics_image
+        from ..assets import ultralytics_image
 
         images = [cv2.imread(str(ultralytics_image(n))) for n in ("bus.jpg", "zidane.jpg")]
     if len(images) < 2:

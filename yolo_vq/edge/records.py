@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import RecordError
+from ..errors import RecordError
 
 __all__ = ["SUFFIXES", "BadRecord", "RecordError", "RecordWriter", "read_records"]
 

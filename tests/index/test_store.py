@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from yolo_vq import Detections
-from yolo_vq.store import DB_NAME, Frame, Store, StoreError
+from yolo_vq.index.store import DB_NAME, Frame, Store, StoreError
 
 
 def frame(i: int, n: int = 3, code_size: int = 8) -> Frame:
@@ -83,8 +83,8 @@ def test_other_schema_version_is_refused_untouched(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from tests.test_store import frame
-    from yolo_vq.store import Store
+    from tests.index.test_store import frame
+    from yolo_vq.index.store import Store
     s = Store({idx!r}, create=True)
     src = s.add_source("clip", "fp")
     done = set(s.frames_done(src.id).tolist())
@@ -97,7 +97,7 @@ WRITER = textwrap.dedent("""
 
 
 def test_resume_after_kill_has_no_duplicates(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     idx = str(tmp_path / "idx")
     proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, idx=idx, pause=0.02)],
                             stdout=subprocess.PIPE, text=True)
@@ -119,7 +119,7 @@ def test_resume_after_kill_has_no_duplicates(tmp_path):
 
 
 def test_readers_search_while_one_process_writes(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     idx = tmp_path / "idx"
     Store(idx, create=True).close()
     proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, idx=str(idx), pause=0.005)],

@@ -9,7 +9,7 @@ import pytest
 
 from yolo_vq import Indexer, Memory
 from yolo_vq.cli import main
-from yolo_vq.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
+from yolo_vq.index.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
 
 CONF = 0.01  # bikes frames 30-41: ~160 low-confidence detections, enough rows for a shortlist to matter
 

@@ -1,6 +1,6 @@
 """The edge runner: an exported ``model_vq.onnx`` on video, with numpy, onnxruntime and OpenCV only (no torch).
 
-    from yolo_vq.edge import EdgeModel, run
+    from yolo_vq.edge.runner import EdgeModel, run
     model = EdgeModel("model_vq.onnx")
     dets = model([frame_bgr])[0]          # dict: xyxy (n, 4) original px, confidence, class_id, codes (n, C)
     run("model_vq.onnx", "video.mp4", "detections.jsonl")   # what `yolo-vq edge` does
@@ -26,10 +26,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import EdgeError
-from .letterbox import letterbox_params
+from .._letterbox import letterbox_params
+from ..errors import EdgeError
+from ..video import chunks, open_source
 from .records import SUFFIXES, RecordWriter
-from .video import chunks, open_source
 
 __all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "run"]
 
@@ -221,7 +221,7 @@ def _frame_record(source: int, frame: int, t: float, d: dict[str, np.ndarray]) -
 def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int], out: str | Path, *,
         stride: int = 1, batch: int = 4, progress: bool = True) -> dict[str, int]:
     """Run the edge graph over ``sources`` (video files, image folders, webcam index, stream URL) and write records
-    (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.records`).
+    (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.edge.records`).
 
     Returns counts: ``{"frames": ..., "detections": ..., "bytes": ...}`` (``bytes``: code bytes written).
     """

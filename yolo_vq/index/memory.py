@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .detections import Detections
+from ..detections import Detections
 from .store import Store, StoreError
 
 __all__ = ["Memory"]
@@ -32,8 +32,8 @@ class Memory:
     """
 
     def __init__(self, index: str | Path, *, engine: str = "auto"):
-        from .quant import load_codebook
-        from .search import CodeIndex
+        from ..quant import load_codebook
+        from .scan import CodeIndex
 
         self.index = Path(index)
         self.store = Store(self.index, readonly=True)
@@ -193,7 +193,7 @@ class Memory:
                  size: tuple[int, int] = (96, 192)) -> list[np.ndarray]:
         """One (h, w, 3) uint8 BGR picture per stored detection: cut from the source video while it is readable and
         unchanged, else its stored thumbnail (or the nearest one of its track), else a placeholder; ``prefer=
-        "thumbs"`` uses thumbnails even where the video is there. See :func:`yolo_vq.thumbs.pictures`."""
+        "thumbs"`` uses thumbnails even where the video is there. See :func:`yolo_vq.index.thumbs.pictures`."""
         from .thumbs import pictures
 
         return pictures(self.store, detections, prefer=prefer, size=size)
@@ -211,7 +211,7 @@ class Memory:
 
         Write it with :func:`yolo_vq.viz.write_image`.
         """
-        from .viz import Tile, contact_sheet, placeholder
+        from ..viz import Tile, contact_sheet, placeholder
 
         tiles = [Tile(img, f"t={t:.1f}s f={f} #{k}", float(s)) for img, t, f, k, s in zip(
             self.pictures(results, prefer=prefer), results.data["time"].tolist(), results.data["frame"].tolist(),

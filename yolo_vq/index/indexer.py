@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_RECIPE, EmbedConfig
-from .detections import Detections
-from .embedder import Embedder
+from ..config import DEFAULT_RECIPE, EmbedConfig
+from ..detections import Detections
+from ..features.embedder import Embedder
+from ..video import VideoSource, chunks, fingerprint_name, open_source
 from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Source, Store, StoreError
 from .thumbs import Thumbnailer
-from .video import VideoSource, chunks, fingerprint_name, open_source
 
 __all__ = ["CODEBOOK_STEM", "IndexSummary", "Indexer"]
 
@@ -79,7 +79,7 @@ class Indexer:
         batch: frames per inference call; commit_every: frames per store transaction.
         thumbs: keep a small JPEG crop (longest side 96 px) of every ``thumbs``-th detection of each track (always
             its first; every untracked detection), written with the detection, so search results can be shown
-            without the video (:func:`yolo_vq.thumbs.pictures`). None: no thumbnails.
+            without the video (:func:`yolo_vq.index.thumbs.pictures`). None: no thumbnails.
         keep_vectors: also keep each detection's embedding as float16 (2 bytes per dimension), so searches can
             re-rank a shortlist exactly (``Memory.search(..., rerank=K)``). None: as the index does (an index that
             keeps vectors goes on keeping them; a new one does not).
@@ -113,7 +113,7 @@ class Indexer:
         self.fitted: int | None = None  # detections the codebook was fitted on, when this run fitted it
         with tempfile.TemporaryDirectory(prefix="yolo_vq_fit_") as tmp:
             if codebook is None and fit_on is not None and not Indexer.has_codebook(self.index):
-                from .fit import fit_codebook
+                from ..fit import fit_codebook
 
                 codebook = Path(tmp) / "fitted"
                 _, self.fitted = fit_codebook(model, fit_on, codebook, recipe=recipe, **(fit_args or {}))

@@ -16,8 +16,8 @@ import pytest
 from yolo_vq import Embedder, Indexer, Memory
 from yolo_vq.cli import main
 from yolo_vq.errors import CodebookError
+from yolo_vq.index.store import Store
 from yolo_vq.quant import ProductQuantizer, codebook_checksum
-from yolo_vq.store import Store
 
 
 def digest(index) -> dict[str, str]:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from yolo_vq import assets
+from yolo_vq.edge.export import export
+from yolo_vq.edge.ingest import ingest
+from yolo_vq.edge.records import RecordError
 from yolo_vq.errors import CodebookError
-from yolo_vq.export import export
-from yolo_vq.ingest import ingest
-from yolo_vq.records import RecordError
-from yolo_vq.store import Store
+from yolo_vq.index.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -108,7 +108,7 @@ def test_search_on_edge_codes_returns_the_servers_top10(edge_run):
 
 
 def test_ingest_refuses_another_codebook_and_keeps_the_index(edge_run, tmp_path, bus, zidane):
-    from tests.test_export import fit_on, scrambled
+    from tests.edge.test_export import fit_on, scrambled
 
     tmp, out, _, _ = edge_run
     with pytest.raises(CodebookError, match="another|not the one"):

@@ -1,7 +1,7 @@
 """Ingest of edge records files that are damaged: what is stored, what the error says, what a re-run does.
 
 Records files are written here directly (``RecordWriter``, or JSON lines by hand to damage one), with the header
-``yolo_vq.edge.run`` writes for a graph exported with ``small_codebook``: no ONNX export needed.
+``yolo_vq.edge.runner.run`` writes for a graph exported with ``small_codebook``: no ONNX export needed.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from yolo_vq.edge.ingest import ingest
+from yolo_vq.edge.records import BadRecord, RecordError, RecordWriter, read_records
 from yolo_vq.errors import CodebookError
-from yolo_vq.ingest import ingest
-from yolo_vq.records import BadRecord, RecordError, RecordWriter, read_records
-from yolo_vq.store import StoreError
+from yolo_vq.index.store import StoreError
 
 CODE = 8  # bytes per code of small_codebook (PQ, m=8, 16 centroids)
 ORPHANS = "SELECT COUNT(*) FROM sources s WHERE NOT EXISTS (SELECT 1 FROM frames f WHERE f.source_id = s.id)"
@@ -28,7 +28,7 @@ TRACEBACK_WORDS = re.compile(r"KeyError|TypeError|IndexError|AttributeError|Over
 
 @pytest.fixture(scope="module")
 def header(index_model, small_codebook):
-    """The header `yolo_vq.edge.run` writes for a graph exported from ``index_model`` with ``small_codebook``."""
+    """The header `yolo_vq.edge.runner.run` writes for a graph exported from ``index_model`` with ``small_codebook``."""
     from yolo_vq import Embedder
     from yolo_vq.quant.io import codebook_checksum
 

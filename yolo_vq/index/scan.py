@@ -1,6 +1,6 @@
 """Asymmetric-distance (ADC) scan over stored codes: the search engine behind the store.
 
-A :class:`CodeIndex` holds ``(ids, codes)`` rows as :meth:`yolo_vq.store.Store.codes` gives them and answers k-NN
+A :class:`CodeIndex` holds ``(ids, codes)`` rows as :meth:`yolo_vq.index.store.Store.codes` gives them and answers k-NN
 queries with the exact ADC distance of the quantizer it was built for,
 ``||query - decode(codes)||^2 == sum_j distance_tables(query)[j, codes[j]]`` (see :mod:`yolo_vq.quant.base`),
 on one of two engines:
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .quant.base import Quantizer
-from .quant.pq import ProductQuantizer
+from ..quant.base import Quantizer
+from ..quant.pq import ProductQuantizer
 
 __all__ = ["ENGINES", "CodeIndex"]
 

@@ -11,10 +11,18 @@ from torchvision.ops import roi_align
 
 from tests.conftest import FAMILIES, yolo
 from yolo_vq import Detections, Embedder, Tap
-from yolo_vq._rows import head_candidates, match_rows
+from yolo_vq._letterbox import image_region, to_input
 from yolo_vq.config import ColourSpec
-from yolo_vq.embed import _frame_mean, anchor_features, cell_taps, colour_hist, hsv_bin_index, map_rows, pool_cells
-from yolo_vq.letterbox import image_region, to_input
+from yolo_vq.features._rows import head_candidates, match_rows
+from yolo_vq.features.pool import (
+    _frame_mean,
+    anchor_features,
+    cell_taps,
+    colour_hist,
+    hsv_bin_index,
+    map_rows,
+    pool_cells,
+)
 
 LOW = 1e-9  # random-weight YAML models score ~1e-5: keep their boxes for plumbing tests
 

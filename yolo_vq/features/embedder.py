@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import letterbox
+from .. import _letterbox as letterbox
+from ..config import DEFAULT_RECIPE, EmbedConfig, load_recipe
 from ._rows import head_candidates, match_rows
-from .config import DEFAULT_RECIPE, EmbedConfig, load_recipe
-from .embed import BoxEmbedder, anchor_features, image_embedding
+from .pool import BoxEmbedder, anchor_features, image_embedding
 from .tap import Tap, TapInfo, detect_head
 
 __all__ = ["EMBEDDINGS", "IMAGE_EMBEDDING", "Embedder"]
@@ -113,7 +113,7 @@ class Embedder:
     def fingerprint(self) -> str:
         """Short hash of the weights the embeddings depend on: every layer up to the deepest tapped one (the head
         too in ``anchor`` mode), as loaded (unfused). Codebooks record it so they are never used with another model."""
-        from .quant.io import fingerprint_module
+        from ..quant.io import fingerprint_module
 
         layers = self.tap._module.model
         last = len(layers) - 1 if self.config.mode == "anchor" else max((t.layer for t in self.taps), default=0)
@@ -142,7 +142,7 @@ class Embedder:
 
     def save_codebook(self, quantizer: Any, path: str | Path) -> tuple[Path, Path]:
         """Save a quantizer trained on these embeddings, recording this model's fingerprint and recipe."""
-        from .quant import save_codebook
+        from ..quant import save_codebook
 
         if quantizer.dim != self.dim:
             raise ValueError(f"quantizer encodes dim={quantizer.dim} vectors, these embeddings have dim={self.dim}")
@@ -155,7 +155,7 @@ class Embedder:
             yolo_vq.quant.CodebookError: corrupt files, or a codebook of another model/recipe (it says which one),
                 unless ``allow_mismatch`` (then a warning).
         """
-        from .quant import load_codebook
+        from ..quant import load_codebook
 
         return load_codebook(path, expect_dim=self.dim, expect_fingerprint=self.fingerprint,
                              allow_mismatch=allow_mismatch, device=next(self.tap._module.parameters()).device)

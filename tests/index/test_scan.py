@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.quant._data import low_rank
-from yolo_vq import search
+from yolo_vq.index import scan as search
+from yolo_vq.index.scan import CodeIndex
 from yolo_vq.quant import ProductQuantizer, ResidualQuantizer, VectorQuantizer
-from yolo_vq.search import CodeIndex
 
 D, N, NQ, K = 64, 3000, 16, 10
 ENGINES = ["faiss", "numpy"]

@@ -36,8 +36,8 @@ from urllib.request import pathname2url
 
 import numpy as np
 
-from .detections import Detections
-from .errors import CodebookError, StoreError
+from ..detections import Detections
+from ..errors import CodebookError, StoreError
 
 __all__ = ["CODEBOOK_STEM", "DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame", "Source", "Store",
            "StoreError"]
@@ -366,7 +366,7 @@ class Store:
         for an index written before it was recorded, its codebook file's own record. None: no codebook bound."""
         have = self.get_meta("codebook_sha256")
         if have is None and self.get_meta("embedding") is not None:  # bound by an older yolo_vq
-            from .quant.io import codebook_checksum
+            from ..quant.io import codebook_checksum
 
             have = codebook_checksum(self.directory / CODEBOOK_STEM)
             if have is None:
@@ -401,7 +401,7 @@ class Store:
         return bound
 
     def _bind(self, codebook: CodebookBinding) -> bool:
-        from .quant.io import codebook_checksum, codebook_paths
+        from ..quant.io import codebook_checksum, codebook_paths
 
         want = codebook_checksum(codebook.path)
         if want is None:
@@ -451,7 +451,7 @@ class Store:
 
     def _own_codebook_problem(self, sha: str) -> str | None:
         """What is wrong with the index's copy of the codebook of checksum ``sha`` (None: nothing)."""
-        from .quant.io import _sha256, codebook_checksum
+        from ..quant.io import _sha256, codebook_checksum
 
         st, js = (self.directory / f"{CODEBOOK_STEM}{x}" for x in (".safetensors", ".json"))
         if missing := [p.name for p in (st, js) if not p.is_file()]:

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from .detections import Detections
-from .errors import CodebookError
-from .quant.io import codebook_checksum, codebook_paths
+from ..detections import Detections
+from ..errors import CodebookError
+from ..index.store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError
+from ..quant.io import codebook_checksum, codebook_paths
 from .records import BadRecord, read_records
-from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError
 
 __all__ = ["IngestSummary", "ingest"]
 
@@ -133,14 +133,14 @@ class IngestSummary(dict):
 
 def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None = None,
            commit_every: int = 256) -> IngestSummary:
-    """Add an edge records file (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.records`) to the index ``index``.
+    """Add an edge records file (``.jsonl`` or ``.parquet``, see :mod:`yolo_vq.edge.records`) to the index ``index``.
 
     Frames are stored in batches of ``commit_every``, each source registered (and a new index made) with its
     first stored frames. A malformed record stops the ingest: the frames before it are stored, then the error says
     where and how many; a re-run of the same file skips them and stops at the same place.
 
     Raises:
-        RecordError: not an edge file, or a malformed record (:class:`~yolo_vq.records.BadRecord`, ``file:line:``
+        RecordError: not an edge file, or a malformed record (:class:`~yolo_vq.edge.records.BadRecord`, ``file:line:``
             first; the frames before it are stored, and the index is untouched if there were none).
         StoreError: codebook (or code size) mismatch, or a new index without ``codebook``: nothing is written
             then; or a fault while writing (the batches committed before it are kept).

@@ -17,10 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .detections import Detections
+from ..detections import Detections
+from ..video import IMAGE_SUFFIXES, fingerprint_file
+from ..viz import crop, decode_jpeg, encode_jpeg, placeholder, thumbnail
 from .store import Source, Store
-from .video import IMAGE_SUFFIXES, fingerprint_file
-from .viz import crop, decode_jpeg, encode_jpeg, placeholder, thumbnail
 
 __all__ = ["PREFER", "THUMB_LONGEST", "Thumbnailer", "pictures"]
 
