@@ -137,7 +137,7 @@ def cmd_index(a) -> None:
     ix = None
     try:
         with Indexer(model, index, codebook=a.codebook, recipe=a.recipe, track=a.track, batch=a.batch,
-                     thumbs=a.thumbs, keep_vectors=True if a.keep_vectors else None, fit_on=a.sources[:1] if fit else None,
+                     thumb_every=a.thumbs, keep_vectors=True if a.keep_vectors else None, fit_on=a.sources[:1] if fit else None,
                      fit_args=fit, **predict) as ix:
             for s in a.sources:
                 print(ix.index_source(s, stride=a.stride, progress=not a.quiet).line())

@@ -28,7 +28,7 @@ def reference(index_model, small_codebook, frames, tmp_path_factory):
     (d / "frames").mkdir()
     for i, f in enumerate(frames):
         cv2.imwrite(str(d / "frames" / f"{i:03d}.png"), f)
-    with Indexer(index_model, d / "idx", codebook=small_codebook, track=True, thumbs=2, conf=0.1) as ix:
+    with Indexer(index_model, d / "idx", codebook=small_codebook, track=True, thumb_every=2, conf=0.1) as ix:
         summary = ix.index_source(d / "frames", progress=False)
     assert summary.frames == N and summary.detections == len(rows(d / "idx")) > 20
     return d / "idx"
@@ -46,7 +46,7 @@ def rows(index, source_id: int | None = None) -> list[tuple]:
 
 
 def test_frames_loop_stores_what_index_source_stores(index_model, small_codebook, frames, reference, tmp_path):
-    with Indexer(index_model, tmp_path / "idx", codebook=small_codebook, track=True, thumbs=2, conf=0.1) as ix:
+    with Indexer(index_model, tmp_path / "idx", codebook=small_codebook, track=True, thumb_every=2, conf=0.1) as ix:
         for f in frames:  # one frame at a time, as from a camera: batched inside, tracked
             ix.add(f, source="cam0")
     got, want = rows(tmp_path / "idx"), rows(reference)
@@ -57,7 +57,7 @@ def test_frames_loop_stores_what_index_source_stores(index_model, small_codebook
 
 
 def test_results_loop_stores_what_index_source_stores(index_model, small_codebook, frames, reference, tmp_path):
-    with Indexer(index_model, tmp_path / "idx", codebook=small_codebook, thumbs=2) as ix:
+    with Indexer(index_model, tmp_path / "idx", codebook=small_codebook, thumb_every=2) as ix:
         for t in getattr(index_model.predictor, "trackers", None) or []:
             t.reset()  # the user's own tracker, started afresh as index_source starts its own
         for k in range(0, N, 8):  # the user's loop: their own model.track calls, the indexer's codes attached

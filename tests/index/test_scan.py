@@ -1,4 +1,4 @@
-"""CodeIndex: ADC search on the faiss and numpy engines against brute force (``quantizer.adc``), filters,
+"""CodeScan: ADC search on the faiss and numpy engines against brute force (``quantizer.adc``), filters,
 incremental adds, padding and input errors."""
 
 import sys
@@ -10,7 +10,7 @@ import torch
 
 from tests.quant._data import low_rank
 from yolo_vq.index import scan as search
-from yolo_vq.index.scan import CodeIndex
+from yolo_vq.index.scan import CodeScan
 from yolo_vq.quant import ProductQuantizer, ResidualQuantizer, VectorQuantizer
 
 D, N, NQ, K = 64, 3000, 16, 10
@@ -67,9 +67,9 @@ def check_against_brute(dist: np.ndarray, ids: np.ndarray, brute: np.ndarray, k:
     np.testing.assert_allclose(np.take_along_axis(brute, row_of(ids), 1), dist, rtol=1e-4, atol=1e-4)
 
 
-def build(quantizer, engine: str, data) -> tuple[CodeIndex, torch.Tensor]:
+def build(quantizer, engine: str, data) -> tuple[CodeScan, torch.Tensor]:
     codes = quantizer.encode(data[0])
-    index = CodeIndex(quantizer, engine=engine)
+    index = CodeScan(quantizer, engine=engine)
     index.add(ids_for(N), codes)
     return index, codes
 
@@ -108,7 +108,7 @@ def test_uint16_codes_as_store_bytes(data):
     vq = VectorQuantizer(dim=D, codebook_size=300, iters=5).fit(data[0])
     codes = vq.encode(data[0]).cpu().numpy()
     assert codes.dtype == np.uint16
-    as_codes, as_bytes = CodeIndex(vq), CodeIndex(vq)
+    as_codes, as_bytes = CodeScan(vq), CodeScan(vq)
     as_codes.add(ids_for(N), codes)
     as_bytes.add(ids_for(N), codes.view(np.uint8))
     for a, b in zip(as_codes.search(data[1], K), as_bytes.search(data[1], K)):
@@ -151,7 +151,7 @@ def test_allowed_restricts_to_those_ids(pq, data, engine):
 @pytest.mark.parametrize("order", ["increasing", "shuffled"])
 def test_incremental_add_equals_one_add(pq, data, engine, order):
     whole, codes = build(pq, engine, data)
-    parts = CodeIndex(pq, engine=engine)
+    parts = CodeScan(pq, engine=engine)
     cuts = [slice(0, 700), slice(700, 701), slice(701, 701), slice(701, 2000), slice(2000, N)]
     for s in cuts if order == "increasing" else cuts[::-1]:
         parts.add(ids_for(N)[s], codes[s])
@@ -165,7 +165,7 @@ def test_incremental_add_equals_one_add(pq, data, engine, order):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_fewer_than_k_candidates_pad(pq, data, engine):
-    index = CodeIndex(pq, engine=engine)
+    index = CodeScan(pq, engine=engine)
     d, i = index.search(data[1], 3)  # empty index
     assert np.isinf(d).all() and (i == -1).all() and d.shape == (NQ, 3)
     codes = pq.encode(data[0][:5])
@@ -181,13 +181,13 @@ def test_fewer_than_k_candidates_pad(pq, data, engine):
 
 
 def test_auto_picks_faiss_for_pq(pq):
-    assert CodeIndex(pq).engine == "faiss"
+    assert CodeScan(pq).engine == "faiss"
 
 
 @pytest.fixture(scope="module")
-def index(data) -> CodeIndex:
+def index(data) -> CodeScan:
     pq = ProductQuantizer(dim=D, m=8, iters=2).fit(data[0])
-    index = CodeIndex(pq, engine="numpy")
+    index = CodeScan(pq, engine="numpy")
     index.add(ids_for(10), pq.encode(data[0][:10]))
     return index
 
@@ -228,19 +228,19 @@ def test_bad_inputs(index, data, call, error, match):
 def test_bad_quantizer_or_engine(pq, vq, data, monkeypatch):
     rq = ResidualQuantizer(dim=D, levels=2, codebook_size=16, iters=2).fit(data[0])
     with pytest.raises(ValueError, match=r"search supports PQ/VQ codebooks.*ResidualQuantizer.*ProductQuantizer"):
-        CodeIndex(rq)
+        CodeScan(rq)
     with pytest.raises(ValueError, match=r"not trained: call .fit\(x\)"):
-        CodeIndex(ProductQuantizer(dim=D, m=8))
+        CodeScan(ProductQuantizer(dim=D, m=8))
     with pytest.raises(TypeError, match=r"quantizer must be a trained yolo_vq.quant quantizer"):
-        CodeIndex(np.zeros((4, D)))
+        CodeScan(np.zeros((4, D)))
     with pytest.raises(ValueError, match=r"engine must be one of \('auto', 'faiss', 'numpy'\), got 'annoy'"):
-        CodeIndex(pq, engine="annoy")
+        CodeScan(pq, engine="annoy")
     with pytest.raises(ValueError, match=r"engine='faiss' supports ProductQuantizer with codebook_size=256.*numpy"):
-        CodeIndex(vq, engine="faiss")
+        CodeScan(vq, engine="faiss")
     small = VectorQuantizer(dim=D, codebook_size=100, iters=1).fit(data[0])
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 100\), got max 200"):
-        CodeIndex(small).add([1], np.full((1, 1), 200, np.uint8))
+        CodeScan(small).add([1], np.full((1, 1), 200, np.uint8))
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
     with pytest.raises(ImportError, match=r"pip install faiss-cpu"):
-        CodeIndex(pq, engine="faiss")
-    assert CodeIndex(pq).engine == "numpy"  # auto falls back
+        CodeScan(pq, engine="faiss")
+    assert CodeScan(pq).engine == "numpy"  # auto falls back

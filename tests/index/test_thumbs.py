@@ -41,7 +41,7 @@ def thumbed(index_model, small_codebook, clip, tmp_path_factory):
     """The clip (a copy, deleted by a test) indexed with tracking and a thumbnail of every 3rd detection."""
     d = tmp_path_factory.mktemp("thumbed")
     video = shutil.copy(clip[0], d / "clip.avi")
-    with Indexer(index_model, d / "idx", codebook=small_codebook, track=True, thumbs=3, conf=0.1) as ix:
+    with Indexer(index_model, d / "idx", codebook=small_codebook, track=True, thumb_every=3, conf=0.1) as ix:
         summary = ix.index_source(video, progress=False)
     return d, summary
 

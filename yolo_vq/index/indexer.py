@@ -77,9 +77,9 @@ class Indexer:
         recipe: embedding recipe; must be the codebook's.
         track: run Ultralytics' tracker (``tracker``) and store track ids.
         batch: frames per inference call; commit_every: frames per store transaction.
-        thumbs: keep a small JPEG crop (longest side 96 px) of every ``thumbs``-th detection of each track (always
-            its first; every untracked detection), written with the detection, so search results can be shown
-            without the video (:func:`yolo_vq.index.thumbs.pictures`). None: no thumbnails.
+        thumb_every: keep a small JPEG crop (longest side 96 px) of every ``thumb_every``-th detection of each
+            track (always its first; every untracked detection), written with the detection, so search results can
+            be shown without the video (:func:`yolo_vq.index.thumbs.pictures`). None: no thumbnails.
         keep_vectors: also keep each detection's embedding as float16 (2 bytes per dimension), so searches can
             re-rank a shortlist exactly (``Memory.search(..., rerank=K)``). None: as the index does (an index that
             keeps vectors goes on keeping them; a new one does not).
@@ -98,13 +98,13 @@ class Indexer:
     def __init__(
         self, model: Any, index: str | Path, *, codebook: str | Path | None = None,
         recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, track: bool = False,
-        tracker: str = "bytetrack.yaml", batch: int = 8, commit_every: int = 64, thumbs: int | None = None,
+        tracker: str = "bytetrack.yaml", batch: int = 8, commit_every: int = 64, thumb_every: int | None = None,
         keep_vectors: bool | None = None, fit_on: Sequence[str | Path | int] | None = None,
         fit_args: dict[str, Any] | None = None, **predict_args: Any,
     ):
         if batch < 1 or commit_every < 1:
             raise ValueError(f"batch and commit_every must be >= 1, got batch={batch}, commit_every={commit_every}")
-        self.thumbnailer = None if thumbs is None else Thumbnailer(thumbs)
+        self.thumbnailer = None if thumb_every is None else Thumbnailer(thumb_every)
         self.model, self.track, self.tracker = model, track, tracker
         self.batch, self.commit_every = batch, commit_every
         self.predict_args = {"verbose": False, **predict_args}

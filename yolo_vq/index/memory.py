@@ -33,7 +33,7 @@ class Memory:
 
     def __init__(self, index: str | Path, *, engine: str = "auto"):
         from ..quant import load_codebook
-        from .scan import CodeIndex
+        from .scan import CodeScan
 
         self.index = Path(index)
         self.store = Store(self.index, readonly=True)
@@ -48,7 +48,7 @@ class Memory:
                                  f"{self.codebook.meta.get('model_fingerprint')}, the index to {fp}: the index is "
                                  f"inconsistent, re-index it")
             self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
-            self.scan = CodeIndex(self.codebook, engine=engine)
+            self.scan = CodeScan(self.codebook, engine=engine)
             self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
             self._last = 0
             self.refresh()

@@ -1,6 +1,6 @@
 """Asymmetric-distance (ADC) scan over stored codes: the search engine behind the store.
 
-A :class:`CodeIndex` holds ``(ids, codes)`` rows as :meth:`yolo_vq.index.store.Store.codes` gives them and answers k-NN
+A :class:`CodeScan` holds ``(ids, codes)`` rows as :meth:`yolo_vq.index.store.Store.codes` gives them and answers k-NN
 queries with the exact ADC distance of the quantizer it was built for,
 ``||query - decode(codes)||^2 == sum_j distance_tables(query)[j, codes[j]]`` (see :mod:`yolo_vq.quant.base`),
 on one of two engines:
@@ -26,7 +26,7 @@ from torch import Tensor
 from ..quant.base import Quantizer
 from ..quant.pq import ProductQuantizer
 
-__all__ = ["ENGINES", "CodeIndex"]
+__all__ = ["ENGINES", "CodeScan"]
 
 ENGINES = ("auto", "faiss", "numpy")
 _CHUNK_ROWS = 16384  # code rows per gather in the numpy engine (fits the tables and the chunk in cache) ...
@@ -146,7 +146,7 @@ class _FaissEngine:
         return dist, pos
 
 
-class CodeIndex:
+class CodeScan:
     """k-NN search over stored codes by asymmetric distance (ADC), optionally restricted to a set of ids.
 
     Args:
@@ -161,7 +161,7 @@ class CodeIndex:
 
     Example::
 
-        index = CodeIndex(pq)
+        index = CodeScan(pq)
         index.add(*store.codes())                           # later: index.add(*store.codes(after_id=last_id))
         dist, ids = index.search(queries, 10, allowed=ids_of_class_0)
     """
@@ -181,7 +181,7 @@ class CodeIndex:
         if not quantizer.fitted:
             raise ValueError(
                 f"{type(quantizer).__name__} is not trained: call .fit(x) or load one with "
-                "yolo_vq.quant.load_codebook() before building a CodeIndex"
+                "yolo_vq.quant.load_codebook() before building a CodeScan"
             )
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -214,7 +214,7 @@ class CodeIndex:
         return self._ids.n
 
     def __repr__(self) -> str:
-        return f"CodeIndex({type(self.quantizer).__name__}, engine={self.engine!r}, n={len(self)})"
+        return f"CodeScan({type(self.quantizer).__name__}, engine={self.engine!r}, n={len(self)})"
 
     # -- adding --------------------------------------------------------------------------------------------------
     def add(self, ids: Any, codes: Any) -> None:
