@@ -4,11 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Detections"]
+__all__ = ["FRAME", "ID", "PREFIX", "SCORE", "SOURCE_ID", "TIME", "Detections", "ResultAttrs", "result_attrs"]
+
+# Keys of ``Detections.data`` that the store and search fill (named once, as supervision names its data fields).
+ID = "id"  # (n,) int64 stored detection id
+SOURCE_ID = "source_id"  # (n,) int64 id of the source (video, folder, stream) in the index
+FRAME = "frame"  # (n,) int64 frame number in its source
+TIME = "time"  # (n,) float64 seconds from the source's start
+SCORE = "score"  # (n,) float32 similarity to the query, best first
+
+PREFIX = "vq"  # the default prefix of the attributes an Embedder sets on Ultralytics ``Results``
+
+
+class ResultAttrs(NamedTuple):
+    """Names of the attributes an :class:`~yolo_vq.Embedder` sets on each Ultralytics ``Results``."""
+
+    embeddings: str  # (n, D) float32, one row per box
+    image_embedding: str  # (D_img,) float32, the whole frame
+    codes: str  # (n, code_len) uint8/uint16 codebook codes
+
+
+def result_attrs(prefix: str = PREFIX) -> ResultAttrs:
+    """``vq_embeddings``, ``vq_image_embedding``, ``vq_codes`` for the default prefix."""
+    return ResultAttrs(f"{prefix}_embeddings", f"{prefix}_image_embedding", f"{prefix}_codes")
 
 
 def _check(name: str, a: Any, dtype: type, shape: tuple, fix: str = "") -> np.ndarray:
@@ -79,7 +101,7 @@ class Detections:
         )
 
     @classmethod
-    def from_ultralytics(cls, result: Any, *, prefix: str = "vq", **data: Any) -> Detections:
+    def from_ultralytics(cls, result: Any, *, prefix: str = PREFIX, **data: Any) -> Detections:
         """From an Ultralytics ``Results`` (boxes or oriented boxes; track ids if tracked; embeddings and codes if an
         :class:`~yolo_vq.Embedder` with this ``prefix`` was attached). Extra keyword arrays/scalars go to ``data``
         (scalars broadcast)."""
@@ -87,7 +109,8 @@ class Detections:
         if b is None:
             raise TypeError("result has no boxes: yolo_vq handles detect, segment, pose and obb results")
         n = len(b)
-        emb = getattr(result, f"{prefix}_embeddings", None)
+        attrs = result_attrs(prefix)
+        emb = getattr(result, attrs.embeddings, None)
         extra = {k: (np.full(n, v) if np.ndim(v) == 0 else v) for k, v in data.items()}
         return cls(
             b.xyxy.cpu().numpy(),
@@ -95,7 +118,7 @@ class Detections:
             class_id=b.cls.cpu().numpy(),
             track_id=b.id.cpu().numpy() if b.id is not None else None,
             embeddings=emb,
-            codes=getattr(result, f"{prefix}_codes", None),
+            codes=getattr(result, attrs.codes, None),
             data=extra,
         )
 

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 
 from .. import _letterbox as letterbox
 from ..config import DEFAULT_RECIPE, EmbedConfig, load_recipe
+from ..detections import PREFIX, result_attrs
 from ._rows import head_candidates, match_rows
 from .pool import BoxEmbedder, anchor_features, image_embedding
 from .tap import Tap, TapInfo, detect_head
 
-__all__ = ["EMBEDDINGS", "IMAGE_EMBEDDING", "Embedder"]
+__all__ = ["CODES", "EMBEDDINGS", "IMAGE_EMBEDDING", "Embedder"]
 
-EMBEDDINGS = "vq_embeddings"  # attribute names with the default prefix "vq"
-IMAGE_EMBEDDING = "vq_image_embedding"
+EMBEDDINGS, IMAGE_EMBEDDING, CODES = result_attrs()  # attribute names with the default prefix "vq"
 
 
 def _boxes(result) -> Any:
@@ -78,12 +78,11 @@ class Embedder:
 
     def __init__(
         self, model: Any, recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, *, codebook: Any = None,
-        prefix: str = "vq",
+        prefix: str = PREFIX,
     ):
         self.config = load_recipe(recipe)
         self.model = model
-        self.attr, self.image_attr = f"{prefix}_embeddings", f"{prefix}_image_embedding"
-        self.codes_attr = f"{prefix}_codes"
+        self.attr, self.image_attr, self.codes_attr = result_attrs(prefix)
         anchor = self.config.mode == "anchor"
         layers = ["head"] if anchor else [lv.layer for lv in self.config.levels]
         self.tap = Tap(model, layers, capture_head=anchor)
