@@ -137,8 +137,8 @@ def cmd_index(a) -> None:
     ix = None
     try:
         with Indexer(model, index, codebook=a.codebook, recipe=a.recipe, track=a.track, batch=a.batch,
-                     thumb_every=a.thumbs, keep_vectors=True if a.keep_vectors else None, fit_on=a.sources[:1] if fit else None,
-                     fit_args=fit, **predict) as ix:
+                     thumb_every=a.thumbs, keep_vectors=True if a.keep_vectors else None,
+                     fit_on=a.sources[:1] if fit else None, fit_args=fit, **predict) as ix:
             for s in a.sources:
                 print(ix.index_source(s, stride=a.stride, progress=not a.quiet).line())
             print(f"index {index}: {ix.store.count()} detections in {len(ix.store.sources())} sources")
@@ -151,108 +151,40 @@ def cmd_index(a) -> None:
                            ) from None
 
 
-def _query_vectors(a, mem) -> tuple[Any, list[int], Any]:
-    """Query vectors (q, D), stored ids to exclude, and the query for the sheet (a BGR crop or stored detection)."""
-    import cv2
-    import numpy as np
-
-    from .features.embedder import Embedder
-
-    if a.detection is not None:
-        return mem.vectors_of([a.detection]), [a.detection], mem.store.get([a.detection])
-    if a.track is not None:  # the track's mean vector; its own detections are not results
-        src, tid = a.track
-        v = mem.track_vector(src, tid)
-        ids = mem.store.track_ids(src, tid)
-        return v, ids.tolist(), mem.store.get(ids[:1])
-    image = cv2.imread(a.image) if a.image else None
-    if image is None:
-        raise ValueError(f"cannot read query image {a.image!r}: expected a JPEG/PNG file")
-    model = _model(a.model)
-    emb = Embedder(model, mem.store.get_meta("embedding")["config"])
-    if emb.fingerprint != mem.store.get_meta("model_fingerprint"):
-        raise ValueError(f"--model {a.model or 'yolo11n-pose.pt'} is not the model this index was built with "
-                         f"({mem.store.get_meta('embedding')['model']}): pass that model")
-    if a.crop:
-        h, w = image.shape[:2]
-        box = np.array(a.crop, dtype=np.float32)
-        if box[0] >= w or box[1] >= h or box[2] <= 0 or box[3] <= 0:
-            raise ValueError(f"--crop {','.join(f'{v:g}' for v in a.crop)} lies outside the {w}x{h} image "
-                             f"{a.image}: pass x1,y1,x2,y2 inside it")
-        boxes = box[None]
-    else:
-        with emb:
-            r = model.predict(image, verbose=False, imgsz=a.imgsz)[0]
-        boxes = r.boxes.xyxy.cpu().numpy()
-        if len(boxes) == 0:
-            raise ValueError(f"no detections in {a.image}: pass --crop x1,y1,x2,y2 to search with a region")
-    from .viz import crop
-
-    return emb.embed_boxes(image, boxes, imgsz=a.imgsz), [], crop(image, boxes[0])
-
-
 def cmd_search(a) -> None:
     from .index.memory import Memory
+    from .index.query import Query, format_rows, result_rows
 
     with Memory(a.index, engine=a.engine) as mem:
-        vectors, exclude, query_img = _query_vectors(a, mem)
+        if a.detection is not None:
+            query = Query.detection(mem, a.detection)
+        elif a.track is not None:
+            query = Query.track(mem, *a.track)
+        else:
+            import cv2
+
+            image = cv2.imread(a.image)
+            if image is None:
+                raise ValueError(f"cannot read query image {a.image!r}: expected a JPEG/PNG file")
+            query = Query.image(mem, _model(a.model), image, box=a.crop, imgsz=a.imgsz)
         filters = {"classes": a.cls, "source": a.source, "time_from": a.time_from, "time_to": a.time_to,
                    "min_conf": a.min_conf}
-        results = mem.search(vectors[:1], a.k, exclude=exclude, rerank=a.rerank, **filters)[0]
+        results = mem.search(query.vectors[:1], a.k, exclude=query.exclude, rerank=a.rerank, **filters)[0]
         if not len(results):
-            print(f"no results: {mem.why_empty(exclude=exclude, **filters)}", file=sys.stderr)
-        rows = []
-        for i in range(len(results)):
-            src = mem.store.source(int(results.data["source_id"][i]))
-            rows.append({
-                "id": int(results.data["id"][i]), "score": round(float(results.data["score"][i]), 4),
-                "source": src.uri, "time": round(float(results.data["time"][i]), 3),
-                "frame": int(results.data["frame"][i]), "class": mem.names.get(int(results.class_id[i]),
-                                                                            str(int(results.class_id[i]))),
-                "track": int(results.track_id[i]), "confidence": round(float(results.confidence[i]), 3),
-                "box": [round(float(v), 1) for v in results.xyxy[i]],
-            })
-        if a.json:
-            print(json.dumps(rows, indent=1))
-        else:
-            print(f"{'rank':>4} {'score':>6} {'time':>8} {'frame':>6} {'class':>10} {'track':>5} {'conf':>5}  box  "
-                  f"source")
-            for n, r in enumerate(rows, 1):
-                print(f"{n:>4} {r['score']:6.3f} {r['time']:8.2f} {r['frame']:6d} {r['class']:>10} {r['track']:5d} "
-                      f"{r['confidence']:5.2f}  {r['box']}  {Path(r['source']).name}")
+            print(f"no results: {mem.why_empty(exclude=query.exclude, **filters)}", file=sys.stderr)
+        rows = result_rows(mem, results)
+        print(json.dumps(rows, indent=1) if a.json else format_rows(rows))
         if a.sheet:
             from .viz import write_image
 
-            write_image(a.sheet, mem.contact_sheet(results, query_img, prefer=a.sheet_from))
+            write_image(a.sheet, mem.contact_sheet(results, query.picture, prefer=a.sheet_from))
             print(f"contact sheet: {a.sheet}")
 
 
 def cmd_demo(a) -> None:
-    """Offline end to end on bikes.mp4 with yolo11n-pose.pt: fit, index with tracking, search, contact sheet."""
-    from . import assets
-    from .fit import fit_codebook
-    from .index.indexer import Indexer
-    from .index.memory import Memory
+    from .demo import run_demo
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    video = assets.bikes_video()
-    model = _model(None)
-    print(f"demo: {video.name} with yolo11n-pose.pt -> {out}")
-    pq, n = fit_codebook(model, [video], out / "codebook", code_bytes=32, codebook_size=64, conf=0.1)
-    print(f"1/3 codebook: {n} detections, {pq.code_size} B per detection -> {out / 'codebook'}.safetensors")
-    with Indexer(model, out / "index", codebook=out / "codebook", track=True, conf=0.1) as ix:
-        print("2/3 " + ix.index_source(video).line())
-    with Memory(out / "index") as mem:
-        rows = mem.store.longest_track()
-        if rows is None:
-            raise ValueError("the demo found no tracked detection to query")
-    a2 = argparse.Namespace(index=str(out / "index"), engine="auto", detection=int(rows[2]), track=None, image=None,
-                            crop=None, model=None, imgsz=640, k=10, cls=None, source=None, time_from=None,
-                            time_to=None, min_conf=None, json=False, sheet=str(out / "results.jpg"),
-                            sheet_from="video", rerank=None)
-    print(f"3/3 search: the first detection of track {rows[0]} ({rows[1]} detections) as the query")
-    cmd_search(a2)
+    run_demo(a.out)
 
 
 def _size(text: str, what: str) -> tuple[int, int]:
@@ -296,28 +228,28 @@ def cmd_ingest(a) -> None:
         print(f"{path}: " + ingest(path, a.index, codebook=a.codebook).line())
 
 
-def _parser() -> argparse.ArgumentParser:
+def _detect_args(s: argparse.ArgumentParser, conf: float = 0.25) -> None:
+    s.add_argument("--model", default=None,
+                   help="YOLO weights (.pt, loaded with pickle: trusted files only) or architecture (.yaml); "
+                        "default: the offline yolo11n-pose.pt")
+    s.add_argument("--imgsz", type=_positive, default=640, help="inference size in pixels (default 640)")
+    s.add_argument("--conf", type=float, default=conf, help=f"detection confidence threshold (default {conf})")
+    s.add_argument("--device", default=None, help="torch device, e.g. cpu or 0 (default: Ultralytics' choice)")
+
+
+def _classes_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                   help="only these classes, by name or id (e.g. person 2)")
+
+
+def _add_fit(sub: Any) -> None:
     from .config import DEFAULT_RECIPE
-
-    p = _Parser(prog="yolo-vq", description=DESCRIPTION)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    def detect_args(s, conf=0.25):
-        s.add_argument("--model", default=None,
-                       help="YOLO weights (.pt, loaded with pickle: trusted files only) or architecture (.yaml); "
-                            "default: the offline yolo11n-pose.pt")
-        s.add_argument("--imgsz", type=_positive, default=640, help="inference size in pixels (default 640)")
-        s.add_argument("--conf", type=float, default=conf, help=f"detection confidence threshold (default {conf})")
-        s.add_argument("--device", default=None, help="torch device, e.g. cpu or 0 (default: Ultralytics' choice)")
-
-    def classes_arg(s):
-        s.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
-                       help="only these classes, by name or id (e.g. person 2)")
 
     f = sub.add_parser("fit", help="train a codebook on sampled detections")
     f.add_argument("sources", nargs="+", help="videos, image folders or streams to sample detections from")
     f.add_argument("--out", required=True, help="codebook path stem (writes .safetensors + .json)")
-    f.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"embedding recipe preset or .yaml (default {DEFAULT_RECIPE})")
+    f.add_argument("--recipe", default=DEFAULT_RECIPE,
+                   help=f"embedding recipe preset or .yaml (default {DEFAULT_RECIPE})")
     f.add_argument("--bytes", type=_positive, default=32, help="bytes per detection (PQ sub-spaces; default 32)")
     f.add_argument("--codebook-size", type=_positive, default=256,
                    help="centroids per sub-space, at most 256 (default 256; lowered with a warning when the video "
@@ -326,9 +258,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: rotate within the recipe's parts (see docs/benchmarks.md); random: all dims; none")
     f.add_argument("--stride", type=_positive, default=1, help="use every N-th frame (default 1)")
     f.add_argument("--max-frames", type=_positive, default=None, help="read at most this many frames per source")
-    classes_arg(f)
-    detect_args(f)
+    _classes_arg(f)
+    _detect_args(f)
     f.set_defaults(fn=cmd_fit)
+
+
+def _add_index(sub: Any) -> None:
+    from .config import DEFAULT_RECIPE
 
     i = sub.add_parser("index", help="index videos, image folders or streams into an index directory")
     i.add_argument("sources", nargs="+", help="video files, image folders, webcam indices or stream URLs")
@@ -344,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--track", action="store_true", help="run the tracker and store track ids")
     i.add_argument("--stride", type=_positive, default=1, help="index every N-th frame (default 1)")
     i.add_argument("--batch", type=_positive, default=8, help="frames per inference call (default 8)")
-    classes_arg(i)
+    _classes_arg(i)
     i.add_argument("--thumbs", type=int, nargs="?", const=1, default=None, metavar="N",
                    help="store a small JPEG crop of every N-th detection of each track (always the first; every "
                         "untracked one); --thumbs alone: of every detection")
@@ -352,8 +288,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="also keep each detection's embedding as float16 (2 B per dim) so search can --rerank; an "
                         "index that keeps them goes on keeping them")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
-    detect_args(i)
+    _detect_args(i)
     i.set_defaults(fn=cmd_index)
+
+
+def _add_search(sub: Any) -> None:
+    from .index import ENGINES
+    from .index.thumbs import PREFER
 
     s = sub.add_parser("search", help="search stored detections by visual similarity")
     s.add_argument("--index", required=True, help="the index directory (opened read-only)")
@@ -372,17 +313,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-conf", type=float, default=None, help="only results of at least this confidence")
     s.add_argument("-k", type=int, default=10, help="number of results (default 10; at most what is stored)")
     s.add_argument("--rerank", type=int, default=None, metavar="K",
-                   help="re-rank the K best by ADC with exact cosine on the kept float16 vectors (index --keep-vectors)")
-    s.add_argument("--engine", default="auto", choices=["auto", "faiss", "numpy"],
+                   help="re-rank the K best by ADC with exact cosine on the kept float16 vectors (index "
+                        "--keep-vectors)")
+    s.add_argument("--engine", default=ENGINES[0], choices=ENGINES,
                    help="code scan engine (default auto: FAISS when installed)")
     s.add_argument("--json", action="store_true", help="print results as JSON")
     s.add_argument("--sheet", default=None, help="write a contact sheet picture (.jpg/.png)")
-    s.add_argument("--sheet-from", default="video", choices=["video", "thumbs"],
+    s.add_argument("--sheet-from", default=PREFER[0], choices=PREFER,
                    help="pictures from the source video where it is still readable (else stored thumbnails), "
                         "or from stored thumbnails only")
-    detect_args(s)
+    _detect_args(s)
     s.set_defaults(fn=cmd_search)
 
+
+def _add_export(sub: Any) -> None:
     e = sub.add_parser("export", help="export detector + embedding + codebook as one ONNX graph for edge devices")
     e.add_argument("--model", default=None, help="YOLO weights (.pt) or .yaml; default: the offline yolo11n-pose")
     e.add_argument("--codebook", required=True, help="the codebook the server's index uses")
@@ -401,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--nms", action="store_true", help="end-to-end models: NMS on the one-to-many head instead")
     e.set_defaults(fn=cmd_export)
 
+
+def _add_edge(sub: Any) -> None:
     g = sub.add_parser("edge", help="run an exported graph on video with onnxruntime only (no torch)")
     g.add_argument("model", help="the .onnx written by `yolo-vq export`")
     g.add_argument("sources", nargs="+", help="video files, image folders, webcam indices or stream URLs")
@@ -411,17 +357,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_edge)
 
+
+def _add_ingest(sub: Any) -> None:
     n = sub.add_parser("ingest", help="add edge detections (.jsonl/.parquet) to an index")
     n.add_argument("files", nargs="+", help="records files written by `yolo-vq edge`")
     n.add_argument("--index", required=True, help="the index directory")
     n.add_argument("--codebook", default=None, help="for a new index: the codebook the graph was exported with")
     n.set_defaults(fn=cmd_ingest)
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="offline end-to-end demo on bikes.mp4 (needs the demo extra)")
     d.add_argument("--out", default="yolo_vq_demo", help="output folder (default yolo_vq_demo)")
     d.set_defaults(fn=cmd_demo)
-    return p
 
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``yolo-vq`` parser: one ``_add_<command>`` per sub-command."""
+    p = _Parser(prog="yolo-vq", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_fit, _add_index, _add_search, _add_export, _add_edge, _add_ingest, _add_demo):
+        add(sub)
+    return p
 
 def _one_line(e: BaseException) -> str:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes

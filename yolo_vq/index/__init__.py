@@ -7,7 +7,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["Indexer", "Memory", "Store"]
+__all__ = ["ENGINES", "Indexer", "Memory", "Store"]
+
+ENGINES = ("auto", "faiss", "numpy")  # code scan engines (:class:`.scan.CodeScan`); here so the CLI needs no torch
 
 _EXPORTS = {"Indexer": "indexer", "Memory": "memory", "Store": "store"}
 

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from ..quant.base import Quantizer
 from ..quant.pq import ProductQuantizer
+from . import ENGINES
 
 __all__ = ["ENGINES", "CodeScan"]
 
-ENGINES = ("auto", "faiss", "numpy")
 _CHUNK_ROWS = 16384  # code rows per gather in the numpy engine (fits the tables and the chunk in cache) ...
 _CHUNK_CELLS = 1 << 20  # ... and at most this many (query, row) distances per chunk, so memory stays bounded
 
