@@ -1,5 +1,6 @@
 """Codebook files: safetensors + JSON round trip, mismatch checks, corrupt files, fingerprints."""
 
+import hashlib
 import json
 import pickle
 
@@ -38,6 +39,9 @@ def x() -> torch.Tensor:
 QUANTIZERS = {
     "pq": lambda: ProductQuantizer(dim=D, m=4, iters=3),
     "opq_pca": lambda: ProductQuantizer(dim=D, m=4, iters=3, pca_dim=16, opq=True, opq_iters=2),
+    "blocks": lambda: ProductQuantizer(
+        dim=D, m=4, iters=3, rotation="random", rotation_blocks=[(16, 32), (0, 8)], seed=2
+    ),
     "rq": lambda: ResidualQuantizer(dim=D, levels=2, iters=3, beam_size=2),
     "vq": lambda: VectorQuantizer(dim=D, codebook_size=300, iters=3),
 }
@@ -79,6 +83,55 @@ def test_round_trip_is_bit_exact(fitted, x, tmp_path, name, given, monkeypatch):
     assert meta["format_version"] == 1 and meta["embedding"] == EMBEDDING and meta["model_fingerprint"] == "abc123"
     assert meta["quantizer"]["type"] == type(q).__name__ and meta["code_size"] == q.code_size
     assert meta["created_utc"].endswith("+00:00") and isinstance(meta["yolo_vq_version"], str)
+
+
+# ``quantizer.params`` as the files of yolo_vq before issue 11 hold them (``config()`` of that version, through JSON:
+# tuples became lists). Files already written must keep loading, and new files must keep writing the same params.
+PREVIOUS_PARAMS = {
+    "pq": {"dim": 32, "m": 4, "codebook_size": 256, "center": False, "pca_dim": None, "rotation": None,
+           "rotation_blocks": None, "opq": False, "opq_iters": 10, "opq_kmeans_iters": 4, "iters": 3, "tol": 1e-4,
+           "init": "auto", "max_train": 256000, "seed": 0},
+    "opq_pca": {"dim": 32, "m": 4, "codebook_size": 256, "center": True, "pca_dim": 16, "rotation": None,
+                "rotation_blocks": None, "opq": True, "opq_iters": 2, "opq_kmeans_iters": 4, "iters": 3, "tol": 1e-4,
+                "init": "auto", "max_train": 256000, "seed": 0},
+    "blocks": {"dim": 32, "m": 4, "codebook_size": 256, "center": False, "pca_dim": None, "rotation": "random",
+               "rotation_blocks": [[0, 8], [16, 32]], "opq": False, "opq_iters": 10, "opq_kmeans_iters": 4, "iters": 3,
+               "tol": 1e-4, "init": "auto", "max_train": 256000, "seed": 2},
+    "rq": {"dim": 32, "levels": 2, "codebook_size": 256, "beam_size": 2, "iters": 3, "tol": 1e-4, "init": "auto",
+           "max_train": 256000, "seed": 0},
+    "vq": {"dim": 32, "codebook_size": 300, "iters": 3, "tol": 1e-4, "init": "auto", "max_train": 256000, "seed": 0},
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_files_of_the_previous_version_load_and_encode_identically(fitted, x, tmp_path, name):
+    q = fitted[name]
+    save_codebook(q, tmp_path / "new")
+    assert json.loads(codebook_paths(tmp_path / "new")[1].read_text())["quantizer"] == {
+        "type": type(q).__name__,
+        "params": PREVIOUS_PARAMS[name],
+    }
+    # a pair as the previous version wrote it, made by hand: buffers + the JSON fields load_codebook reads
+    st, js = codebook_paths(tmp_path / "old")
+    save_file({k: v.detach().cpu().contiguous() for k, v in q.state_dict().items()}, str(st))
+    js.write_text(json.dumps({
+        "format_version": 1,
+        "quantizer": {"type": type(q).__name__, "params": PREVIOUS_PARAMS[name]},
+        "dim": D,
+        "code_size": q.code_size,
+        "embedding": None,
+        "model_fingerprint": None,
+        "stats": {},
+        "created_utc": "2024-01-01T00:00:00+00:00",
+        "yolo_vq_version": "0.1.0",
+        "tensors": {"file": st.name, "sha256": hashlib.sha256(st.read_bytes()).hexdigest()},
+    }))
+    old = load_codebook(tmp_path / "old", device=DEVICE)
+    assert type(old) is type(q) and old.config() == q.config()
+    codes = q.encode(x)
+    assert torch.equal(old.encode(x), codes) and old.encode(x).dtype == codes.dtype
+    assert torch.equal(old.decode(codes), q.decode(codes))
+    assert torch.equal(old.distance_tables(x[:5]), q.distance_tables(x[:5]))
 
 
 def test_dim_mismatch_names_the_owner_and_the_fix(saved):

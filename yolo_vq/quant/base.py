@@ -15,36 +15,46 @@ for those whose tables hold inner products (RQ: ``needs_norms = True``; store it
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .kmeans import exporting, fp32
+from ._tensor import as_tensor, exporting, fp32
+from .kmeans import KMeansResult, check_init, kmeans
 
-__all__ = ["Quantizer", "sample_training"]
+__all__ = ["KMeansSettings", "Quantizer", "sample_training"]
 
 ArrayLike = Tensor | np.ndarray
 
 
+class KMeansSettings(TypedDict, total=False):
+    """The training keywords every quantizer takes (defaults and meaning: :class:`Quantizer`)."""
+
+    iters: int
+    tol: float
+    init: str
+    max_train: int | None
+    seed: int
+
+
+KMEANS_SETTINGS: tuple[str, ...] = tuple(KMeansSettings.__annotations__)  # in config() order, after a class's own
+
+
 def _as_matrix(x: Any, name: str, dim: int) -> Tensor:
     """``x`` as a float32 ``(n, dim)`` tensor on its own device (numpy -> cpu)."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a numpy array or torch tensor of shape (n, {dim}), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point (n, {dim}), got {x.dtype}: cast it to float32")
+    x = as_tensor(x, name, f"(n, {dim})")
     if not exporting() and (x.dim() != 2 or x.shape[1] != dim):  # shapes are fixed by the graph when exporting
         raise ValueError(
             f"{name} must be (n, {dim}), got {tuple(x.shape)}: this quantizer was built for dim={dim}; "
             "pass vectors of that size or build/load a quantizer for yours"
         )
-    return x.float()
+    return x
 
 
 def sample_training(
@@ -110,8 +120,15 @@ def sample_training(
 class Quantizer(nn.Module, abc.ABC):
     """Base of :class:`ProductQuantizer`, :class:`ResidualQuantizer` and :class:`VectorQuantizer`.
 
-    Subclasses register their codebooks as buffers in ``__init__`` (so a fresh module can ``load_state_dict``),
-    implement :meth:`_fit`, :meth:`encode`, :meth:`decode`, :meth:`distance_tables` and :meth:`config`.
+    Subclasses take their own keyword-only constructor arguments plus ``**settings`` (:class:`KMeansSettings`),
+    passed on to this constructor; register their codebooks as buffers in ``__init__`` (so a fresh module can
+    ``load_state_dict``); and implement :meth:`_fit`, :meth:`_encode`, :meth:`_decode` and :meth:`_distance_tables`
+    (+ :meth:`_norms` when ``needs_norms``) on tensors that the public methods here have already checked.
+
+    Args (training settings, the same for every quantizer):
+        iters, tol, init: k-means settings (see :func:`yolo_vq.quant.kmeans`).
+        max_train: rows sampled for training (bottom-k reservoir over the stream; None keeps all).
+        seed: seeds sampling and k-means initialisation.
 
     Attributes:
         dim: input vector size D.
@@ -124,16 +141,39 @@ class Quantizer(nn.Module, abc.ABC):
     """
 
     needs_norms: bool = False
+    #: :meth:`config`'s keys: the subclass constructor's keyword-only arguments, then :data:`KMEANS_SETTINGS`.
+    config_keys: ClassVar[tuple[str, ...]] = KMEANS_SETTINGS
 
-    def __init__(self, *, dim: int, code_len: int, codebook_size: int, max_train: int | None, seed: int) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        cls.config_keys = (*own, *(k for k in KMEANS_SETTINGS if k not in own))
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        code_len: int,
+        codebook_size: int,
+        iters: int = 25,
+        tol: float = 1e-4,
+        init: str = "auto",
+        max_train: int | None = 256_000,
+        seed: int = 0,
+        **unexpected: Any,
+    ) -> None:
+        if unexpected:  # reached through a subclass's **settings: name the subclass, as Python would
+            name = next(iter(unexpected))
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}")
         super().__init__()
         for name, v, hi in (("dim", dim, None), ("codebook_size", codebook_size, 65536)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (hi is not None and v > hi):
                 raise ValueError(f"{name} must be an int in [1, {hi or 'inf'}], got {v!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        check_init(init)
         self.dim, self.code_len, self.codebook_size = dim, code_len, codebook_size
-        self.max_train, self.seed = max_train, seed
+        self.iters, self.tol, self.init, self.max_train, self.seed = iters, tol, init, max_train, seed
         self.stats: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self._fitted = False
@@ -157,9 +197,10 @@ class Quantizer(nn.Module, abc.ABC):
     def fitted(self) -> bool:
         return self._fitted
 
-    @abc.abstractmethod
     def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments that rebuild an empty module of the same shape."""
+        """Constructor keyword arguments that rebuild an empty module of the same shape (``cls(**config())``; what a
+        codebook file stores as ``quantizer.params``)."""
+        return {k: getattr(self, k) for k in self.config_keys}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -175,6 +216,11 @@ class Quantizer(nn.Module, abc.ABC):
         t0 = time.perf_counter()
         x, seen = sample_training(data, dim=self.dim, max_train=self.max_train, seed=self.seed)
         self.to(x.device)
+        if x.shape[0] < self.codebook_size:
+            raise ValueError(
+                f"training needs at least codebook_size={self.codebook_size} vectors, got {x.shape[0]}: "
+                "pass more data or lower codebook_size"
+            )
         with fp32(x.device), torch.no_grad():
             extra = self._fit(x) or {}
             self._fitted = True
@@ -194,43 +240,72 @@ class Quantizer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def _fit(self, x: Tensor) -> dict[str, Any] | None:
-        """Fill the buffers from float32 ``(n, dim)`` training rows on the module's device; may return stats,
-        among them ``distortion`` if it equals ``mean ||x - decode(encode(x))||^2`` (else :meth:`fit` computes it)."""
+        """Fill the buffers from float32 ``(n, dim)`` training rows (``n >= codebook_size``) on the module's device;
+        may return stats, among them ``distortion`` if it equals ``mean ||x - decode(encode(x))||^2`` (else
+        :meth:`fit` computes it)."""
+
+    def _kmeans(self, x: Tensor, **overrides: Any) -> KMeansResult:
+        """:func:`kmeans` of ``codebook_size`` centroids with this quantizer's settings, some overridden."""
+        settings = {"iters": self.iters, "tol": self.tol, "init": self.init, "seed": self.seed, **overrides}
+        return kmeans(x, self.codebook_size, **settings)
 
     def _mean_error(self, x: Tensor, chunk: int = 65536) -> float:
         total = sum(float((xs - self.decode(self.encode(xs))).pow(2).sum()) for xs in x.split(chunk))
         return total / max(1, x.shape[0])
 
-    # -- coding ------------------------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def encode(self, x: ArrayLike) -> Tensor:
-        """``(n, dim)`` float -> ``(n, code_len)`` codes, uint8 (K <= 256) or uint16."""
+    # -- coding: the public methods check and convert their inputs, the subclass hooks compute -------------------
+    def encode(self, x: ArrayLike, **options: Any) -> Tensor:
+        """``(n, dim)`` float (numpy or torch) -> ``(n, code_len)`` codes, uint8 (K <= 256) or uint16.
+        ONNX-exportable. ``options`` go to the subclass (e.g. ``beam_size`` of the residual quantizer)."""
+        x = self._input(x)
+        with fp32(x.device):
+            return self._encode(x, **options).to(self.code_dtype)
 
-    @abc.abstractmethod
     def decode(self, codes: ArrayLike) -> Tensor:
-        """``(n, code_len)`` integer codes -> ``(n, dim)`` float32 reconstructions."""
+        """``(n, code_len)`` integer codes (numpy or torch) -> ``(n, dim)`` float32 reconstructions."""
+        return self._decode(self._codes(codes))
 
-    @abc.abstractmethod
     def distance_tables(self, query: ArrayLike) -> Tensor:
         """``(q, dim)`` float -> ``(q, code_len, codebook_size)`` float32 ADC tables (see the module docstring)."""
+        q = self._input(query, "query")
+        with fp32(q.device):
+            return self._distance_tables(q)
 
     def norms(self, codes: ArrayLike) -> Tensor:
         """Per-vector term of the ADC distance, ``(n,)`` float32: zeros unless ``needs_norms``."""
-        return torch.zeros(self._codes(codes).shape[0], device=self.device)
+        return self._norms(self._codes(codes))
 
     def adc(self, query: ArrayLike, codes: ArrayLike) -> Tensor:
         """Squared L2 distances ``(q, n)`` float32 from queries to the decoded ``codes``, through the tables."""
         c = self._codes(codes)
         t = self.distance_tables(query)  # (q, L, K)
         d = t[:, torch.arange(self.code_len, device=c.device), c].sum(-1)  # (q, n, L) -> (q, n)
-        return d + self.norms(c) if self.needs_norms else d
+        return d + self._norms(c) if self.needs_norms else d
+
+    @abc.abstractmethod
+    def _encode(self, x: Tensor) -> Tensor:
+        """float32 ``(n, dim)`` on the module's device, autocast off -> ``(n, code_len)`` integer codes."""
+
+    @abc.abstractmethod
+    def _decode(self, codes: Tensor) -> Tensor:
+        """int64 ``(n, code_len)`` codes in range, on the module's device -> ``(n, dim)`` float32."""
+
+    @abc.abstractmethod
+    def _distance_tables(self, query: Tensor) -> Tensor:
+        """float32 ``(q, dim)`` on the module's device, autocast off -> ``(q, code_len, codebook_size)`` float32."""
+
+    def _norms(self, codes: Tensor) -> Tensor:
+        """int64 ``(n, code_len)`` checked codes -> ``(n,)`` float32; zeros unless ``needs_norms``."""
+        return torch.zeros(codes.shape[0], device=self.device)
 
     def forward(self, x: ArrayLike) -> Tensor:
         """Same as :meth:`encode` (so the module itself can be exported)."""
         return self.encode(x)
 
-    # -- input checks shared by subclasses ------------------------------------------------------------------------
+    # -- input checks: the only place where the coding methods' inputs are converted -----------------------------
     def _input(self, x: ArrayLike, name: str = "x") -> Tensor:
+        """Vectors as float32 ``(n, dim)`` on the module's device: numpy is copied there, a tensor elsewhere is an
+        error (no hidden transfer)."""
         self._check_fitted()
         if isinstance(x, np.ndarray):
             return _as_matrix(x, name, self.dim).to(self.device)
@@ -245,16 +320,7 @@ class Quantizer(nn.Module, abc.ABC):
     def _codes(self, codes: ArrayLike) -> Tensor:
         """Codes as int64 ``(n, code_len)`` on the module's device, range-checked."""
         self._check_fitted()
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(np.ascontiguousarray(codes).astype(np.int64, copy=False))
-        if (
-            not isinstance(codes, Tensor)
-            or codes.is_floating_point()
-            or codes.is_complex()
-            or codes.dtype == torch.bool
-        ):
-            kind = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
-            raise TypeError(f"codes must be an integer array (n, {self.code_len}), got {kind}")
+        codes = as_tensor(codes, "codes", f"(n, {self.code_len})", codes=True)
         if codes.dim() != 2 or codes.shape[1] != self.code_len:
             raise ValueError(
                 f"codes must be (n, {self.code_len}) for this quantizer, got {tuple(codes.shape)}: "

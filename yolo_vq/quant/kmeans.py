@@ -9,35 +9,21 @@ served by the current centroids are taken, farthest-first, which also separates 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["KMeansResult", "assign", "check_init", "exporting", "fp32", "kmeans"]
+from ._tensor import as_tensor, exporting, fp32
+
+__all__ = ["KMeansResult", "assign", "check_init", "exporting", "fp32", "kmeans"]  # exporting, fp32: as before
 
 _INITS = ("auto", "kmeans++", "random")
 
 # Bytes of scores computed per chunk of rows: large enough that Python overhead per chunk is small, small enough
 # to stay in cache (measured on a 2-core Xeon: 16-32 MiB best for PQ training).
 _CHUNK_BYTES = 1 << 24
-
-
-def exporting() -> bool:
-    """True while tracing or exporting (``torch.onnx.export``, ``torch.jit.trace``, ``torch.compile``).
-
-    Encoders then skip the chunk loop over rows so that the batch dimension stays dynamic in the graph.
-    """
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-
-
-def fp32(device: torch.device) -> contextlib.AbstractContextManager:
-    """Context that disables autocast on ``device`` so distances are computed in float32."""
-    if device.type in ("cpu", "cuda", "mps", "xpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def check_init(init: object) -> None:
@@ -154,15 +140,10 @@ class KMeansResult:
 
 
 def _as_batched(x, name: str) -> Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}: cast it to float32 first")
+    x = as_tensor(x, name, "(n, d) or (b, n, d)")
     if x.dim() not in (2, 3):
         raise ValueError(f"{name} must be (n, d) or (b, n, d), got shape {tuple(x.shape)}")
-    return x.float().unsqueeze(0) if x.dim() == 2 else x.float()
+    return x.unsqueeze(0) if x.dim() == 2 else x
 
 
 def _init_random(x: Tensor, k: int, g: torch.Generator) -> Tensor:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .base import ArrayLike, Quantizer
-from .kmeans import assign, check_init, fp32, kmeans
+from .base import KMeansSettings, Quantizer
+from .kmeans import assign
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = ["ProductQuantizer"]
 
@@ -50,10 +53,8 @@ class ProductQuantizer(Quantizer):
         opq: learn an orthogonal rotation by alternating PQ training and orthogonal Procrustes
             (R = U V^T from the SVD of Y^T Y_decoded), ``opq_iters`` rounds of ``opq_kmeans_iters`` k-means
             iterations each, warm-started; the final codebooks then get ``iters`` more iterations.
-        iters, tol, init: k-means settings (see :func:`yolo_vq.quant.kmeans`; ``"auto"`` is random rows per
-            sub-space, as faiss, when ``m > 1``).
-        max_train: rows sampled for training (bottom-k reservoir over the stream; None keeps all).
-        seed: seeds sampling and k-means initialisation.
+        iters, tol, init, max_train, seed: training settings (see :class:`Quantizer`; ``init="auto"`` is random rows
+            per sub-space, as faiss, when ``m > 1``).
 
     Buffers: ``mean`` (D,), ``transform`` (D, D'), ``codebooks`` (m, K, D'/m), all float32.
 
@@ -76,11 +77,7 @@ class ProductQuantizer(Quantizer):
         opq: bool = False,
         opq_iters: int = 10,
         opq_kmeans_iters: int = 4,
-        iters: int = 25,
-        tol: float = 1e-4,
-        init: str = "auto",
-        max_train: int | None = 256_000,
-        seed: int = 0,
+        **settings: Unpack[KMeansSettings],
     ) -> None:
         if not isinstance(m, int) or m < 1:
             raise ValueError(f"m must be a positive int, got {m!r}")
@@ -103,36 +100,14 @@ class ProductQuantizer(Quantizer):
                 raise ValueError(f"rotation_blocks={rotation_blocks!r} needs rotation='random' and disjoint ranges "
                                  f"(start, stop) with 0 <= start < stop <= {d_out}")
             rotation_blocks = blocks
-        super().__init__(dim=dim, code_len=m, codebook_size=codebook_size, max_train=max_train, seed=seed)
+        super().__init__(dim=dim, code_len=m, codebook_size=codebook_size, **settings)
         self.m, self.dim_out, self.dsub = m, d_out, d_out // m
         self.center, self.pca_dim, self.opq = bool(center or pca_dim), pca_dim, bool(opq)
         self.rotation, self.rotation_blocks = rotation, rotation_blocks
         self.opq_iters, self.opq_kmeans_iters = opq_iters, opq_kmeans_iters
-        check_init(init)
-        self.iters, self.tol, self.init = iters, tol, init
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("transform", torch.eye(dim, d_out))
         self.register_buffer("codebooks", torch.zeros(m, codebook_size, self.dsub))
-
-    def config(self) -> dict[str, Any]:
-        names = (
-            "dim",
-            "m",
-            "codebook_size",
-            "center",
-            "pca_dim",
-            "rotation",
-            "rotation_blocks",
-            "opq",
-            "opq_iters",
-            "opq_kmeans_iters",
-            "iters",
-            "tol",
-            "init",
-            "max_train",
-            "seed",
-        )
-        return {k: getattr(self, k) for k in names}
 
     @property
     def _rotates(self) -> bool:
@@ -179,9 +154,7 @@ class ProductQuantizer(Quantizer):
         return y.reshape(-1, self.m, self.dsub).transpose(0, 1)
 
     def _fit(self, x: Tensor) -> dict[str, Any]:
-        k, stats = self.codebook_size, {}
-        if x.shape[0] < k:
-            raise ValueError(f"training needs at least codebook_size={k} vectors, got {x.shape[0]}: pass more data")
+        stats = {}
         if self.center:
             self.mean.copy_(x.mean(0))
         y = x - self.mean if self.center else x
@@ -208,8 +181,8 @@ class ProductQuantizer(Quantizer):
             r = torch.eye(self.dim_out, device=x.device, dtype=torch.float64)
             for it in range(self.opq_iters):
                 z = y @ r.float()
-                km = kmeans(
-                    self._split(z).contiguous(), k, iters=self.opq_kmeans_iters, tol=0, init=cb, seed=self.seed + it
+                km = self._kmeans(
+                    self._split(z).contiguous(), iters=self.opq_kmeans_iters, tol=0, init=cb, seed=self.seed + it
                 )
                 cb = km.centroids
                 zhat = cb[torch.arange(self.m, device=x.device).unsqueeze(1), km.assignments]  # (m, n, dsub)
@@ -218,7 +191,7 @@ class ProductQuantizer(Quantizer):
                 r = u @ vh
             t = t @ r.float()
             y = y @ r.float()
-        km = kmeans(self._split(y).contiguous(), k, iters=self.iters, tol=self.tol, init=cb, seed=self.seed)
+        km = self._kmeans(self._split(y).contiguous(), init=cb)
         self.transform.copy_(t)
         self.codebooks.copy_(km.centroids)
         return {
@@ -229,32 +202,27 @@ class ProductQuantizer(Quantizer):
         }
 
     # -- coding --------------------------------------------------------------------------------------------------
-    def encode(self, x: ArrayLike) -> Tensor:
-        """``(n, dim)`` float -> ``(n, m)`` uint8 codes (uint16 if ``codebook_size > 256``); brute-force nearest
-        centroid per sub-space, one ``bmm`` over the sub-spaces. ONNX-exportable (opset 18)."""
-        x = self._input(x)
-        with fp32(x.device):
-            idx, _ = assign(self._split(self._project(x)), self.codebooks, with_distance=False)  # (m, n)
-        return idx.transpose(0, 1).to(self.code_dtype)
+    def _encode(self, x: Tensor) -> Tensor:
+        """``(n, m)`` codes: brute-force nearest centroid per sub-space, one ``bmm`` over the sub-spaces (ONNX opset
+        18)."""
+        idx, _ = assign(self._split(self._project(x)), self.codebooks, with_distance=False)  # (m, n)
+        return idx.transpose(0, 1)
 
-    def decode(self, codes: ArrayLike) -> Tensor:
-        """``(n, m)`` integer codes -> ``(n, dim)`` float32 (back in the input space)."""
-        c = self._codes(codes)
-        y = self.codebooks[torch.arange(self.m, device=c.device), c].reshape(-1, self.dim_out)  # (n, m, dsub)
+    def _decode(self, codes: Tensor) -> Tensor:
+        """``(n, m)`` codes -> ``(n, dim)``, back in the input space."""
+        y = self.codebooks[torch.arange(self.m, device=codes.device), codes].reshape(-1, self.dim_out)  # (n, m, dsub)
         if self._rotates:
             y = y @ self.transform.T
         return y + self.mean if self.center else y
 
-    def distance_tables(self, query: ArrayLike) -> Tensor:
-        """``(q, dim)`` -> ``(q, m, K)`` float32; see the class docstring for exactly what they hold."""
-        q = self._input(query, "query")
-        with fp32(q.device):
-            y = self._project(q)
-            z = self._split(y)  # (m, q, dsub)
-            cn = self.codebooks.pow(2).sum(-1).unsqueeze(1)  # (m, 1, K)
-            t = torch.baddbmm(cn, z, self.codebooks.transpose(1, 2), alpha=-2.0) + z.pow(2).sum(-1, keepdim=True)
-            t = t.clamp_min(0).transpose(0, 1).contiguous()  # (q, m, K)
-            if self.dim_out < self.dim:
-                qc = q - self.mean
-                t[:, 0, :] += (qc.pow(2).sum(-1) - y.pow(2).sum(-1)).clamp_min(0).unsqueeze(-1)
+    def _distance_tables(self, query: Tensor) -> Tensor:
+        """``(q, m, K)``; see the class docstring for exactly what they hold."""
+        y = self._project(query)
+        z = self._split(y)  # (m, q, dsub)
+        cn = self.codebooks.pow(2).sum(-1).unsqueeze(1)  # (m, 1, K)
+        t = torch.baddbmm(cn, z, self.codebooks.transpose(1, 2), alpha=-2.0) + z.pow(2).sum(-1, keepdim=True)
+        t = t.clamp_min(0).transpose(0, 1).contiguous()  # (q, m, K)
+        if self.dim_out < self.dim:
+            qc = query - self.mean
+            t[:, 0, :] += (qc.pow(2).sum(-1) - y.pow(2).sum(-1)).clamp_min(0).unsqueeze(-1)
         return t

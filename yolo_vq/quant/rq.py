@@ -5,13 +5,17 @@ Level l quantizes what levels 0..l-1 left over: ``x ~ sum_l codebooks[l, codes[l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .base import ArrayLike, Quantizer
-from .kmeans import _CHUNK_BYTES, assign, check_init, exporting, fp32, kmeans
+from ._tensor import exporting
+from .base import ArrayLike, KMeansSettings, Quantizer
+from .kmeans import _CHUNK_BYTES, assign
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = ["ResidualQuantizer"]
 
@@ -25,9 +29,8 @@ class ResidualQuantizer(Quantizer):
         codebook_size: centroids per level K (default 256).
         beam_size: 1 encodes greedily (nearest centroid per level); B > 1 keeps the B best partial encodings per
             vector at every level (distortion <= greedy on average, cost ~B times). Overridable per ``encode`` call.
-        iters, tol, init: k-means settings (see :func:`yolo_vq.quant.kmeans`).
-        max_train: rows sampled for training (bottom-k reservoir over the stream; None keeps all).
-        seed: seeds sampling and k-means initialisation.
+        iters, tol, init, max_train, seed: training settings (see :class:`Quantizer`; level l seeds k-means with
+            ``seed + l``).
 
     Training is greedy: level l is k-means on the residuals of levels < l.
 
@@ -48,33 +51,19 @@ class ResidualQuantizer(Quantizer):
         levels: int,
         codebook_size: int = 256,
         beam_size: int = 1,
-        iters: int = 25,
-        tol: float = 1e-4,
-        init: str = "auto",
-        max_train: int | None = 256_000,
-        seed: int = 0,
+        **settings: Unpack[KMeansSettings],
     ) -> None:
         if not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be a positive int, got {levels!r}")
         _check_beam(beam_size)
-        super().__init__(dim=dim, code_len=levels, codebook_size=codebook_size, max_train=max_train, seed=seed)
+        super().__init__(dim=dim, code_len=levels, codebook_size=codebook_size, **settings)
         self.levels, self.beam_size = levels, beam_size
-        check_init(init)
-        self.iters, self.tol, self.init = iters, tol, init
         self.register_buffer("codebooks", torch.zeros(levels, codebook_size, dim))
 
-    def config(self) -> dict[str, Any]:
-        names = ("dim", "levels", "codebook_size", "beam_size", "iters", "tol", "init", "max_train", "seed")
-        return {k: getattr(self, k) for k in names}
-
     def _fit(self, x: Tensor) -> dict[str, Any]:
-        if x.shape[0] < self.codebook_size:
-            raise ValueError(
-                f"training needs at least codebook_size={self.codebook_size} vectors, got {x.shape[0]}: pass more data"
-            )
         r, per_level, reseeded = x.clone(), [], 0
         for level in range(self.levels):
-            km = kmeans(r, self.codebook_size, iters=self.iters, tol=self.tol, init=self.init, seed=self.seed + level)
+            km = self._kmeans(r, seed=self.seed + level)
             self.codebooks[level].copy_(km.centroids)
             r -= km.centroids[km.assignments]  # k-means' last assignment is the greedy encoding
             per_level.append(km.distortion)
@@ -85,18 +74,17 @@ class ResidualQuantizer(Quantizer):
     # -- coding --------------------------------------------------------------------------------------------------
     def encode(self, x: ArrayLike, *, beam_size: int | None = None) -> Tensor:
         """``(n, dim)`` float -> ``(n, levels)`` uint8 codes (uint16 if K > 256). ONNX-exportable (a fixed loop
-        over levels; beam search uses TopK)."""
-        x = self._input(x)
+        over levels; beam search uses TopK). ``beam_size`` overrides the constructor's for this call."""
+        return super().encode(x, beam_size=beam_size)
+
+    def _encode(self, x: Tensor, *, beam_size: int | None = None) -> Tensor:
         beam = self.beam_size if beam_size is None else _check_beam(beam_size)
-        with fp32(x.device):
-            if beam == 1:
-                codes = self._greedy(x)
-            elif exporting():
-                codes = self._beam(x, beam)
-            else:
-                rows = max(64, _CHUNK_BYTES // (4 * beam * self.codebook_size))
-                codes = torch.cat([self._beam(xs, beam) for xs in x.split(rows)] or [self._beam(x, beam)])
-        return codes.to(self.code_dtype)
+        if beam == 1:
+            return self._greedy(x)
+        if exporting():
+            return self._beam(x, beam)
+        rows = max(64, _CHUNK_BYTES // (4 * beam * self.codebook_size))
+        return torch.cat([self._beam(xs, beam) for xs in x.split(rows)] or [self._beam(x, beam)])
 
     def _greedy(self, x: Tensor) -> Tensor:
         r, codes = x, []
@@ -129,22 +117,19 @@ class ResidualQuantizer(Quantizer):
         best = err.argmin(1)
         return torch.gather(codes, 1, best.view(-1, 1, 1).expand(-1, 1, self.levels)).squeeze(1)
 
-    def decode(self, codes: ArrayLike) -> Tensor:
-        """``(n, levels)`` integer codes -> ``(n, dim)`` float32, the sum of the chosen centroids."""
-        c = self._codes(codes)
-        return self.codebooks[torch.arange(self.levels, device=c.device), c].sum(1)
+    def _decode(self, codes: Tensor) -> Tensor:
+        """``(n, levels)`` codes -> ``(n, dim)``, the sum of the chosen centroids."""
+        return self.codebooks[torch.arange(self.levels, device=codes.device), codes].sum(1)
 
-    def distance_tables(self, query: ArrayLike) -> Tensor:
-        """``(q, dim)`` -> ``(q, levels, K)`` float32: ``-2 <q, c_lk>``, ``+ ||q||^2`` in level 0 (class docstring)."""
-        q = self._input(query, "query")
-        with fp32(q.device):
-            t = -2.0 * torch.einsum("qd,lkd->qlk", q, self.codebooks)
-            t[:, 0, :] += q.pow(2).sum(-1, keepdim=True)
+    def _distance_tables(self, query: Tensor) -> Tensor:
+        """``(q, levels, K)``: ``-2 <q, c_lk>``, ``+ ||q||^2`` in level 0 (class docstring)."""
+        t = -2.0 * torch.einsum("qd,lkd->qlk", query, self.codebooks)
+        t[:, 0, :] += query.pow(2).sum(-1, keepdim=True)
         return t
 
-    def norms(self, codes: ArrayLike) -> Tensor:
+    def _norms(self, codes: Tensor) -> Tensor:
         """``||decode(codes)||^2``, ``(n,)`` float32: the per-vector term of the ADC distance."""
-        return self.decode(codes).pow(2).sum(-1)
+        return self._decode(codes).pow(2).sum(-1)
 
 
 def _check_beam(beam_size: int) -> int:
