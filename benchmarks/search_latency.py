@@ -42,13 +42,13 @@ def real_embeddings() -> np.ndarray:
 def build(path: Path, pq, x: np.ndarray, n: int) -> None:
     from yolo_vq import Detections
     from yolo_vq.index.indexer import CODEBOOK_STEM
-    from yolo_vq.index.store import Frame, Store
+    from yolo_vq.index.store import Frame, open_store
     from yolo_vq.quant import save_codebook
 
     codes = pq.encode(torch.from_numpy(x)).numpy()
     save_codebook(pq, path / CODEBOOK_STEM, model_fingerprint="bench")
     rng = np.random.default_rng(0)
-    with Store(path, create=True) as s:
+    with open_store(path, create=True) as s:
         s.set_meta("model_fingerprint", "bench")
         s.set_meta("names", {i: f"class{i}" for i in range(10)})
         src = s.add_source("synthetic", "bench", fps=10.0)

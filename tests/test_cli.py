@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import cv2
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from yolo_vq import assets
 from yolo_vq.cli import main
 from yolo_vq.index.memory import Memory
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 from yolo_vq.metrics import retrieval_scores, valid_queries
 
 
@@ -31,12 +33,12 @@ def built(tmp_path_factory):
 
 
 def test_index_is_idempotent_and_complete(built, capsys):
-    with Store(built / "idx", readonly=True) as s:
+    with open_store(built / "idx", readonly=True) as s:
         n, frames = s.count(), s.frames_done(1)
     assert n > 50 and frames.tolist() == list(range(250))
     assert main(["index", str(assets.bikes_video()), "--index", str(built / "idx"), "--quiet"]) == 0
     assert "0 frames (250 already indexed)" in capsys.readouterr().out
-    with Store(built / "idx", readonly=True) as s:
+    with open_store(built / "idx", readonly=True) as s:
         assert s.count() == n
 
 
@@ -114,13 +116,13 @@ def test_same_track_ranks_above_chance(built):
 def test_bad_input_one_line_error_and_store_intact(built, argv, match, capsys):
     (built / "not_video.mp4").write_text("hello")
     cv2.imwrite(str(built / "black.png"), np.zeros((240, 320, 3), np.uint8))
-    with Store(built / "idx", readonly=True) as s:
+    with open_store(built / "idx", readonly=True) as s:
         before = s.count()
     args = [a.format(d=built, v=assets.bikes_video()) for a in argv]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and match in err, err
-    with Store(built / "idx", readonly=True) as s:
+    with open_store(built / "idx", readonly=True) as s:
         assert s.count() == before
 
 
@@ -128,7 +130,7 @@ def test_foreign_schema_refused(built, capsys, tmp_path):
     import shutil
 
     shutil.copytree(built / "idx", tmp_path / "old")
-    with Store(tmp_path / "old") as s:
+    with open_store(tmp_path / "old") as s:
         s.set_meta("schema_version", 0)
     assert main(["search", "--index", str(tmp_path / "old"), "--detection", "1"]) == 2
     assert "schema version 0, this yolo_vq reads version 1" in capsys.readouterr().err
@@ -144,7 +146,7 @@ def test_resume_after_killed_index_run(built, tmp_path):
     for _ in range(600):  # wait until some frames are committed, then kill
         if db.is_file():
             try:
-                with Store(tmp_path / "i", readonly=True) as s:
+                with open_store(tmp_path / "i", readonly=True) as s:
                     if len(s.frames_done(1)) >= 64:
                         break
             except Exception:
@@ -155,14 +157,14 @@ def test_resume_after_killed_index_run(built, tmp_path):
         __import__("time").sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with Store(tmp_path / "i", readonly=True) as s:
+    with open_store(tmp_path / "i", readonly=True) as s:
         partial = len(s.frames_done(1))
     assert 0 < partial < 250, partial
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
-    with Store(tmp_path / "i", readonly=True) as s:
+    with open_store(tmp_path / "i", readonly=True) as s, closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
         assert s.frames_done(1).tolist() == list(range(250))
-        per_frame = dict(s._db.execute("SELECT frame, detections FROM frames WHERE source_id = 1").fetchall())
+        per_frame = dict(c.execute("SELECT frame, detections FROM frames WHERE source_id = 1").fetchall())
         assert s.count() == sum(per_frame.values())
-        dup = s._db.execute("SELECT COUNT(*) FROM (SELECT frame, x1, y1 FROM detections GROUP BY frame, x1, y1 "
-                            "HAVING COUNT(*) > 1)").fetchone()[0]
+        dup = c.execute("SELECT COUNT(*) FROM (SELECT frame, x1, y1 FROM detections GROUP BY frame, x1, y1 "
+                          "HAVING COUNT(*) > 1)").fetchone()[0]
         assert dup == 0

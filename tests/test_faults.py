@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 
 import cv2
@@ -20,7 +21,7 @@ import pytest
 
 from yolo_vq import assets
 from yolo_vq.cli import _parser, main
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 
 ENV = {**os.environ, "YOLO_OFFLINE": "1"}
 
@@ -143,7 +144,7 @@ def _read_only(cmd: list[str], folder: Path, cwd: Path) -> subprocess.CompletedP
 @pytest.mark.parametrize("leftovers", [False, True], ids=["index.db only", "with -wal and -shm"])
 def test_search_works_on_a_read_only_index_and_index_refuses_it(small_index, frames_folder, leftovers,
                                                                  tmp_path):
-    with Store(small_index, readonly=True) as s:
+    with open_store(small_index, readonly=True) as s:
         qid = int(s.codes()[0][5])
     want = subprocess.run(cli("search", "--index", str(small_index), "--detection", str(qid), "--json"), env=ENV,
                           capture_output=True, text=True)
@@ -194,13 +195,22 @@ _DISK_FULL = textwrap.dedent("""
     filler = disk / "filler"
     filler.write_bytes(b"\\0" * max(0, st.f_bavail * st.f_frsize - 24_000))  # ~24 kB left: less than B needs
     full = index(b)
-    from yolo_vq.index.store import Store
-    with Store(disk / "idx", readonly=True) as s:
+    import sqlite3
+    from yolo_vq.index.store import open_store
+    with open_store(disk / "idx", readonly=True) as s:
         kept = {x.uri: s.frames_done(x.id).tolist() for x in s.sources()}, s.count()
-        integrity = s._db.execute("PRAGMA integrity_check").fetchone()[0]
+        for mode in ("mode=ro", "immutable=1"):  # as the store reads it: immutable when the full disk has no -shm
+            db = sqlite3.connect(f"file:{disk / 'idx' / 'index.db'}?{mode}", uri=True)
+            try:
+                integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+                break
+            except sqlite3.OperationalError:
+                pass
+            finally:
+                db.close()
     filler.unlink()
     again = index(b)
-    with Store(disk / "idx", readonly=True) as s:
+    with open_store(disk / "idx", readonly=True) as s:
         after = {x.uri: s.frames_done(x.id).tolist() for x in s.sources()}, s.count()
     print(json.dumps({"tiny": [tiny.returncode, tiny.stderr, tiny_files], "first": [first.returncode, first.stderr], "full": [full.returncode, full.stderr],
                       "kept": kept, "integrity": integrity, "again": [again.returncode, again.stderr],
@@ -246,7 +256,7 @@ def test_ctrl_c_keeps_the_frames_says_how_to_resume_and_the_rerun_completes(smal
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # wait for a first commit (64 frames), then Ctrl-C
         try:
-            with Store(tmp_path / "i", readonly=True) as s:
+            with open_store(tmp_path / "i", readonly=True) as s:
                 if len(s.frames_done(1)) >= 64:
                     break
         except Exception:  # noqa: BLE001 - not created yet
@@ -258,18 +268,19 @@ def test_ctrl_c_keeps_the_frames_says_how_to_resume_and_the_rerun_completes(smal
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and "re-run the same command to resume" in last, last
-    with Store(tmp_path / "i", readonly=True) as s:
+    with open_store(tmp_path / "i", readonly=True) as s:
         done = s.frames_done(1).tolist()
     assert 64 <= len(done) < 250 and done == list(range(len(done)))
     assert f"up to frame {done[-1]}" in last
     assert subprocess.run(cmd, env=ENV, capture_output=True).returncode == 0
-    with Store(tmp_path / "i", readonly=True) as s:
+    with open_store(tmp_path / "i", readonly=True) as s, \
+            closing(sqlite3.connect(f"file:{tmp_path / 'i' / 'index.db'}?mode=ro", uri=True)) as db:
         assert s.frames_done(1).tolist() == list(range(250))
-        assert s.count() == s._db.execute("SELECT SUM(detections) FROM frames").fetchone()[0]
+        assert s.count() == db.execute("SELECT SUM(detections) FROM frames").fetchone()[0]
 
 
 def test_a_huge_k_returns_what_is_stored(small_index, capsys):
-    with Store(small_index, readonly=True) as s:
+    with open_store(small_index, readonly=True) as s:
         n, qid = s.count(), int(s.codes()[0][0])
     # before: 10^9 took 30 s and 13 GB, 10^10 crashed with a MemoryError
     assert main(["search", "--index", str(small_index), "--detection", str(qid), "-k", str(10**10), "--json"]) == 0
@@ -280,7 +291,7 @@ def test_a_huge_k_returns_what_is_stored(small_index, capsys):
 def test_search_by_track_leaves_the_track_out(idx, frames_folder, index_model, tmp_path, capsys):
     from yolo_vq import Indexer
 
-    with Store(idx, readonly=True) as s:
+    with open_store(idx, readonly=True) as s:
         track, size, _ = s.longest_track()
         alone = s.count() == size
     assert main(["search", "--index", str(idx), "--track", f"1:{track}", "--json"]) == 0
@@ -295,7 +306,7 @@ def test_search_by_track_leaves_the_track_out(idx, frames_folder, index_model, t
         ix.index_source(flipped, progress=False)
     assert main(["search", "--index", str(idx), "--track", f"1:{track}", "-k", "1000", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    with Store(idx, readonly=True) as s:
+    with open_store(idx, readonly=True) as s:
         assert rows and len(rows) == s.count() - size
     assert all(not (r["source"].endswith(frames_folder.name) and r["track"] == track) for r in rows)
 
@@ -337,7 +348,7 @@ def test_option_values_are_parsed_with_the_expected_form(argv, says, capsys):
 def test_classes_by_name_or_id_in_index_and_search(small_codebook, frames_folder, tmp_path, capsys):
     assert main(["index", str(frames_folder), "--index", str(tmp_path / "i"), "--codebook", str(small_codebook),
                  "--classes", "person", "--conf", "0.1", "--quiet"]) == 0
-    with Store(tmp_path / "i", readonly=True) as s:
+    with open_store(tmp_path / "i", readonly=True) as s:
         assert s.count() > 0
     capsys.readouterr()
     assert main(["search", "--index", str(tmp_path / "i"), "--detection", "1", "--class", "0", "--json"]) == 0

@@ -532,9 +532,9 @@ def edge_header(index_model, small_codebook) -> dict:
 @pytest.fixture(scope="module")
 def stored(small_index) -> tuple[str, set]:
     """small_index's source fingerprint and its stored (fingerprint, frame) pairs."""
-    from yolo_vq.index.store import Store
+    from yolo_vq.index.store import open_store
 
-    with Store(small_index, readonly=True) as s:
+    with open_store(small_index, readonly=True) as s:
         (src,) = s.sources()
         return src.fingerprint, {(src.fingerprint, int(f)) for f in s.frames_done(src.id)}
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from yolo_vq import assets
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 from yolo_vq.video import fingerprint_name
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -35,7 +35,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert dets["codes"].shape == (len(dets["xyxy"]), 32) and len(dets["xyxy"]) >= 3
     hits = scope["hits"]
     assert 0 < len(hits) <= 5 and (hits.class_id == 0).all() and (hits.data["score"][:-1] >= hits.data["score"][1:]).all()
-    with Store(tmp_path / "idx", readonly=True) as s:  # the user's-own-loop example
+    with open_store(tmp_path / "idx", readonly=True) as s:  # the user's-own-loop example
         cam, photos = (s.source(fingerprint=fingerprint_name(n)) for n in ("cam0", "photos"))
         assert len(s.frames_done(cam.id)) == 250 and s.frames_done(photos.id).tolist() == [0]
         det = s.get(s.codes()[0])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from yolo_vq import Indexer
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 from yolo_vq.video import open_source
 
 
@@ -60,7 +60,7 @@ def test_indexing_a_stream_again_continues_its_numbering(mjpeg, index_model, sma
         first = ix.index_source(url, progress=False)
         second = ix.index_source(url, stride=2, progress=False)
     assert (first.frames, second.frames) == (n, n // 2)
-    with Store(tmp_path / "idx", readonly=True) as s:
+    with open_store(tmp_path / "idx", readonly=True) as s:
         (source,) = s.sources()
         assert source.uri == url and source.frame_count is None
         assert s.frames_done(source.id).tolist() == [*range(n), *range(n, 2 * n, 2)]

@@ -29,6 +29,7 @@ _EXPORTS = {
     "Indexer": "index.indexer",
     "Memory": "index.memory",
     "Store": "index.store",
+    "open_store": "index.store",
     "Tap": "features.tap",
     "TapInfo": "features.tap",
     "resolve_layers": "features.tap",
@@ -40,7 +41,7 @@ _SUBMODULES = {"assets", "edge", "errors", "features", "index", "quant"}
 __all__ = [
     "DEFAULT_RECIPE", "BoxEmbedder", "ColourSpec", "Detections", "EdgeModel", "EmbedConfig", "Embedder", "Indexer",
     "LevelSpec", "Memory", "Store", "Tap", "TapInfo", "__version__", "export", "ingest", "list_recipes", "load_recipe",
-    "YoloVQError", "resolve_layers",
+    "open_store", "YoloVQError", "resolve_layers",
 ]
 
 

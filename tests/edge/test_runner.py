@@ -16,7 +16,7 @@ from yolo_vq.edge.export import export
 from yolo_vq.edge.ingest import ingest
 from yolo_vq.edge.records import RecordError
 from yolo_vq.errors import CodebookError
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -78,7 +78,7 @@ def test_ingested_edge_store_equals_the_server_store(edge_run):
     tmp, out, cb, _ = edge_run
     summary = ingest(out, tmp / "edge_index", codebook=cb)
     assert summary["frames"] == 50 and summary["sources"] == 1
-    with Store(tmp / "server", readonly=True) as a, Store(tmp / "edge_index", readonly=True) as b:
+    with open_store(tmp / "server", readonly=True) as a, open_store(tmp / "edge_index", readonly=True) as b:
         assert a.count() == b.count() == summary["detections"]
         assert a.sources()[0].fingerprint == b.sources()[0].fingerprint  # same content, same source identity
         da, db = a.get(np.arange(1, a.count() + 1)), b.get(np.arange(1, b.count() + 1))
@@ -161,7 +161,8 @@ def test_parquet_records_ingest_like_json_lines(edge_run, tmp_path):
     a = ingest(out, tmp_path / "from_jsonl", codebook=cb)
     b = ingest(pq_out, tmp_path / "from_parquet", codebook=cb)
     assert a == b and b["frames"] == 50
-    with Store(tmp_path / "from_jsonl", readonly=True) as sa, Store(tmp_path / "from_parquet", readonly=True) as sb:
+    with open_store(tmp_path / "from_jsonl", readonly=True) as sa, \
+            open_store(tmp_path / "from_parquet", readonly=True) as sb:
         ids = np.arange(1, sa.count() + 1)
         da, db = sa.get(ids), sb.get(ids)
         np.testing.assert_array_equal(da.codes, db.codes)

@@ -16,7 +16,7 @@ import pytest
 from yolo_vq import Embedder, Indexer, Memory
 from yolo_vq.cli import main
 from yolo_vq.errors import CodebookError
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 from yolo_vq.quant import ProductQuantizer, codebook_checksum
 
 
@@ -62,7 +62,7 @@ def top_self_score(index) -> float:
 
 
 def test_the_binding_is_recorded_in_the_database(built, small_codebook):
-    with Store(built, readonly=True) as s:
+    with open_store(built, readonly=True) as s:
         assert s.get_meta("codebook_sha256") == codebook_checksum(small_codebook)
         assert s.codebook_path() == built / "codebook"
 
@@ -179,7 +179,7 @@ def test_two_processes_creating_one_index_with_different_codebooks(small_codeboo
         assert "Traceback" not in lose_err, lose_err
         winner, won, lost = ("a", small_codebook, other_codebook) if win == 0 else ("b", other_codebook, small_codebook)
         assert codebook_checksum(won)[:16] in lose_out and codebook_checksum(lost)[:16] in lose_out
-        with Store(idx, readonly=True) as s:
+        with open_store(idx, readonly=True) as s:
             assert s.get_meta("codebook_sha256") == codebook_checksum(idx / "codebook") == codebook_checksum(won)
             assert [x.uri for x in s.sources()] == [winner]  # the loser stored nothing, not even its source
         meta = json.loads((idx / "codebook.json").read_text())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from yolo_vq import Indexer, assets
-from yolo_vq.index.store import Store
+from yolo_vq.index.store import open_store
 
 FIRST, N = 28, 60  # bikes.mp4 frames 28-87: two tracks and ~30 untracked detections at conf 0.1
 
@@ -36,9 +36,9 @@ def reference(index_model, small_codebook, frames, tmp_path_factory):
 
 def rows(index, source_id: int | None = None) -> list[tuple]:
     """Every stored detection as (frame, time, box, class, confidence, track, codes, thumbnail), in id order."""
-    with Store(index, readonly=True) as s:
+    with open_store(index, readonly=True) as s:
         ids, _ = s.codes()
-        det, thumbs = s.get(ids), s.thumbs(ids)
+        det, thumbs = s.get(ids), s.thumbnails(ids)
     keep = np.ones(len(det), bool) if source_id is None else det.data["source_id"] == source_id
     return [(int(det.data["frame"][i]), float(det.data["time"][i]), det.xyxy[i].tobytes(), int(det.class_id[i]),
              float(det.confidence[i]), int(det.track_id[i]), det.codes[i].tobytes(), thumbs[i])
@@ -52,7 +52,7 @@ def test_frames_loop_stores_what_index_source_stores(index_model, small_codebook
     got, want = rows(tmp_path / "idx"), rows(reference)
     assert len({r[5] for r in want} - {-1}) >= 2 and sum(r[7] is None for r in want) > 0  # tracks, skipped thumbs
     assert got == want
-    with Store(tmp_path / "idx", readonly=True) as s:
+    with open_store(tmp_path / "idx", readonly=True) as s:
         assert [(x.uri, x.fps) for x in s.sources()] == [("cam0", None)] and len(s.frames_done(1)) == N
 
 
@@ -71,7 +71,7 @@ def test_a_named_source_resumes_without_duplicates(index_model, small_codebook, 
     ix = Indexer(index_model, idx, codebook=small_codebook, track=True, conf=0.1, commit_every=4)  # no `with`
     assert ix.add(np.stack(frames[:30]), source="cam0") == 30
     ix.close()  # commits the frames still held
-    with Store(idx, readonly=True) as s:
+    with open_store(idx, readonly=True) as s:
         assert s.frames_done(1).tolist() == list(range(30))
         first_tracks = s.max_track_id(1)
     assert first_tracks >= 1
@@ -80,7 +80,7 @@ def test_a_named_source_resumes_without_duplicates(index_model, small_codebook, 
         assert ix.add(frames[35:], source="cam0") == 25  # numbering continues at 35
         assert ix.add(frames[3], source="cam0", frame_index=3) == 0
         assert ix.add(frames[0], source="other", time=12.5) == 1
-    with Store(idx, readonly=True) as s:
+    with open_store(idx, readonly=True) as s:
         assert s.frames_done(1).tolist() == list(range(N)) and s.frames_done(2).tolist() == [0]
         det = s.get(s.codes()[0])
     cam0 = det.data["source_id"] == 1
@@ -111,5 +111,5 @@ def test_bad_input_says_what_was_expected_and_stores_nothing(index_model, small_
         for args, kwargs, error, match in cases:
             with pytest.raises(error, match=match):
                 ix.add(*args, **kwargs)
-    with Store(tmp_path / "idx", readonly=True) as s:
+    with open_store(tmp_path / "idx", readonly=True) as s:
         assert s.count() == 0 and s.sources() == []

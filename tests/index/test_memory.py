@@ -9,7 +9,7 @@ import pytest
 
 from yolo_vq import Indexer, Memory
 from yolo_vq.cli import main
-from yolo_vq.index.store import DB_NAME, SCHEMA_VERSION, Store, StoreError
+from yolo_vq.index.store import DB_NAME, SCHEMA_VERSION, StoreError, open_store
 
 CONF = 0.01  # bikes frames 30-41: ~160 low-confidence detections, enough rows for a shortlist to matter
 
@@ -28,7 +28,7 @@ def kept(index_model, small_codebook, bikes_frames, tmp_path_factory):
 
 def test_kept_vectors_are_the_embeddings_in_float16(kept):
     idx, emb = kept
-    with Store(idx, readonly=True) as s:
+    with open_store(idx, readonly=True) as s:
         ids, _ = s.codes()
         vectors, present = s.vectors(ids)
         assert s.vector_dim == emb.shape[1] and len(ids) == len(emb) > 100 and present.all()
@@ -95,7 +95,7 @@ def test_cli_keep_vectors_and_rerank(small_codebook, bikes_frames, tmp_path, cap
     idx = str(tmp_path / "idx")
     assert main(["index", str(tmp_path / "frames"), "--index", idx, "--codebook", str(small_codebook),
                  "--keep-vectors", "--conf", str(CONF), "--quiet"]) == 0
-    with Store(idx, readonly=True) as s:
+    with open_store(idx, readonly=True) as s:
         dim = s.vector_dim
     assert f"8 B codes + {2 * dim} B float16 vectors per detection" in capsys.readouterr().out
     assert main(["search", "--index", idx, "--detection", "3", "-k", "5", "--rerank", "40", "--json"]) == 0

@@ -1,60 +1,100 @@
-"""The SQLite store: idempotent batches, resume after a kill, readers during writes, foreign schemas refused."""
+"""The store interface, against every implementation (``make_store``): idempotent batches, sources, reads by id,
+vectors, thumbnails, tracks, snapshots, the codebook binding, read-only stores; and :func:`open_store` itself.
+
+SQLite-only behaviour (WAL readers, resume after kill -9, schema versions, the exact SQLite messages) is in
+``test_sqlite.py``.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import textwrap
-import threading
-import time
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from yolo_vq import Detections
-from yolo_vq.index.store import DB_NAME, Frame, Store, StoreError
+from yolo_vq.errors import CodebookError
+from yolo_vq.index.sqlite import SQLiteStore
+from yolo_vq.index.store import VECTOR_DTYPE, CodebookBinding, Frame, Source, Store, StoreError, open_store
+
+# implementation -> the location open_store takes for an index directory (the Lance store adds "lance": f"lance:{d}")
+LOCATIONS = {"sqlite": lambda d: d}
 
 
-def frame(i: int, n: int = 3, code_size: int = 8) -> Frame:
+def frame(i: int, n: int = 3, code_size: int = 8, *, dim: int = 0) -> Frame:
     rng = np.random.default_rng(i)
     xy = rng.uniform(0, 500, (n, 2))
     det = Detections(np.concatenate([xy, xy + 40], 1), confidence=rng.uniform(size=n), class_id=np.arange(n) % 2,
-                     track_id=np.arange(n) + 10 * i, codes=rng.integers(0, 256, (n, code_size), dtype=np.uint8))
+                     track_id=np.arange(n) + 10 * i, codes=rng.integers(0, 256, (n, code_size), dtype=np.uint8),
+                     embeddings=rng.normal(size=(n, dim)).astype(np.float32) if dim else None)
     return Frame(i, i / 25.0, det)
 
 
-def test_round_trip_and_idempotent_batches(tmp_path):
-    with Store(tmp_path / "idx", create=True) as s:
+class Maker:
+    """``make_store(name="idx", **open_store_kwargs)``: a store of one implementation in ``tmp_path / name``."""
+
+    def __init__(self, kind: str, root: Path):
+        self.kind, self.root = kind, root
+
+    def location(self, name: str = "idx"):
+        return LOCATIONS[self.kind](self.root / name)
+
+    def __call__(self, name: str = "idx", **kwargs) -> Store:
+        return open_store(self.location(name), **kwargs)
+
+
+@pytest.fixture(params=sorted(LOCATIONS))
+def make_store(request, tmp_path) -> Maker:
+    return Maker(request.param, tmp_path)
+
+
+def fake_codebook(folder: Path, seed: int = 0) -> Path:
+    """A codebook as far as the binding reads one: tensors whose sha256 its JSON records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = np.random.default_rng(seed).bytes(256)
+    (folder / "cb.safetensors").write_bytes(blob)
+    (folder / "cb.json").write_text(json.dumps({"tensors": {"sha256": hashlib.sha256(blob).hexdigest()}}))
+    return folder / "cb"
+
+
+# -- every implementation ----------------------------------------------------------------------------------------
+def test_round_trip_and_idempotent_batches(make_store):
+    with make_store(create=True) as s:
+        assert isinstance(s, Store) and not s.readonly
         src = s.add_source("clip.mp4", "abc123", fps=25.0, frame_count=10, width=640, height=272)
         assert s.add_source("clip-renamed.mp4", "abc123").id == src.id  # same content: same source
         assert s.add_frames(src.id, [frame(i) for i in range(4)] + [frame(4, n=0)]) == 12
         assert s.add_frames(src.id, [frame(i) for i in range(2, 6)]) == 3  # frames 2-4 already stored
         assert s.count() == 15
         assert s.frames_done(src.id).tolist() == [0, 1, 2, 3, 4, 5]
+        assert s.frames_done(src.id).dtype == np.int64
         ids, codes = s.codes()
         assert codes.shape == (15, 8) and codes.dtype == np.uint8 and ids.tolist() == sorted(ids.tolist())
+        assert ids.dtype == np.int64
         np.testing.assert_array_equal(codes[:3], frame(0).detections.codes)
         got = s.get(ids[[4, 0]])
         np.testing.assert_array_equal(got.codes, codes[[4, 0]])
         assert got.data["frame"].tolist() == [1, 0] and got.data["source_id"].tolist() == [src.id] * 2
         np.testing.assert_allclose(got.xyxy[1], frame(0).detections.xyxy[0], rtol=1e-6)
+        np.testing.assert_allclose(got.data["time"], [1 / 25.0, 0.0])
+        assert got.track_id.tolist() == [11, 0] and got.class_id.tolist() == [1, 0]
         assert s.codes(after_id=int(ids[-4]))[0].tolist() == ids[-3:].tolist()  # incremental refresh
         s.set_meta("codebook_fingerprint", "f00d")
-    with Store(tmp_path / "idx", readonly=True) as r:
+    with make_store(readonly=True) as r:
+        assert r.readonly
         assert r.count() == 15 and r.get_meta("codebook_fingerprint") == "f00d" and r.get_meta("code_size") == 8
+        assert r.get_meta("never set", "default") == "default"
         with pytest.raises(StoreError, match="read-only"):
             r.add_frames(src.id, [frame(9)])
 
 
-def test_missing_index_and_bad_codes_say_what_to_do(tmp_path):
-    with pytest.raises(StoreError, match=r"no index at .* \(index.db missing\): create one with `yolo-vq index"):
-        Store(tmp_path / "nothing")
+def test_missing_index_and_bad_codes_say_what_to_do(make_store, tmp_path):
+    with pytest.raises(StoreError, match=r"no index at .*: create one with `yolo-vq index"):
+        make_store("nothing")
     assert not (tmp_path / "nothing").exists()
-    with Store(tmp_path / "idx", create=True) as s:
+    with make_store(create=True) as s:
         src = s.add_source("a", "fp")
         s.add_frames(src.id, [frame(0)])
         with pytest.raises(StoreError, match="codes of 16 bytes, this index stores 8-byte codes"):
@@ -64,111 +104,182 @@ def test_missing_index_and_bad_codes_say_what_to_do(tmp_path):
             s.get([999])
 
 
-def test_other_schema_version_is_refused_untouched(tmp_path):
-    with Store(tmp_path / "idx", create=True) as s:
-        s.add_frames(s.add_source("a", "fp").id, [frame(0)])
-        s.set_meta("schema_version", 999)
-    db = tmp_path / "idx" / DB_NAME
-    before = hashlib.sha256(db.read_bytes()).hexdigest()
-    with pytest.raises(StoreError, match="schema version 999, this yolo_vq reads version 1: index into a new"):
-        Store(tmp_path / "idx")
-    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    sqlite3.connect(foreign / DB_NAME).execute("CREATE TABLE t (x)")
-    with pytest.raises(StoreError, match="schema version None"):
-        Store(foreign)
+def test_sources_by_id_and_fingerprint(make_store):
+    with make_store(create=True) as s:
+        assert s.sources() == [] and s.find_source("fp-a") is None
+        a = s.add_source("a.mp4", "fp-a", fps=30.0, frame_count=7, width=64, height=48)
+        b = s.add_source("b", "fp-b")
+        assert a == Source(a.id, "a.mp4", "fp-a", 30.0, 7, 64, 48) and b.fps is None and b.width is None
+        assert s.sources() == [a, b] and a.id < b.id
+        assert s.source(b.id) == b and s.source(fingerprint="fp-a") == a and s.find_source("fp-b") == b
+        assert s.find_source("fp-c") is None
+        with pytest.raises(KeyError):
+            s.source(b.id + 100)
+        with pytest.raises(KeyError):
+            s.source(fingerprint="fp-c")
+        assert s.frames_done(b.id + 100).tolist() == []
 
 
-WRITER = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {root!r})
-    from tests.index.test_store import frame
-    from yolo_vq.index.store import Store
-    s = Store({idx!r}, create=True)
-    src = s.add_source("clip", "fp")
-    done = set(s.frames_done(src.id).tolist())
-    todo = [i for i in range(200) if i not in done]
-    for k in range(0, len(todo), 5):  # batches of 5 frames, one transaction each
-        s.add_frames(src.id, [frame(i) for i in todo[k:k + 5]])
-        print(k, flush=True)
-        time.sleep({pause})
-""")
+def test_empty_store_reads(make_store):
+    with make_store(create=True) as s:
+        ids, codes = s.codes()
+        assert ids.shape == (0,) and codes.shape == (0, 0) and ids.dtype == np.int64 and codes.dtype == np.uint8
+        cols = s.columns()
+        assert sorted(cols) == ["class_id", "confidence", "id", "source_id", "time"]
+        assert all(len(v) == 0 for v in cols.values())
+        got = s.get([])
+        assert len(got) == 0 and sorted(got.data) == ["frame", "id", "source_id", "time"]
+        assert s.count() == 0 and s.thumbnails([]) == [] and s.longest_track() is None
+        assert s.vector_dim is None and s.codebook_sha256 is None and s.codebook_path() is None
+        with pytest.raises(StoreError, match="keeps no float vectors"):
+            s.vectors([1])
+        src = s.add_source("a", "fp")
+        s.add_frames(src.id, [frame(0)])
+        assert s.codes(after_id=int(s.codes()[0][-1]))[1].shape == (0, 8)  # nothing newer: the store's code size
 
 
-def test_resume_after_kill_has_no_duplicates(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    idx = str(tmp_path / "idx")
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, idx=idx, pause=0.02)],
-                            stdout=subprocess.PIPE, text=True)
-    for _ in range(6):  # let it commit a few batches, then kill it mid-run
-        proc.stdout.readline()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with Store(idx, readonly=True) as s:
-        partial = len(s.frames_done(1))
-    assert 0 < partial < 200
-    subprocess.run([sys.executable, "-c", WRITER.format(root=root, idx=idx, pause=0)], check=True,
-                   stdout=subprocess.DEVNULL)
-    with Store(idx) as s:
-        assert s.frames_done(1).tolist() == list(range(200))
-        assert s.count() == 200 * 3
-        pairs = s._db.execute("SELECT COUNT(*), COUNT(DISTINCT frame || ':' || track_id) FROM detections").fetchone()
-        assert pairs[0] == pairs[1]  # no duplicated detection
-        assert s._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+def test_columns_are_the_rows_of_codes(make_store):
+    with make_store(create=True) as s:
+        a, b = s.add_source("a", "fa"), s.add_source("b", "fb")
+        s.add_frames(a.id, [frame(0), frame(1)])
+        s.add_frames(b.id, [frame(2)])
+        ids, _ = s.codes()
+        cols = s.columns()
+        assert cols["id"].tolist() == ids.tolist()
+        assert {k: v.dtype for k, v in cols.items()} == {"id": np.int64, "class_id": np.int64, "source_id": np.int64,
+                                                        "time": np.float64, "confidence": np.float32}
+        assert cols["source_id"].tolist() == [a.id] * 6 + [b.id] * 3
+        assert cols["class_id"].tolist() == [0, 1, 0] * 3
+        np.testing.assert_allclose(cols["time"], np.repeat([0, 1 / 25, 2 / 25], 3))
+        np.testing.assert_allclose(cols["confidence"], np.concatenate([frame(i).detections.confidence
+                                                                       for i in range(3)]), rtol=1e-6)
+        tail = s.columns(after_id=int(ids[5]))
+        assert tail["id"].tolist() == ids[6:].tolist()
 
 
-def test_readers_search_while_one_process_writes(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    idx = tmp_path / "idx"
-    Store(idx, create=True).close()
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, idx=str(idx), pause=0.005)],
-                            stdout=subprocess.DEVNULL)
-    counts, errors = [], []
-
-    def read():
-        try:
-            with Store(idx, readonly=True, timeout=1.0) as r:
-                while proc.poll() is None:
-                    ids, codes = r.codes()
-                    assert len(ids) == len(codes) and len(ids) % 3 == 0  # whole frames only: committed batches
-                    counts.append(len(ids))
-                    time.sleep(0.01)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=read) for _ in range(2)]
-    for t in threads:
-        t.start()
-    proc.wait(timeout=120)
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert proc.returncode == 0 and len(set(counts)) > 2  # readers saw the store grow
+def test_vectors_kept_as_float16(make_store):
+    with make_store(create=True) as s:
+        src = s.add_source("a", "fp")
+        s.add_frames(src.id, [frame(0)])  # before vectors were kept
+        s.add_frames(src.id, [frame(1, dim=16), frame(2, dim=16)], vectors=True)
+        assert s.vector_dim == 16 and s.get_meta("vectors")["dim"] == 16
+        ids, _ = s.codes()
+        out, kept = s.vectors(ids[[8, 0, 3]])
+        assert out.shape == (3, 16) and out.dtype == np.float32 and kept.tolist() == [True, False, True]
+        want = np.stack([frame(2, dim=16).detections.embeddings[2], frame(1, dim=16).detections.embeddings[0]])
+        np.testing.assert_array_equal(out[[0, 2]], want.astype(VECTOR_DTYPE).astype(np.float32))
+        assert not out[1].any()
+        assert s.vectors([])[0].shape == (0, 16)
+        with pytest.raises(StoreError, match="embeddings of dim 8, this index keeps 16"):
+            s.add_frames(src.id, [frame(3, dim=8)], vectors=True)
+        assert s.frames_done(src.id).tolist() == [0, 1, 2]
 
 
-def test_reads_are_one_snapshot_when_the_writer_commits_between_statements(tmp_path):
-    """The mechanism behind a once-flaky reader, made deterministic: the writer's first batch (which also sets the
-    ``code_size`` meta) committed between the reader's statements must never mix two states of the store."""
-    Store(tmp_path / "idx", create=True).close()
-    with Store(tmp_path / "idx") as w, Store(tmp_path / "idx", readonly=True) as r:
-        src = w.add_source("clip", "fp")
-        written = []
+def test_thumbnails_and_the_nearest_of_a_track(make_store):
+    det = Detections(np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), track_id=[4, -1],
+                     codes=np.zeros((2, 8), np.uint8))
+    with make_store(create=True) as s:
+        src = s.add_source("a", "fp")
+        s.add_frames(src.id, [Frame(5, 0.2, det, [b"jpeg-5", b"untracked"]), Frame(6, 0.24, det, [None, None]),
+                              Frame(9, 0.36, det, [b"jpeg-9", None]), Frame(12, 0.5, det)])
+        ids, _ = s.codes()
+        assert s.thumbnails(ids[[4, 0, 1, 3, 7]]) == [b"jpeg-9", b"jpeg-5", b"untracked", None, None]
+        assert s.thumbnails([int(ids[-1]) + 100]) == [None]  # an id not stored has none
+        assert s.nearest_thumbnail(src.id, 4, 6) == b"jpeg-5"
+        assert s.nearest_thumbnail(src.id, 4, 8) == b"jpeg-9"
+        assert s.nearest_thumbnail(src.id, 4, 7) == b"jpeg-5"  # a tie: the earlier frame
+        assert s.nearest_thumbnail(src.id, 4, 100) == b"jpeg-9"
+        assert s.nearest_thumbnail(src.id, -1, 5) is None  # untracked: never another detection's
+        assert s.nearest_thumbnail(src.id, 99, 5) is None
 
-        def commit_before(sql: str) -> None:  # before every reader statement but a call's first, commit a frame
-            calls.append(sql)
-            if len(calls) > 1:
-                w.add_frames(src.id, [frame(len(written))])
-                written.append(len(written))
 
-        r._db.set_trace_callback(commit_before)
-        for _ in range(4):
-            calls: list[str] = []
-            ids, codes = r.codes()
-            assert len(calls) > 1  # the writer did commit in the middle of the call
-            assert codes.shape == (len(ids), 8 if len(ids) else codes.shape[1]) and len(ids) % 3 == 0
-            expect = [frame(i).detections.codes for i in range(len(ids) // 3)]
-            if expect:
-                np.testing.assert_array_equal(codes, np.concatenate(expect))
-        r._db.set_trace_callback(None)
-        assert r.count() == 3 * len(written) > len(ids)  # later commits are visible once the snapshot ends
+def test_tracks(make_store):
+    with make_store(create=True) as s:
+        a, b = s.add_source("a", "fa"), s.add_source("b", "fb")
+        assert s.max_track_id(a.id) == 0
+        s.add_frames(a.id, [frame(i) for i in range(3)])  # tracks 0,1,2 / 10,11,12 / 20,21,22
+        det = Detections(np.array([[0, 0, 5, 5]] * 4, np.float32), track_id=[7, 7, 7, -1],
+                         codes=np.zeros((4, 8), np.uint8))
+        s.add_frames(b.id, [Frame(0, 0.0, det)])
+        ids, _ = s.codes()
+        assert s.max_track_id(a.id) == 22 and s.max_track_id(b.id) == 7
+        assert s.track_ids(b.id, 7).tolist() == ids[9:12].tolist() and s.track_ids(b.id, 7).dtype == np.int64
+        assert s.track_ids(a.id, 7).tolist() == [] and s.track_ids(a.id, 11).tolist() == [int(ids[4])]
+        assert tuple(s.longest_track()) == (7, 3, int(ids[9]))
+
+
+def test_snapshot_sees_one_state_and_is_reentrant(make_store):
+    make_store(create=True).close()
+    with make_store() as w, make_store(readonly=True) as r:
+        src = w.add_source("a", "fp")
+        w.add_frames(src.id, [frame(0)])
+        with r.snapshot() as snap:
+            assert snap is r and r.count() == 3
+            w.add_frames(src.id, [frame(1)])  # committed while the reader's snapshot is open
+            with r.snapshot():
+                assert r.count() == 3 and len(r.codes()[0]) == 3
+            assert len(r.columns()["id"]) == 3
+        assert r.count() == 6 and len(r.codes()[0]) == 6  # visible once the snapshot ends
+
+
+def test_the_codebook_binding(make_store, tmp_path):
+    cb, other = fake_codebook(tmp_path / "cbs"), fake_codebook(tmp_path / "other", seed=1)
+    binding = CodebookBinding(cb, {"dim": 4}, "model-fp", {0: "person", 1: "bike"})
+    with make_store(create=True, codebook=binding) as s:
+        sha = json.loads(cb.with_suffix(".json").read_text())["tensors"]["sha256"]
+        assert s.codebook_sha256 == sha and s.codebook_path() == s.directory / "codebook"
+        assert (s.directory / "codebook.safetensors").read_bytes() == cb.with_suffix(".safetensors").read_bytes()
+        assert s.get_meta("names") == {"0": "person", "1": "bike"} and s.get_meta("embedding") == {"dim": 4}
+        assert s.get_meta("model_fingerprint") == "model-fp"
+        assert s.bind_codebook(binding) is False  # the same one again: nothing to do
+        with pytest.raises(CodebookError, match="is another one"):
+            s.bind_codebook(CodebookBinding(other, None, None, {}))
+    (tmp_path / "idx" / "codebook.json").unlink()
+    with make_store(readonly=True) as r, pytest.raises(CodebookError, match="codebook.json is missing"):
+        r.codebook_path()
+    with make_store(codebook=binding) as s:  # the same codebook puts a lost copy back
+        assert s.codebook_path() == s.directory / "codebook"
+    with make_store("fresh", create=True) as s:  # bound after creation, once
+        assert s.codebook_sha256 is None and s.bind_codebook(binding) is True and s.codebook_sha256 == sha
+
+
+def test_a_read_only_store_refuses_every_write(make_store, tmp_path):
+    with make_store(create=True) as s:
+        src = s.add_source("a", "fp")
+    with make_store(readonly=True) as r:
+        for write in (lambda: r.add_source("b", "fb"), lambda: r.set_meta("k", 1),
+                      lambda: r.add_frames(src.id, [frame(0)]),
+                      lambda: r.bind_codebook(CodebookBinding(fake_codebook(tmp_path / "cb"), None, None, {}))):
+            with pytest.raises(StoreError, match="read-only"):
+                write()
+    with make_store(readonly=True) as r:
+        assert r.sources() == [src] and r.count() == 0 and r.get_meta("k") is None
+
+
+# -- open_store --------------------------------------------------------------------------------------------------
+def test_open_store_picks_the_implementation(tmp_path):
+    with open_store(tmp_path / "a", create=True) as s:
+        assert type(s) is SQLiteStore and s.directory == tmp_path / "a"
+    with open_store(str(tmp_path / "a"), readonly=True) as s:
+        assert type(s) is SQLiteStore
+    with open_store(f"sqlite:{tmp_path / 'b'}", create=True) as s:
+        assert type(s) is SQLiteStore and s.directory == tmp_path / "b"
+    with open_store(tmp_path / "c:d", create=True) as s:  # a Path is a directory, colon or not
+        assert s.directory == tmp_path / "c:d"
+
+
+@pytest.mark.parametrize("location,match", [
+    ("nosuch:idx", r"unknown store scheme 'nosuch:'; supported: an index directory path \(SQLite\), sqlite:PATH"),
+    ("sqlite:", r"no path after 'sqlite:'"),
+])
+def test_open_store_refuses_an_unknown_scheme(tmp_path, monkeypatch, location, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=match):
+        open_store(location, create=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_interface_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        Store()
+    assert issubclass(SQLiteStore, Store)

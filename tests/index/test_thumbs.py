@@ -10,7 +10,7 @@ import pytest
 
 from yolo_vq import Detections, Indexer, Memory, assets
 from yolo_vq.cli import main
-from yolo_vq.index.store import Frame, Store
+from yolo_vq.index.store import Frame, open_store
 from yolo_vq.index.thumbs import Thumbnailer, pictures
 from yolo_vq.video import fingerprint_file
 from yolo_vq.viz import CAPTION_H, MARGIN, TITLE_H, crop, decode_jpeg, placeholder, thumbnail
@@ -47,9 +47,9 @@ def thumbed(index_model, small_codebook, clip, tmp_path_factory):
 
 
 def stored(index) -> tuple[Detections, list[bytes | None]]:
-    with Store(index, readonly=True) as s:
+    with open_store(index, readonly=True) as s:
         ids, _ = s.codes()
-        return s.get(ids), s.thumbs(ids)
+        return s.get(ids), s.thumbnails(ids)
 
 
 def test_every_nth_detection_of_each_track_gets_a_thumbnail(thumbed):
@@ -127,7 +127,7 @@ def test_a_replaced_video_is_not_cut_and_no_picture_is_a_placeholder(tmp_path, c
     image = clip[1][5]
     det = Detections(np.array([[100, 50, 160, 200], [300, 60, 340, 150]], np.float32), track_id=[4, -1],
                      codes=np.zeros((2, 8), np.uint8))
-    with Store(tmp_path / "idx", create=True) as s:
+    with open_store(tmp_path / "idx", create=True) as s:
         src = s.add_source(str(video), fingerprint_file(video))
         s.add_frames(src.id, [Frame(5, 0.2, det, Thumbnailer(2)(image, det)), Frame(6, 0.24, det, [None, None])])
         stored_det = s.get(s.codes()[0])

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..detections import Detections
 from ..errors import CodebookError
-from ..index.store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError
+from ..index.store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError, open_store
 from ..quant.io import codebook_checksum, codebook_paths
 from .records import BadRecord, read_records
 
@@ -35,7 +35,7 @@ class _Index:
         self._ids: dict[str, int] = {}  # source fingerprint -> store id
         if (index.exists() and not index.is_dir()) or (index / DB_NAME).exists() \
                 or (index / f"{CODEBOOK_STEM}.json").exists():
-            self._store = Store(index)  # reads only until add(); refuses a damaged index (its own error)
+            self._store = open_store(index)  # reads only until add(); refuses a damaged index (its own error)
             try:
                 self._check(want, codebook)
             except BaseException:
@@ -68,18 +68,16 @@ class _Index:
         """Frames of the source with this content fingerprint already stored (none if the index lacks it)."""
         if self._store is None:
             return set()
-        try:
-            sid = self._store.source(fingerprint=fingerprint).id
-        except KeyError:
+        if (found := self._store.find_source(fingerprint)) is None:
             return set()
-        self._ids[fingerprint] = sid
+        sid = self._ids[fingerprint] = found.id
         return set(self._store.frames_done(sid).tolist())
 
     def add(self, source: dict[str, Any], frames: list[Frame]) -> int:
         """Store ``frames`` of ``source`` (a checked source record), making the index (bound to its codebook) and
         registering the source first if needed. Returns the detections inserted."""
         if self._store is None:
-            self._store = Store(self.index, create=True, codebook=self._bind)
+            self._store = open_store(self.index, create=True, codebook=self._bind)
         elif self._bind is not None:
             self._store.bind_codebook(self._bind)
         self._bind = None

@@ -21,7 +21,7 @@ from ..config import DEFAULT_RECIPE, EmbedConfig
 from ..detections import Detections
 from ..features.embedder import Embedder
 from ..video import VideoSource, chunks, fingerprint_name, open_source
-from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Source, Store, StoreError
+from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Source, StoreError, open_store
 from .thumbs import Thumbnailer
 
 __all__ = ["CODEBOOK_STEM", "IndexSummary", "Indexer"]
@@ -125,7 +125,7 @@ class Indexer:
             elif not (self.index / DB_NAME).is_file():
                 raise StoreError(f"{self.index} has no codebook yet: pass one (train it with `yolo-vq fit`)")
             # a new index is made and bound to the codebook in one transaction; an existing one must hold it
-            self.store = Store(self.index, create=binding is not None, codebook=binding)
+            self.store = open_store(self.index, create=binding is not None, codebook=binding)
         try:
             own = self.store.codebook_path()  # verified against the checksum index.db records
             if own is None:
@@ -154,11 +154,11 @@ class Indexer:
         :class:`~yolo_vq.errors.StoreError`, a missing one False)."""
         db = Path(index) / DB_NAME
         if Path(index).exists() and not Path(index).is_dir():
-            Store(index, readonly=True)  # refuses a file given as the index directory, before any fitting
+            open_store(Path(index), readonly=True)  # refuses a file given as the index directory, before any fitting
         if not (Path(index) / f"{CODEBOOK_STEM}.json").exists() and (
                 not db.exists() or db.is_file() and db.stat().st_size == 0):
             return False  # a new index (or one whose creation was interrupted before anything was stored)
-        with Store(index, readonly=True) as st:  # refuses a damaged database, or a codebook whose database is lost
+        with open_store(Path(index), readonly=True) as st:  # refuses a damaged database, or a codebook without one
             return st.codebook_sha256 is not None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------

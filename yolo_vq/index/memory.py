@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..detections import Detections
-from .store import Store, StoreError
+from .store import StoreError, open_store
 
 __all__ = ["Memory"]
 
@@ -36,7 +36,7 @@ class Memory:
         from .scan import CodeScan
 
         self.index = Path(index)
-        self.store = Store(self.index, readonly=True)
+        self.store = open_store(self.index, readonly=True)
         try:
             own = self.store.codebook_path()  # verified against index.db's record: CodebookError says how to recover
             if own is None:

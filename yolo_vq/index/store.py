@@ -1,156 +1,43 @@
-"""The embedded store: one index directory holding ``index.db`` (SQLite in WAL mode) with sources, detections and codes.
+"""The store interface: what an index holds (sources, processed frames, detections with their codes, optional float16
+vectors and JPEG thumbnails, metadata, the codebook binding) and the operations the indexer, the search
+(:class:`~yolo_vq.index.memory.Memory`), edge ingest and the thumbnail pictures use on it.
 
-Writes go in batches, one transaction per batch, and each processed frame is recorded in ``frames`` in the same
-transaction as its detections: a crash loses at most the batch in flight, and re-running the same job skips every
-frame already recorded (idempotent per source fingerprint + frame). WAL lets other processes search while one writes.
+:class:`Store` is the abstract base every implementation derives from; :func:`open_store` opens one from a location:
 
-Optional parts, same schema version: a JPEG thumbnail per detection (``detections.thumb``), and the float16
-embedding of each detection in a separate ``vectors`` table (for exact re-ranking of a search shortlist), created by
-the first batch that keeps vectors. Stores without that table are complete version-1 stores (older yolo_vq versions
-read stores with it and ignore it); ``meta['vectors']`` says whether, and with what dim, vectors are kept.
+* a directory path (``str`` or :class:`~pathlib.Path`), or ``sqlite:PATH``: :class:`yolo_vq.index.sqlite.SQLiteStore`,
+  ``index.db`` (SQLite in WAL mode) in that directory.
 
-The codebook binding: an index's codes belong to one codebook, copied into the directory (``codebook.safetensors`` +
-``codebook.json``) and identified by the sha256 of its tensors in ``meta['codebook_sha256']``. The binding is decided
-once, in the transaction that creates the schema (:meth:`Store.bind_codebook`), so two processes creating one index
-cannot both win; the files are verified against the recorded checksum whenever the codebook is used, and a missing
-or damaged copy is an error (never a reason to fit a new one).
-
-Faults (a damaged or foreign file, a read-only folder, a full disk, a lock held too long) surface as one
-:class:`StoreError` naming the file and what to do; a failed write transaction is rolled back whole.
+Every implementation keeps the same contract: writes go in batches, one transaction per batch, and each processed
+frame is recorded in the same transaction as its detections (a crash loses at most the batch in flight; re-running
+the same job skips every frame already recorded, idempotent per source fingerprint + frame); readers never block the
+writer and see whole committed batches only; an index's codes belong to one codebook, copied into the index
+directory (``CODEBOOK_STEM``) and identified by the sha256 of its tensors (``meta['codebook_sha256']``), bound once,
+when the index is made; faults (a damaged or foreign index, a read-only folder, a full disk, a lock held too long)
+are one :class:`StoreError` naming the file and what to do, and a failed write is rolled back whole.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import shutil
-import sqlite3
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.request import pathname2url
+from typing import Any
 
 import numpy as np
 
 from ..detections import Detections
-from ..errors import CodebookError, StoreError
+from ..errors import StoreError
 
 __all__ = ["CODEBOOK_STEM", "DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame", "Source", "Store",
-           "StoreError"]
+           "StoreError", "open_store"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-SCHEMA_VERSION = 1
-DB_NAME = "index.db"
+SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
+DB_NAME = "index.db"  # the SQLite store's database file in the index directory (its presence marks an SQLite index)
 CODEBOOK_STEM = "codebook"  # <index>/codebook.safetensors + codebook.json: the codebook of every stored code
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sources (
-    id INTEGER PRIMARY KEY,
-    uri TEXT NOT NULL,
-    fingerprint TEXT NOT NULL UNIQUE,
-    fps REAL, frame_count INTEGER, width INTEGER, height INTEGER,
-    added_utc TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS frames (
-    source_id INTEGER NOT NULL REFERENCES sources(id),
-    frame INTEGER NOT NULL,
-    detections INTEGER NOT NULL,
-    PRIMARY KEY (source_id, frame)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS detections (
-    id INTEGER PRIMARY KEY,
-    source_id INTEGER NOT NULL REFERENCES sources(id),
-    frame INTEGER NOT NULL,
-    time REAL NOT NULL,
-    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
-    class_id INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    track_id INTEGER NOT NULL,
-    codes BLOB,
-    thumb BLOB
-);
-CREATE INDEX IF NOT EXISTS detections_source_frame ON detections (source_id, frame);
-CREATE INDEX IF NOT EXISTS detections_class ON detections (class_id);
-CREATE INDEX IF NOT EXISTS detections_track ON detections (source_id, track_id);
-"""
-_VECTORS = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES detections(id), vector BLOB NOT NULL)"
-VECTOR_DTYPE = np.dtype("<f2")  # float16, little-endian: 2 bytes per dimension
-# The columns every version-1 store has (``vectors`` is optional): checked at open, so a damaged schema is one error.
-_COLUMNS = {
-    "meta": {"key", "value"},
-    "sources": {"id", "uri", "fingerprint", "fps", "frame_count", "width", "height", "added_utc"},
-    "frames": {"source_id", "frame", "detections"},
-    "detections": {"id", "source_id", "frame", "time", "x1", "y1", "x2", "y2", "class_id", "confidence", "track_id",
-                   "codes", "thumb"},
-}
-_RESTORE = "restore it from a backup, or index into a new directory"
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-_NOT_JSON = object()
-# What the meta values the code reads must be (a key not set reads as the default): checked as they are read.
-_META_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "codebook_sha256": (lambda v: isinstance(v, str), "a sha256 hex string"),
-    "code_size": (_count, "a positive int"),
-    "names": (lambda v: isinstance(v, dict) and all(k.isascii() and k.isdigit() and isinstance(n, str)
-                                                    for k, n in v.items()), "a dict of class id -> name"),
-    "vectors": (lambda v: isinstance(v, dict) and _count(v.get("dim")), "a dict with the vectors' dim"),
-}
-
-
-def _sql_fault(path: Path, doing: str, e: sqlite3.Error) -> StoreError:
-    """One :class:`StoreError` line for an SQLite error while ``doing`` something with the store at ``path``."""
-    msg = str(e)
-    low = msg.lower()
-    if "disk is full" in low or "disk i/o error" in low and _free_bytes(path.parent) == 0:
-        return StoreError(f"{path}: the disk is full ({msg}) while {doing}: everything committed before is kept and "
-                          f"this batch was rolled back; free space on the disk of {path.parent} and re-run the same "
-                          f"command to resume")
-    writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
-    if "readonly" in low or "read-only" in low or "unable to open" in low and not writable:
-        return StoreError(f"{path} is read-only ({msg}) while {doing}: make the index folder and its files writable, "
-                          f"or index into a writable directory (search works on a read-only index)")
-    if "locked" in low or "busy" in low:
-        return StoreError(f"{path}: another process held its write lock for too long ({msg}) while {doing}: wait for "
-                          f"it to finish (or stop it) and re-run")
-    if "unable to open" in low:
-        return StoreError(f"{path}: SQLite cannot open it ({msg}) while {doing}: check that the folder exists and is "
-                          f"readable")
-    return StoreError(f"{path} is damaged or not a yolo_vq index ({msg}) while {doing}: {_RESTORE} (nothing was "
-                      f"changed)")
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _guard(doing: str) -> Callable[[F], F]:
-    """Turn SQLite errors raised by a store method into one :class:`StoreError` saying what failed and the fix."""
-
-    def wrap(fn: F) -> F:
-        @functools.wraps(fn)
-        def inner(self: Store, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(self, *args, **kwargs)
-            except sqlite3.Error as e:
-                raise _sql_fault(self.path, doing, e) from None
-
-        return inner  # type: ignore[return-value]
-
-    return wrap
+VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
 
 
 @dataclass(frozen=True)
@@ -173,7 +60,7 @@ class Frame:
     frame: int
     time: float
     detections: Detections
-    thumbs: Sequence[bytes | None] | None = None
+    thumbs: Sequence[bytes | None] | None = None  # JPEG bytes (or None) per detection row
 
 
 @dataclass(frozen=True)
@@ -187,453 +74,171 @@ class CodebookBinding:
     fitted: bool = False  # fitted by this run for a new index: words the error when another process bound first
 
 
-class Store:
-    """Open (or with ``create=True`` make) the index directory ``directory``.
+class Store(ABC):
+    """An open index: the abstract interface (see the module docstring for the contract every implementation keeps).
 
-    Args:
-        directory: the index directory; ``index.db`` lives inside.
-        create: make the directory and an empty store if missing.
-        readonly: open read-only (searchers); never blocks the writer, and works in a read-only folder.
-        timeout: seconds to wait for another writer's lock.
-        codebook: bind this codebook (a :class:`CodebookBinding`) in the same transaction that creates the schema;
-            on an existing index it must be the index's own (see :meth:`bind_codebook`).
+    Open one with :func:`open_store`. Every store has the attributes ``directory`` (:class:`~pathlib.Path`, the index
+    directory: it holds the codebook copy) and ``readonly`` (bool: opened for reading only; every write method then
+    raises :class:`StoreError`). Detection ids are positive ints, increasing in the order detections were stored.
 
-    Raises:
-        StoreError: no store there (without ``create``), a damaged, empty or foreign file, a store of another schema
-            version, a read-only index opened for writing; nothing is modified.
-        CodebookError: ``codebook`` is not the index's own.
+    Every method may raise :class:`StoreError` for a fault of the underlying storage (damaged, read-only, full,
+    locked), with what failed and the fix; the errors listed per method are those of its arguments or of the index's
+    content.
     """
 
-    def __init__(self, directory: str | Path, *, create: bool = False, readonly: bool = False, timeout: float = 30.0,
-                 codebook: CodebookBinding | None = None):
-        self.directory = Path(directory)
-        self.path = self.directory / DB_NAME
-        self.readonly = readonly
-        self.timeout = timeout
-        fresh = self._check_file(create and not readonly)
-        try:
-            self._db = self._connect(readonly)
-        except (sqlite3.Error, UnicodeDecodeError) as e:  # UnicodeDecodeError: SQLite's error quotes a damaged schema
-            raise _sql_fault(self.path, "opening it", e) from None
-        try:
-            self._open(create and not readonly, fresh, codebook)
-        except (sqlite3.Error, UnicodeDecodeError) as e:
-            self._db.close()
-            raise _sql_fault(self.path, "opening it", e) from None
-        except BaseException:
-            self._db.close()
-            raise
-
-    def _check_file(self, create: bool) -> bool:
-        """Refuse what must not be opened (or made) as a store; True when a new store is to be made."""
-        if self.directory.exists() and not self.directory.is_dir():
-            raise StoreError(f"--index {self.directory} is a file, not an index directory: pass a directory")
-        own = self.directory / f"{CODEBOOK_STEM}.json"
-        if not self.path.is_file():
-            if self.path.exists():
-                raise StoreError(f"{self.path} is not a regular file: {_RESTORE}")
-            if own.is_file():  # an index's codebook without its database: the database was lost
-                raise StoreError(f"{self.directory} holds an index codebook but no {DB_NAME}: the database was "
-                                 f"deleted or moved; {_RESTORE} (nothing was changed)")
-            if not create:
-                raise StoreError(
-                    f"no index at {self.directory} ({DB_NAME} missing): create one with `yolo-vq index VIDEO "
-                    f"--index {self.directory}` or Store(..., create=True)"
-                )
-            self.directory.mkdir(parents=True, exist_ok=True)
-            return True
-        if self.path.stat().st_size == 0:
-            # SQLite takes an empty file for an empty database. A creation killed before its first write leaves
-            # one (no codebook copied yet): making the store then loses nothing. Beside a codebook, it is a
-            # truncated index, which must not be re-created over.
-            if own.is_file() or not create:
-                raise StoreError(f"{self.path} is empty (0 bytes){' beside its codebook' if own.is_file() else ''}: "
-                                 f"the index database was truncated or never written; {_RESTORE} (nothing was "
-                                 f"changed)")
-            return True
-        return False
-
-    def _connect(self, readonly: bool) -> sqlite3.Connection:
-        if not readonly:
-            return sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        uri = "file:" + pathname2url(str(self.path.resolve()))
-        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=self.timeout, isolation_level=None)
-        try:
-            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-            return db
-        except sqlite3.OperationalError:
-            db.close()
-        # A WAL database read-only needs its -shm file, which a read-only folder cannot hold. Without a -wal file
-        # holding writes not yet in the database, the file alone is the whole index: read it as immutable.
-        wal = self.path.with_name(self.path.name + "-wal")
-        if wal.is_file() and wal.stat().st_size > 0:
-            raise StoreError(f"{self.path}: its folder is read-only and {wal.name} holds writes not yet checkpointed "
-                             f"into it, which SQLite cannot read without a writable folder: open the index once "
-                             f"where the folder is writable (any search does), or copy the folder elsewhere")
-        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=self.timeout, isolation_level=None)
-
-    def _open(self, create: bool, fresh: bool, codebook: CodebookBinding | None) -> None:
-        if not self.readonly and not fresh:
-            # a read-only file or folder opens silently read-only: find out now, before any work is done
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("ROLLBACK")
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables and create:
-            self._create(codebook)
-            codebook = None  # bound (or, had another process made the schema first, checked) in the transaction
-            tables = set(_COLUMNS)
-        if not tables:
-            raise StoreError(f"{self.path} holds no index yet: its creation stopped before anything was stored; index "
-                             f"into it again (`yolo-vq index VIDEO --index {self.directory}`)")
-        version = self.get_meta("schema_version") if "meta" in tables else None
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {version!r}, this yolo_vq reads version {SCHEMA_VERSION}: index into "
-                f"a new directory (or use the yolo_vq version that wrote it); the existing index was left untouched"
-            )
-        for table, want in _COLUMNS.items():
-            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if missing := sorted(want - have):
-                raise StoreError(f"{self.path} is damaged: table {table!r} lacks columns {missing}; {_RESTORE} "
-                                 f"(nothing was changed)")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        if not self.readonly:
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
-        if codebook is not None:
-            self.bind_codebook(codebook)
-
-    def _create(self, codebook: CodebookBinding | None) -> None:
-        """Make the schema (and bind ``codebook``) in one write transaction; another process may be doing the same.
-
-        Two processes making one new database can get SQLITE_BUSY at once, without the busy timeout (the switch to
-        WAL mode and a first write lock race for the same fresh file): retried until ``timeout``."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")  # a header write first: no empty file is left behind
-                self._db.execute("BEGIN IMMEDIATE")
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                                 (json.dumps(SCHEMA_VERSION),))
-                if codebook is not None:
-                    self._bind(codebook)
-                self._db.execute("COMMIT")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
-                    raise
-            finally:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-            time.sleep(0.05)
+    directory: Path
+    readonly: bool
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
+    @abstractmethod
     def close(self) -> None:
-        self._db.close()
+        """Release the store (its connection, files); committed data stays. Other methods must not be called after."""
 
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- metadata --------------------------------------------------------------------------------------------------
-    @_guard("reading its metadata")
+    @abstractmethod
     def get_meta(self, key: str, default: Any = None) -> Any:
-        """A JSON value stored under ``key`` (schema version, codebook and model fingerprints, embedding config).
+        """The JSON value stored under ``key``, or ``default`` when the key is not set.
+
+        Keys the package uses: ``schema_version`` (int), ``codebook_sha256`` (str), ``code_size`` (positive int,
+        bytes per code), ``names`` (dict of class id as a decimal string -> name), ``vectors`` (dict with ``dtype``
+        and a positive ``dim``), ``embedding`` and ``model_fingerprint`` (JSON).
 
         Raises:
             StoreError: the value is not JSON, or not of the form its key has (a damaged index).
         """
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return default
-        try:
-            value = json.loads(row[0])
-        except (TypeError, ValueError, RecursionError):
-            value = _NOT_JSON
-        if value is _NOT_JSON or key in _META_FORMS and not _META_FORMS[key][0](value):  # never stored as null
-            raise StoreError(f"{self.path} is damaged: its meta {key!r} is {str(row[0])[:40]!r}, not "
-                             f"{_META_FORMS.get(key, (None, 'JSON'))[1]}; {_RESTORE} (nothing was changed)")
-        return value
+
+    @abstractmethod
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store the JSON-serialisable ``value`` under ``key`` (replacing any), committed at once unless inside a
+        write of this store."""
 
     # -- the codebook binding -------------------------------------------------------------------------------------
     @property
+    @abstractmethod
     def codebook_sha256(self) -> str | None:
-        """The sha256 of the tensors of the codebook every stored code belongs to (``meta['codebook_sha256']``);
-        for an index written before it was recorded, its codebook file's own record. None: no codebook bound."""
-        have = self.get_meta("codebook_sha256")
-        if have is None and self.get_meta("embedding") is not None:  # bound by an older yolo_vq
-            from ..quant.io import codebook_checksum
+        """The sha256 (hex) of the tensors of the codebook every stored code belongs to; None: no codebook bound.
 
-            have = codebook_checksum(self.directory / CODEBOOK_STEM)
-            if have is None:
-                raise CodebookError(f"{self.directory}: the index's own codebook ({CODEBOOK_STEM}.json) is missing "
-                                    f"or unreadable, and this index (made by an older yolo_vq) has no record of its "
-                                    f"checksum: restore the codebook the index was made with into it, or re-index "
-                                    f"into a new directory; nothing was changed")
-        return have
+        Raises:
+            CodebookError: an older index records no checksum and its codebook file is unreadable.
+        """
 
+    @abstractmethod
     def bind_codebook(self, codebook: CodebookBinding) -> bool:
-        """Make ``codebook`` this index's own, once: in one write transaction, a new index copies it in (as
-        ``CODEBOOK_STEM`` in its directory) and records its checksum, embedding, model fingerprint and class names;
-        an index bound before must be bound to the same codebook (its copy is restored if missing or damaged).
-        Returns True when this call bound it.
+        """Make ``codebook`` this index's own, once: in one write, a new index copies it into ``directory`` (as
+        ``CODEBOOK_STEM``) and records its checksum, embedding, model fingerprint and class names; an index bound
+        before must be bound to the same codebook (its copy is restored if missing or damaged). Returns True when
+        this call bound it.
 
         Raises:
             CodebookError: the index is bound to another codebook (the message names both, and says whether this
                 run fitted its codebook while another process bound one), or ``codebook`` is unreadable.
-            StoreError: the index has codes stored with no codebook recorded (they could belong to any).
+            StoreError: the store is read-only, or holds codes with no codebook recorded (they could belong to any).
         """
-        if self.readonly:
-            raise StoreError(f"{self.path} was opened read-only")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")  # the binding is decided under the write lock
-            bound = self._bind(codebook)
-            self._db.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise _sql_fault(self.path, "binding its codebook", e) from None
-        finally:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        return bound
 
-    def _bind(self, codebook: CodebookBinding) -> bool:
-        from ..quant.io import codebook_checksum, codebook_paths
-
-        want = codebook_checksum(codebook.path)
-        if want is None:
-            raise CodebookError(f"codebook {codebook.path}: no readable codebook JSON with a tensor checksum there "
-                                f"(expected the .safetensors + .json written by `yolo-vq fit` / save_codebook)")
-        have = self.codebook_sha256
-        if have is None:
-            if self._db.execute("SELECT 1 FROM detections WHERE codes IS NOT NULL LIMIT 1").fetchone():
-                raise StoreError(f"{self.path} holds codes but records no codebook: they could belong to any; "
-                                 f"index into a new directory")
-        elif have != want:
-            if codebook.fitted:
-                raise CodebookError(
-                    f"while this run fitted a codebook ({want[:16]}...) for the new index {self.directory}, another "
-                    f"process created it with codebook {have[:16]}...: this run's codebook was not used and nothing "
-                    f"was stored; re-run the same command to index with the index's own codebook")
-            raise CodebookError(
-                f"{self.directory} is bound to codebook {have[:16]}... (its {CODEBOOK_STEM}.json, recorded in "
-                f"{DB_NAME}), and the codebook passed, {codebook.path} ({want[:16]}...), is another one: its codes "
-                f"could not be compared with the stored ones; omit --codebook to use the index's own, or index into "
-                f"a new directory")
-        elif self._own_codebook_problem(have) is None:
-            if self.get_meta("codebook_sha256") is None:
-                self.set_meta("codebook_sha256", have)  # an older index: record what its file says
-            return False
-        # copy (a first binding, or the same codebook restoring a missing or damaged copy); temp + rename per file
-        for src, suffix in zip(codebook_paths(codebook.path), (".safetensors", ".json")):
-            dst = self.directory / f"{CODEBOOK_STEM}{suffix}"
-            if dst.exists() and dst.samefile(src):
-                continue
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            except OSError as e:  # e.g. the disk is full: the transaction rolls back, no half file stays
-                tmp.unlink(missing_ok=True)
-                raise StoreError(f"{dst}: cannot copy the codebook into the index ({e.strerror or e}): nothing was "
-                                 f"stored; free space or fix permissions of {self.directory} and re-run") from None
-        if problem := self._own_codebook_problem(want):
-            raise CodebookError(f"codebook {codebook.path} does not match its own checksum once copied ({problem})")
-        if have is None:
-            self.set_meta("codebook_sha256", want)
-            self.set_meta("embedding", codebook.embedding)
-            self.set_meta("model_fingerprint", codebook.model_fingerprint)
-            self.set_meta("names", {int(k): v for k, v in codebook.names.items()})
-        return have is None
-
-    def _own_codebook_problem(self, sha: str) -> str | None:
-        """What is wrong with the index's copy of the codebook of checksum ``sha`` (None: nothing)."""
-        from ..quant.io import _sha256, codebook_checksum
-
-        st, js = (self.directory / f"{CODEBOOK_STEM}{x}" for x in (".safetensors", ".json"))
-        if missing := [p.name for p in (st, js) if not p.is_file()]:
-            return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
-        if (recorded := codebook_checksum(js)) != sha:
-            return f"{js.name} is unreadable" if recorded is None else \
-                f"{js.name} describes codebook {recorded[:16]}..., not the index's"
-        if _sha256(st) != sha:
-            return f"{st.name} is damaged (its sha256 differs)"
-        return None
-
+    @abstractmethod
     def codebook_path(self) -> Path | None:
-        """The stem of the index's own codebook, verified against the checksum in ``index.db``; None when no codebook
-        is bound yet.
+        """The stem of the index's own codebook (in ``directory``), verified against the recorded checksum; None
+        when no codebook is bound yet.
 
         Raises:
-            CodebookError: the copy is missing, damaged or another codebook (with how to recover: restore the
-                codebook the index was made with, or re-index); nothing is changed.
+            CodebookError: the copy is missing, damaged or another codebook (with how to recover); nothing is changed.
         """
-        with self.snapshot():
-            sha = self.codebook_sha256
-        if sha is None:
-            return None
-        if problem := self._own_codebook_problem(sha):
-            raise CodebookError(
-                f"{self.directory}: the index's own codebook is unusable: {problem}. {DB_NAME} records its checksum "
-                f"{sha[:16]}...: restore {CODEBOOK_STEM}.safetensors and {CODEBOOK_STEM}.json with that checksum "
-                f"(`yolo-vq index ... --codebook PATH` with the codebook the index was made with puts them back), or "
-                f"re-index into a new directory; nothing was changed")
-        return self.directory / CODEBOOK_STEM
-
-    @_guard("writing its metadata")
-    def set_meta(self, key: str, value: Any) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     # -- sources ---------------------------------------------------------------------------------------------------
-    @_guard("registering a source")
-    def add_source(
-        self, uri: str, fingerprint: str, *, fps: float | None = None, frame_count: int | None = None,
-        width: int | None = None, height: int | None = None,
-    ) -> Source:
-        """Register a source, or return the one with this content fingerprint (re-runs resume it)."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO sources (uri, fingerprint, fps, frame_count, width, height, added_utc) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(uri), fingerprint, fps, frame_count, width, height, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-        )
-        return self.source(fingerprint=fingerprint)
+    @abstractmethod
+    def add_source(self, uri: str, fingerprint: str, *, fps: float | None = None, frame_count: int | None = None,
+                   width: int | None = None, height: int | None = None) -> Source:
+        """Register a source (committed at once), or return the one with this content ``fingerprint`` as it was
+        registered (re-runs resume it, whatever its ``uri`` now).
 
-    @_guard("reading a source")
+        Raises:
+            StoreError: the store is read-only.
+        """
+
+    @abstractmethod
     def source(self, source_id: int | None = None, *, fingerprint: str | None = None) -> Source:
-        """A source by id or fingerprint; ``KeyError`` if unknown."""
-        where, arg = ("id = ?", source_id) if fingerprint is None else ("fingerprint = ?", fingerprint)
-        row = self._db.execute(f"SELECT id, uri, fingerprint, fps, frame_count, width, height FROM sources "
-                               f"WHERE {where}", (arg,)).fetchone()
-        if row is None:
-            raise KeyError(f"no source with {where.split()[0]} {arg!r} in {self.path}")
-        return Source(*row)
+        """A source by id, or by content ``fingerprint`` when given.
 
-    @_guard("reading its sources")
+        Raises:
+            KeyError: no such source.
+        """
+
+    def find_source(self, fingerprint: str) -> Source | None:
+        """The source with this content ``fingerprint``, or None when the index has none."""
+        try:
+            return self.source(fingerprint=fingerprint)
+        except KeyError:
+            return None
+
+    @abstractmethod
     def sources(self) -> list[Source]:
-        rows = self._db.execute("SELECT id, uri, fingerprint, fps, frame_count, width, height FROM sources ORDER BY id")
-        return [Source(*r) for r in rows]
+        """Every source, in id order."""
 
-    @_guard("reading the frames stored")
+    @abstractmethod
     def frames_done(self, source_id: int) -> np.ndarray:
-        """Sorted int64 indices of the frames of ``source_id`` already stored (with or without detections)."""
-        rows = self._db.execute("SELECT frame FROM frames WHERE source_id = ? ORDER BY frame", (source_id,))
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+        """Sorted (n,) int64 indices of the frames of ``source_id`` already stored (with or without detections);
+        empty for an unknown source."""
 
     # -- writing ---------------------------------------------------------------------------------------------------
-    @_guard("storing frames")
+    @abstractmethod
     def add_frames(self, source_id: int, frames: Iterable[Frame], *, vectors: bool = False) -> int:
-        """Store a batch of frames in one transaction; frames already stored are skipped. Returns rows inserted.
+        """Store a batch of frames of a registered source in one transaction (all or nothing); frames already stored
+        are skipped (idempotent). Returns the detections inserted.
 
-        Codes must all have one length, the store's (``code_size`` meta, set by the first codes stored). With
-        ``vectors``, each detection's embedding (``detections.embeddings``, (n, D) float32) is also kept as float16
-        in the ``vectors`` table (D fixed by the first vectors stored), for re-ranking.
+        Each frame's detections are stored with their boxes, class, confidence, track id, codes ((n, M) uint8, all
+        of the store's ``code_size`` bytes, which the first codes stored set) and ``Frame.thumbs``. With ``vectors``,
+        each detection's embedding (``detections.embeddings``, (n, D) float32) is also kept as ``VECTOR_DTYPE`` (D
+        fixed by the first vectors stored, recorded in ``meta['vectors']``), for re-ranking.
+
+        Raises:
+            StoreError: the store is read-only; codes of another size than the store's; with ``vectors``,
+                detections without embeddings or of another dim. Nothing of the batch is stored.
         """
-        if self.readonly:
-            raise StoreError(f"{self.path} was opened read-only")
-        inserted = 0
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            code_size = self.get_meta("code_size")
-            kept = self.get_meta("vectors") if vectors else None
-            if vectors:
-                cur.execute(_VECTORS)
-            for f in frames:
-                d = f.detections
-                cur.execute("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", (source_id, int(f.frame), len(d)))
-                if cur.rowcount == 0:
-                    continue  # stored by an earlier run: idempotent
-                if d.codes is not None and len(d):
-                    if code_size is None:
-                        code_size = int(d.codes.shape[1]) * d.codes.itemsize
-                        self.set_meta("code_size", code_size)
-                    if d.codes.shape[1] * d.codes.itemsize != code_size:
-                        raise StoreError(f"codes of {d.codes.shape[1] * d.codes.itemsize} bytes, this index stores "
-                                         f"{code_size}-byte codes: use the index's codebook")
-                thumbs = f.thumbs if f.thumbs is not None else [None] * len(d)
-                rows = [(source_id, int(f.frame), float(f.time), *map(float, d.xyxy[i]), int(d.class_id[i]),
-                         float(d.confidence[i]), int(d.track_id[i]),
-                         None if d.codes is None else d.codes[i].tobytes(), thumbs[i]) for i in range(len(d))]
-                sql = ("INSERT INTO detections (source_id, frame, time, x1, y1, x2, y2, class_id, confidence, "
-                       "track_id, codes, thumb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-                if not (vectors and len(d)):
-                    cur.executemany(sql, rows)
-                else:
-                    if d.dim == 0 or (kept is not None and d.dim != kept["dim"]):
-                        raise StoreError(f"detections carry embeddings of dim {d.dim}, this index keeps "
-                                         f"{kept['dim'] if kept else 'float'} vectors: keep the embeddings the "
-                                         "codes were encoded from (Detections.from_ultralytics of an Embedder's results)")
-                    if kept is None:
-                        kept = {"dtype": "float16", "dim": d.dim}
-                        self.set_meta("vectors", kept)
-                    for row, v in zip(rows, d.embeddings.astype(VECTOR_DTYPE)):
-                        cur.execute(sql, row)  # executemany does not report the ids
-                        cur.execute("INSERT INTO vectors VALUES (?, ?)", (cur.lastrowid, v.tobytes()))
-                inserted += len(d)
-            cur.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL): no second error
-                cur.execute("ROLLBACK")
-            raise
-        return inserted
 
     # -- reading ---------------------------------------------------------------------------------------------------
-    @contextmanager
-    def snapshot(self) -> Iterator[Store]:
-        """Run several reads on one consistent state of the store (one read transaction), even while another
-        process commits.
+    @abstractmethod
+    def snapshot(self) -> AbstractContextManager[Store]:
+        """A context manager (yielding this store) inside which every read sees one consistent committed state,
+        even while another process commits; re-entrant (inside a snapshot it does nothing more)."""
 
-        In autocommit mode every statement is its own read transaction: a writer's commit can land between two of
-        them (e.g. between reading the ``code_size`` meta and reading the rows its first batch set it with). In WAL
-        mode a read transaction sees the database as of its first read until it ends, and never blocks the writer.
-        Re-entrant: inside an open transaction it just yields.
+    @abstractmethod
+    def count(self) -> int:
+        """The number of detections stored."""
+
+    @abstractmethod
+    def codes(self, *, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (N,) int64, codes (N, code_size) uint8)`` of the detections with codes and ``id > after_id``, in id
+        order: a contiguous matrix for the scan engine, refreshed incrementally as the store grows (none stored:
+        ``(0,)`` and ``(0, code_size or 0)``)."""
+
+    @abstractmethod
+    def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
+        """Filterable columns of the rows of :meth:`codes` (detections with codes and ``id > after_id``, in id
+        order): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence`` float32,
+        each (N,)."""
+
+    @abstractmethod
+    def get(self, ids: Sequence[int] | np.ndarray) -> Detections:
+        """Detections by id, in the order given: boxes, confidence, class id, track id, codes ((n, code_size) uint8,
+        None when any of them has none) and ``data`` = ``id`` int64, ``source_id`` int64, ``frame`` int64, ``time``
+        float64.
+
+        Raises:
+            KeyError: an id is not stored (the message lists some).
         """
-        if self._db.in_transaction:
-            yield self
-            return
-        self._db.execute("BEGIN")  # deferred: the snapshot starts at the first read
-        try:
-            yield self
-        except BaseException:
-            if self._db.in_transaction:
-                with suppress(sqlite3.Error):  # a damaged file fails COMMIT too: the error in flight says so
-                    self._db.execute("ROLLBACK")
-            raise
-        if self._db.in_transaction:
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as e:
-                raise _sql_fault(self.path, "reading it", e) from None
-
-    @_guard("reading a track")
-    def track_ids(self, source_id: int, track_id: int) -> np.ndarray:
-        """Ids (int64, ascending) of the detections of one track of one source."""
-        rows = self._db.execute("SELECT id FROM detections WHERE source_id = ? AND track_id = ? ORDER BY id",
-                                (int(source_id), int(track_id)))
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
-
-    @_guard("reading track ids")
-    def max_track_id(self, source_id: int) -> int:
-        """The largest stored track id of a source (0 when none): new runs number their tracks after it."""
-        return self._db.execute("SELECT COALESCE(MAX(track_id), 0) FROM detections WHERE source_id = ?",
-                                (int(source_id),)).fetchone()[0]
-
-    @_guard("reading tracks")
-    def longest_track(self) -> tuple[int, int, int] | None:
-        """``(track_id, detections, first detection id)`` of the track with the most detections, or None."""
-        return self._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
-                                "GROUP BY source_id, track_id ORDER BY c DESC LIMIT 1").fetchone()
 
     @property
+    @abstractmethod
     def vector_dim(self) -> int | None:
-        """Dimension of the float16 vectors this index keeps, or None when it keeps none."""
-        kept = self.get_meta("vectors")
-        return None if kept is None else int(kept["dim"])
+        """Dimension of the float vectors this index keeps, or None when it keeps none."""
 
-    @_guard("reading stored vectors")
+    @abstractmethod
     def vectors(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The kept embeddings of detection ids, in the order given: ``((n, D) float32, (n,) bool kept)``; rows of
         detections stored without a vector (e.g. indexed before vectors were kept) are zeros with ``kept`` False.
@@ -641,91 +246,75 @@ class Store:
         Raises:
             StoreError: the index keeps no vectors.
         """
-        dim = self.vector_dim
-        if dim is None:
-            raise StoreError(f"{self.directory} keeps no float vectors: index with --keep-vectors "
-                             "(Indexer(keep_vectors=True)) to re-rank with them")
-        ids = [int(i) for i in ids]
-        out, present = np.zeros((len(ids), dim), np.float32), np.zeros(len(ids), bool)
-        if ids:
-            found = dict(self._db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(ids))})",
-                                          ids))
-            for k, i in enumerate(ids):
-                if (blob := found.get(i)) is not None:
-                    out[k] = np.frombuffer(blob, VECTOR_DTYPE)
-                    present[k] = True
-        return out, present
 
-    @_guard("reading thumbnails")
-    def thumbs(self, ids: Sequence[int] | np.ndarray) -> list[bytes | None]:
-        """The stored JPEG thumbnail of each detection id, in the order given (None where none was kept)."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            return []
-        found = dict(self._db.execute(f"SELECT id, thumb FROM detections WHERE id IN ({','.join('?' * len(ids))})",
-                                      ids))
-        return [found.get(i) for i in ids]
+    @abstractmethod
+    def thumbnails(self, ids: Sequence[int] | np.ndarray) -> list[bytes | None]:
+        """The stored JPEG thumbnail of each detection id, in the order given (None where none was kept, or for an
+        id not stored)."""
 
-    @_guard("reading thumbnails")
-    def nearest_thumb(self, source_id: int, track_id: int, frame: int) -> bytes | None:
-        """The thumbnail of the same track's detection nearest in frames to ``frame`` (None when the track has
-        none, or for untracked detections, ``track_id < 0``)."""
-        if track_id < 0:
-            return None
-        row = self._db.execute("SELECT thumb FROM detections WHERE source_id = ? AND track_id = ? AND thumb IS NOT "
-                               "NULL ORDER BY ABS(frame - ?), frame LIMIT 1",
-                               (int(source_id), int(track_id), int(frame))).fetchone()
-        return None if row is None else row[0]
+    @abstractmethod
+    def nearest_thumbnail(self, source_id: int, track_id: int, frame: int) -> bytes | None:
+        """The JPEG thumbnail of the detection of the same track of ``source_id`` nearest in frames to ``frame``
+        (ties: the earlier frame); None when the track has none, or for untracked detections (``track_id < 0``)."""
 
-    @_guard("counting detections")
-    def count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM detections").fetchone()[0]
+    @abstractmethod
+    def track_ids(self, source_id: int, track_id: int) -> np.ndarray:
+        """Ids ((n,) int64, ascending) of the detections of one track of one source."""
 
-    @_guard("reading codes")
-    def codes(self, *, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids (N,) int64, codes (N, code_size) uint8)`` of detections with ``id > after_id``, in id order: a
-        contiguous matrix for the scan engine, refreshed incrementally as the store grows."""
-        with self.snapshot():  # the meta and the rows of one state (a first batch may commit in between)
-            code_size = self.get_meta("code_size")
-            rows = self._db.execute("SELECT id, codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id",
-                                    (after_id,)).fetchall()
-        if not rows:
-            return np.zeros(0, np.int64), np.zeros((0, code_size or 0), np.uint8)
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), code_size)
-        return ids, codes
+    @abstractmethod
+    def max_track_id(self, source_id: int) -> int:
+        """The largest stored track id of a source (0 when none): new runs number their tracks after it."""
 
-    @_guard("reading detection columns")
-    def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
-        """Filterable columns of detections with codes and ``id > after_id``, in id order (the rows of
-        :meth:`codes`): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence``
-        float32."""
-        rows = self._db.execute("SELECT id, class_id, source_id, time, confidence FROM detections "
-                                "WHERE id > ? AND codes IS NOT NULL ORDER BY id", (after_id,)).fetchall()
-        a = np.array(rows, dtype=np.float64).reshape(-1, 5)
-        return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
-                "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32)}
+    @abstractmethod
+    def longest_track(self) -> tuple[int, int, int] | None:
+        """``(track_id, detections, first detection id)`` of the track (``track_id >= 0``, any source) with the most
+        detections, or None when nothing is tracked."""
 
-    @_guard("reading detections")
-    def get(self, ids: Sequence[int] | np.ndarray) -> Detections:
-        """Detections by id, in the order given, with ``data`` = id, source_id, frame, time."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            return Detections.empty().with_data(id=np.zeros(0, np.int64), source_id=np.zeros(0, np.int64),
-                                               frame=np.zeros(0, np.int64), time=np.zeros(0))
-        marks = ",".join("?" * len(ids))
-        rows = {r[0]: r for r in self._db.execute(
-            f"SELECT id, source_id, frame, time, x1, y1, x2, y2, class_id, confidence, track_id, codes "
-            f"FROM detections WHERE id IN ({marks})", ids)}
-        if missing := [i for i in ids if i not in rows]:
-            raise KeyError(f"no detections with ids {missing[:5]} in {self.path}")
-        r = [rows[i] for i in ids]
-        codes = [x[11] for x in r]
-        return Detections(
-            np.array([x[4:8] for x in r], np.float32),
-            confidence=np.array([x[9] for x in r]), class_id=np.array([x[8] for x in r]),
-            track_id=np.array([x[10] for x in r]),
-            codes=None if any(c is None for c in codes) else np.frombuffer(b"".join(codes), np.uint8).reshape(len(r), -1),
-            data={"id": np.array(ids, np.int64), "source_id": np.array([x[1] for x in r], np.int64),
-                  "frame": np.array([x[2] for x in r], np.int64), "time": np.array([x[3] for x in r])},
-        )
+
+# -- opening a store ---------------------------------------------------------------------------------------------
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)  # two letters at least: "C:\\..." is a path
+
+
+def _open_sqlite(path: str | Path, **kwargs: Any) -> Store:
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(path, **kwargs)
+
+
+# scheme -> opener(path, *, create, readonly, codebook, timeout). A new implementation adds its scheme here (e.g.
+# "lance": the Lance store, next to the SQLite one).
+_SCHEMES: dict[str, Callable[..., Store]] = {"sqlite": _open_sqlite}
+
+
+def open_store(location: str | Path, *, create: bool = False, readonly: bool = False,
+               codebook: CodebookBinding | None = None, timeout: float = 30.0) -> Store:
+    """Open (or with ``create=True`` make) the index at ``location``.
+
+    Args:
+        location: an index directory (a :class:`~pathlib.Path`, or a ``str`` without a scheme): the SQLite store
+            (``index.db`` inside); or ``"scheme:PATH"`` for a given implementation, ``sqlite:PATH`` the same SQLite
+            store. A :class:`~pathlib.Path` is always a directory (a directory whose name looks like ``a:b`` can be
+            given as a Path, ``./a:b`` or ``sqlite:a:b``).
+        create: make the directory and an empty store if missing.
+        readonly: open read-only (searchers); never blocks the writer, and works in a read-only folder.
+        codebook: bind this codebook in the same transaction that creates the schema; on an existing index it must
+            be the index's own (see :meth:`Store.bind_codebook`).
+        timeout: seconds to wait for another writer's lock.
+
+    Raises:
+        StoreError: an unknown scheme (the message names the supported ones); no store there (without ``create``), a
+            damaged, empty or foreign index, one of another schema version, a read-only index opened for writing;
+            nothing is modified.
+        CodebookError: ``codebook`` is not the index's own.
+    """
+    opener, path = _open_sqlite, location
+    if isinstance(location, str) and (m := _SCHEME.match(location)):
+        scheme, path = m.group(1).lower(), m.group(2)
+        if scheme not in _SCHEMES:
+            supported = ", ".join(f"{s}:PATH" for s in _SCHEMES)
+            raise StoreError(f"{location!r}: unknown store scheme {scheme + ':'!r}; supported: an index directory "
+                             f"path (SQLite), {supported} (a directory whose name has a colon: write it ./{location})")
+        if not path:
+            raise StoreError(f"{location!r}: no path after {scheme + ':'!r}: write {scheme}:PATH")
+        opener = _SCHEMES[scheme]
+    return opener(path, create=create, readonly=readonly, codebook=codebook, timeout=timeout)

@@ -129,8 +129,8 @@ def pictures(store: Store, detections: Detections, *, prefer: str = "video",
             for r in readers.values():
                 r.close()
     missing = [i for i in range(n) if out[i] is None]
-    for i, blob in zip(missing, store.thumbs(detections.data["id"][missing])):
+    for i, blob in zip(missing, store.thumbnails(detections.data["id"][missing])):
         if blob is None:
-            blob = store.nearest_thumb(src[i], int(detections.track_id[i]), frame[i])
+            blob = store.nearest_thumbnail(src[i], int(detections.track_id[i]), frame[i])
         out[i] = placeholder(size, "no picture: source unreadable, no thumbnail") if blob is None else decode_jpeg(blob)
     return out
