@@ -13,35 +13,22 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
+# The public API, by stage (the rest lives in the sub-packages: features, quant, index, edge).
 _EXPORTS = {
-    "DEFAULT_RECIPE": "config",
-    "ColourSpec": "config",
-    "EmbedConfig": "config",
-    "LevelSpec": "config",
-    "list_recipes": "config",
-    "load_recipe": "config",
+    "DEFAULT_RECIPE": "config", "EmbedConfig": "config", "list_recipes": "config", "load_recipe": "config",
     "Detections": "detections",
-    "BoxEmbedder": "features.pool",
-    "Embedder": "features.embedder",
-    "EdgeModel": "edge.runner",
-    "export": "edge.export",
-    "ingest": "edge.ingest",
-    "Indexer": "index.indexer",
-    "Memory": "index.memory",
-    "Store": "index.store",
-    "open_store": "index.store",
-    "Tap": "features.tap",
-    "TapInfo": "features.tap",
-    "resolve_layers": "features.tap",
     "YoloVQError": "errors",
+    "Tap": "features.tap", "Embedder": "features.embedder",
+    "fit_codebook": "fit",
+    "Indexer": "index.indexer", "Memory": "index.memory", "Store": "index.store", "open_store": "index.store",
+    "export": "edge.export", "EdgeModel": "edge.runner", "ingest": "edge.ingest",
 }
 # Submodules reachable as attributes after a bare ``import yolo_vq`` (the README's ``yolo_vq.assets.pose_weights()``).
 _SUBMODULES = {"assets", "edge", "errors", "features", "index", "quant"}
 
 __all__ = [
-    "DEFAULT_RECIPE", "BoxEmbedder", "ColourSpec", "Detections", "EdgeModel", "EmbedConfig", "Embedder", "Indexer",
-    "LevelSpec", "Memory", "Store", "Tap", "TapInfo", "__version__", "export", "ingest", "list_recipes", "load_recipe",
-    "open_store", "YoloVQError", "resolve_layers",
+    "DEFAULT_RECIPE", "Detections", "EdgeModel", "EmbedConfig", "Embedder", "Indexer", "Memory", "Store", "Tap",
+    "YoloVQError", "__version__", "export", "fit_codebook", "ingest", "list_recipes", "load_recipe", "open_store",
 ]
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES, yolo
-from yolo_vq import Tap, assets, resolve_layers
+from yolo_vq import Tap, assets
+from yolo_vq.features.tap import resolve_layers
 
 IMGSZ = 320
 LOW = 1e-9  # random-weight YAML models score ~1e-5 (head bias init): keep their boxes for plumbing tests

@@ -7,11 +7,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["ENGINES", "Indexer", "Memory", "Store"]
+__all__ = ["ENGINES", "Indexer", "Memory", "Store", "open_store"]
 
 ENGINES = ("auto", "faiss", "numpy")  # code scan engines (:class:`.scan.CodeScan`); here so the CLI needs no torch
 
-_EXPORTS = {"Indexer": "indexer", "Memory": "memory", "Store": "store"}
+_EXPORTS = {"Indexer": "indexer", "Memory": "memory", "Store": "store", "open_store": "store"}
 
 
 def __getattr__(name: str) -> Any:
