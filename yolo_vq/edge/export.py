@@ -41,6 +41,7 @@ from torch import nn
 from torchvision.ops import nms
 
 from .. import __version__
+from .._letterbox import input_size
 from ..errors import ExportError
 from ..features.embedder import Embedder
 from ..features.pool import BoxEmbedder
@@ -52,29 +53,6 @@ __all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "
 EXPORT_FORMAT = 1  # version of the metadata layout below, read by yolo_vq.edge.runner
 OUTPUTS = ("boxes", "scores", "classes", "codes", "valid")
 DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
-
-
-def input_size(imgsz: int | tuple[int, int], source_size: tuple[int, int] | None = None,
-               stride: int = 32) -> tuple[int, int]:
-    """Network input (H, W) for an export.
-
-    ``source_size`` (h, w) of the camera's frames gives the shape Ultralytics' ``predict`` letterboxes those frames to
-    at ``imgsz`` (``rect``: the long side to ``imgsz``, the short side padded to the next multiple of ``stride``).
-    Without it, an int ``imgsz`` is a square input and a pair is taken as (H, W); both must be stride multiples.
-    """
-    if source_size is not None:
-        h0, w0 = (int(v) for v in source_size)
-        if min(h0, w0) < 1:
-            raise ExportError(f"source_size must be (height, width) > 0, got {source_size!r}")
-        side = imgsz if isinstance(imgsz, int) else max(imgsz)
-        r = min(side / h0, side / w0)
-        new_h, new_w = max(round(h0 * r), 1), max(round(w0 * r), 1)
-        return new_h + (side - new_h) % stride, new_w + (side - new_w) % stride
-    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(int(v) for v in imgsz)
-    if len(hw) != 2 or min(hw) < stride or any(v % stride for v in hw):
-        raise ExportError(f"imgsz must be a multiple of the model stride {stride} (an int or (H, W)), got {imgsz!r}; "
-                          f"e.g. imgsz=640 or imgsz=(384, 640)")
-    return hw
 
 
 class _NMS(torch.autograd.Function):

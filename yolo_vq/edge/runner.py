@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from .._letterbox import letterbox_params
+from .. import _letterbox
 from ..errors import EdgeError
 from ..video import chunks, open_source
 from .records import SUFFIXES, RecordWriter
@@ -34,7 +33,6 @@ from .records import SUFFIXES, RecordWriter
 __all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "run"]
 
 EDGE_FORMAT = 1
-PAD_VALUE = 114
 _REQUIRED = ("yolo_vq_export", "imgsz", "codebook_fingerprint", "code_size", "names")
 
 
@@ -98,44 +96,16 @@ def _check_graph(sess: Any, path: Path, meta: dict[str, Any]) -> None:
                       f"{imgsz[1]}x{imgsz[0]}")
 
 
-def letterbox_image(image: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """One BGR uint8 frame -> (H, W, 3) BGR uint8 letterboxed to the graph's input, as Ultralytics' ``LetterBox``."""
-    h1, w1 = meta["imgsz"]
-    h0, w0 = image.shape[:2]
-    side, src = meta.get("letterbox_imgsz"), meta.get("source_size")
-    if isinstance(side, int) and src is not None and tuple(src) == (h0, w0):
-        r = min(side / h0, side / w0)  # the camera it was exported for: predict's own scale, rounding included
-    else:
-        r = min(h1 / h0, w1 / w0)
-    new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
-    if (new_w, new_h) != (w0, h0):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (w1 - new_w) / 2, (h1 - new_h) / 2
-    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
-    return cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-
-
 def letterbox_batch(images: Sequence[np.ndarray], meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """BGR uint8 frames -> the graph's inputs: ``images`` (B, 3, H, W) float32 RGB in [0, 1] and ``regions`` (B, 4)
-    float32, each frame's area ``x0, y0, x1, y1`` inside the input (input pixels)."""
-    out = np.empty((len(images), 3, *meta["imgsz"]), np.float32)
-    regions = np.empty((len(images), 4), np.float32)
+    float32, each frame's area ``x0, y0, x1, y1`` inside the input (input pixels), letterboxed as the graph's
+    metadata says (:func:`yolo_vq._letterbox.letterbox_batch`)."""
     for i, im in enumerate(images):
         if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise EdgeError(f"frame {i}: expected a BGR uint8 (h, w, 3) array, got "
                             f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
-        lb = letterbox_image(im, meta)
-        out[i] = lb[..., ::-1].transpose(2, 0, 1)
-        gx, gy, px, py = letterbox_params(im.shape[:2], meta["imgsz"])
-        regions[i] = px, py, px + gx * im.shape[1], py + gy * im.shape[0]
-    out /= 255.0
-    return out, regions
-
-
-def _to_original(boxes: np.ndarray, orig_hw: tuple[int, int], input_hw: tuple[int, int]) -> np.ndarray:
-    gx, gy, px, py = letterbox_params(orig_hw, input_hw)
-    b = (boxes.astype(np.float32) - np.float32([px, py, px, py])) / np.float32([gx, gy, gx, gy])
-    return np.clip(b, 0, np.float32([orig_hw[1], orig_hw[0]] * 2))
+    return _letterbox.letterbox_batch(images, meta["imgsz"], imgsz=meta.get("letterbox_imgsz"),
+                                      source_size=meta.get("source_size"))
 
 
 class EdgeModel:
@@ -198,7 +168,7 @@ class EdgeModel:
             for i in range(n):
                 v = out["valid"][i].astype(bool)
                 d = {
-                    "xyxy": _to_original(out["boxes"][i][v], hws[s + i], self.input_hw),
+                    "xyxy": _letterbox.to_original(out["boxes"][i][v], hws[s + i], self.input_hw, clip=True),
                     "confidence": out["scores"][i][v].astype(np.float32),
                     "class_id": out["classes"][i][v].astype(np.int64),
                     "codes": np.ascontiguousarray(out["codes"][i][v]),
