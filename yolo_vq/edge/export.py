@@ -28,7 +28,6 @@ input.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -47,11 +46,11 @@ from ..features.embedder import Embedder
 from ..features.pool import BoxEmbedder
 from ..features.tap import detect_head
 from ..quant import codebook_checksum
+from . import _format
+from ._format import EMBEDDINGS, EXPORT_FORMAT, INPUTS, OUTPUTS
 
 __all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "input_size"]
 
-EXPORT_FORMAT = 1  # version of the metadata layout below, read by yolo_vq.edge.runner
-OUTPUTS = ("boxes", "scores", "classes", "codes", "valid")
 DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
 
 
@@ -302,7 +301,7 @@ def export(
                     max_det=max_det, end2end=end2end, embeddings=embeddings).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = ["images", "regions"], [*OUTPUTS, *(["embeddings"] if embeddings else [])]
+    names = list(INPUTS), [*OUTPUTS, *([EMBEDDINGS] if embeddings else [])]
     dummy = torch.zeros(batch, 3, *hw), torch.tensor([[0.0, 0.0, hw[1], hw[0]]]).repeat(batch, 1)
     axes = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic else None
     with torch.no_grad(), warnings.catch_warnings():
@@ -311,31 +310,12 @@ def export(
         torch.onnx.export(graph, dummy, str(out), dynamo=False, opset_version=opset, input_names=names[0],
                           output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
     proto = onnx.load(str(out))
-    meta = {
-        "yolo_vq_export": EXPORT_FORMAT,
-        "yolo_vq_version": __version__,
-        "names": {int(k): v for k, v in model.names.items()},
-        "task": getattr(model, "task", "detect"),
-        "imgsz": list(hw),
-        "letterbox_imgsz": imgsz if isinstance(imgsz, int) else list(imgsz),
-        "source_size": None if source_size is None else [int(v) for v in source_size],
-        "stride": stride,
-        "batch": None if dynamic else batch,
-        "end2end": end2end,
-        "conf": conf,
-        "iou": iou,
-        "max_det": graph.max_det,
-        "codebook_fingerprint": fingerprint,
-        "code_size": int(q.code_size),
-        "code_dtype": str(q.code_dtype).replace("torch.", ""),
-        "model_fingerprint": emb.fingerprint,
-        "embedding": emb.describe(),
-        "inputs": names[0],
-        "outputs": names[1],
-    }
-    proto.metadata_props.extend(
-        onnx.StringStringEntryProto(key=k, value=json.dumps(v)) for k, v in meta.items()  # all JSON
-    )
+    meta = _format.build_metadata(
+        version=__version__, names=model.names, task=getattr(model, "task", "detect"), input_hw=hw, imgsz=imgsz,
+        source_size=source_size, stride=stride, batch=None if dynamic else batch, end2end=end2end, conf=conf, iou=iou,
+        max_det=graph.max_det, codebook_fingerprint=fingerprint, code_size=q.code_size, code_dtype=q.code_dtype,
+        model_fingerprint=emb.fingerprint, embedding=emb.describe(), outputs=names[1])
+    proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in _format.encode(meta).items())
     onnx.save(proto, str(out))
     try:
         onnx.checker.check_model(str(out))

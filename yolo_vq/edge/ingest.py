@@ -17,6 +17,7 @@ from ..detections import Detections
 from ..errors import CodebookError
 from ..index.store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError, open_store
 from ..quant.io import codebook_checksum, codebook_paths
+from ._format import Key
 from .records import BadRecord, read_records
 
 __all__ = ["IngestSummary", "ingest"]
@@ -29,7 +30,7 @@ class _Index:
 
     def __init__(self, index: Path, header: dict[str, Any], codebook: str | Path | None):
         self.index, self.header = index, header
-        want = header["codebook_fingerprint"]
+        want = header[Key.CODEBOOK_FINGERPRINT]
         self._store: Store | None = None
         self._bind: CodebookBinding | None = None  # the codebook to bind with the first stored frames
         self._ids: dict[str, int] = {}  # source fingerprint -> store id
@@ -55,14 +56,14 @@ class _Index:
         else:
             _check_code_size(self.index / f"{CODEBOOK_STEM}.json", self.header)
         stored = self._store.get_meta("code_size")
-        if stored is not None and stored != self.header["code_size"]:
-            raise StoreError(f"the edge file holds {self.header['code_size']}-byte codes, index {self.index} stores "
+        if stored is not None and stored != self.header[Key.CODE_SIZE]:
+            raise StoreError(f"the edge file holds {self.header[Key.CODE_SIZE]}-byte codes, index {self.index} stores "
                              f"{stored}-byte codes: ingest into an index built with the graph's codebook")
 
     def _binding(self, codebook: str | Path) -> CodebookBinding:
         h = self.header
-        return CodebookBinding(codebook, embedding=h.get("embedding"), model_fingerprint=h.get("model_fingerprint"),
-                               names=h["names"])
+        return CodebookBinding(codebook, embedding=h.get(Key.EMBEDDING), model_fingerprint=h.get(Key.MODEL_FINGERPRINT),
+                               names=h[Key.NAMES])
 
     def frames_done(self, fingerprint: str) -> set[int]:
         """Frames of the source with this content fingerprint already stored (none if the index lacks it)."""
@@ -95,7 +96,7 @@ class _Index:
 
 def _checked_codebook(index: Path, header: dict[str, Any], codebook: str | Path | None) -> str | Path:
     """``codebook`` for an index without one, checked to be the edge file's; writes nothing."""
-    want = header["codebook_fingerprint"]
+    want = header[Key.CODEBOOK_FINGERPRINT]
     if codebook is None:
         raise StoreError(f"{index} has no codebook yet: pass the codebook the edge graph was exported with "
                          f"(--codebook), or ingest into an index made by `yolo-vq index`")
@@ -115,8 +116,8 @@ def _check_code_size(js: Path, header: dict[str, Any]) -> None:
         have = json.loads(js.read_text()).get("code_size")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         have = None  # the codebook's own checks report an unreadable file
-    if have is not None and have != header["code_size"]:
-        raise StoreError(f"the edge file's header says {header['code_size']}-byte codes, its codebook {js} makes "
+    if have is not None and have != header[Key.CODE_SIZE]:
+        raise StoreError(f"the edge file's header says {header[Key.CODE_SIZE]}-byte codes, its codebook {js} makes "
                          f"{have}-byte codes: the header was altered; ingest the file `yolo-vq edge` wrote")
 
 
@@ -146,8 +147,8 @@ def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None =
     path, index = Path(path), Path(index)
     header, records = read_records(path)  # a bad header is refused here, before the index is looked at
     target = _Index(index, header, codebook)
-    dtype = np.dtype(header["code_dtype"])
-    width = header["code_size"] // dtype.itemsize
+    dtype = np.dtype(header[Key.CODE_DTYPE])
+    width = header[Key.CODE_SIZE] // dtype.itemsize
     summary = IngestSummary(sources=0, frames=0, skipped_frames=0, detections=0)
     declared: dict[int, dict[str, Any]] = {}  # the file's source number -> its source record
     done: dict[str, set[int]] = {}  # source fingerprint -> its frames stored (before, or now)

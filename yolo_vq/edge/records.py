@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecordError
+from ._format import HEADER, Key
 
 __all__ = ["SUFFIXES", "BadRecord", "RecordError", "RecordWriter", "read_records"]
 
@@ -196,29 +197,29 @@ _EXPECTED = {
 
 
 def _check_header(header: dict[str, Any]) -> dict[str, Any]:
-    fp = header["codebook_fingerprint"]
+    fp = header[Key.CODEBOOK_FINGERPRINT]
     if not isinstance(fp, str) or not fp:
-        raise _Bad("header codebook_fingerprint", fp, "the codebook's sha256 (a hex string)")
-    size = header.get("code_size")
+        raise _Bad(f"header {Key.CODEBOOK_FINGERPRINT}", fp, "the codebook's sha256 (a hex string)")
+    size = header.get(Key.CODE_SIZE)
     if not _is_int(size, 1):
-        raise _Bad("header code_size", size, "a positive int (bytes per code)",
-                   shown="missing" if "code_size" not in header else None)
-    dtype = header.get("code_dtype", "uint8")
+        raise _Bad(f"header {Key.CODE_SIZE}", size, "a positive int (bytes per code)",
+                   shown="missing" if Key.CODE_SIZE not in header else None)
+    dtype = header.get(Key.CODE_DTYPE, "uint8")
     if not isinstance(dtype, str) or dtype not in _CODE_DTYPES:
-        raise _Bad("header code_dtype", dtype, f"one of {sorted(_CODE_DTYPES)}")
+        raise _Bad(f"header {Key.CODE_DTYPE}", dtype, f"one of {sorted(_CODE_DTYPES)}")
     if size % _CODE_DTYPES[dtype]:
-        raise _Bad("header code_size", size, f"a multiple of {_CODE_DTYPES[dtype]} bytes (code_dtype {dtype})")
-    names = header.get("names")
+        raise _Bad(f"header {Key.CODE_SIZE}", size, f"a multiple of {_CODE_DTYPES[dtype]} bytes (code_dtype {dtype})")
+    names = header.get(Key.NAMES)
     if not isinstance(names, dict) or not names:
-        raise _Bad("header names", names, "a dict of class id -> name ({'0': 'person', ...})",
-                   shown="missing" if "names" not in header else None)
+        raise _Bad(f"header {Key.NAMES}", names, "a dict of class id -> name ({'0': 'person', ...})",
+                   shown="missing" if Key.NAMES not in header else None)
     ids = {}
     for k, v in names.items():
         k = k.strip() if isinstance(k, str) else k
         if not (isinstance(k, str) and k.isascii() and k.isdigit() or _is_int(k)) or not isinstance(v, str):
-            raise _Bad("header names", {k: v}, "class ids (ints >= 0) mapped to names (strings)")
+            raise _Bad(f"header {Key.NAMES}", {k: v}, "class ids (ints >= 0) mapped to names (strings)")
         ids[int(k)] = v
-    return header | {"code_dtype": dtype, "names": ids}
+    return header | {Key.CODE_DTYPE: dtype, Key.NAMES: ids}
 
 
 def _check_source(rec: dict[str, Any], declared: dict[int, str], where: str) -> dict[str, Any]:
@@ -305,7 +306,7 @@ def _check_record(rec: Any, declared: dict[int, str], code_size: int, where: str
         return _check_source(rec, declared, where)
     if kind == "frame":
         return _check_frame(rec, declared, code_size, hexed)
-    more = " (a second header: two files joined? ingest each on its own)" if kind == "header" else ""
+    more = " (a second header: two files joined? ingest each on its own)" if kind == HEADER else ""
     raise _Bad("type", kind, f"'source' or 'frame'{more}", shown="missing" if "type" not in rec else None)
 
 
@@ -315,7 +316,7 @@ def _read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, dict[st
         header = json.loads(f.readline().decode() or "null")
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
         header = None
-    if not isinstance(header, dict) or header.get("type") != "header" or "codebook_fingerprint" not in header:
+    if not isinstance(header, dict) or header.get(Key.TYPE) != HEADER or Key.CODEBOOK_FINGERPRINT not in header:
         f.close()
         raise _not_ours(path)
     try:
@@ -323,7 +324,7 @@ def _read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, dict[st
     except _Bad as e:
         f.close()
         raise BadRecord(f"{path}:1", "line 1", str(e)) from None
-    size = header["code_size"]
+    size = header[Key.CODE_SIZE]
 
     def records() -> Iterator[tuple[str, dict[str, Any]]]:
         declared: dict[int, str] = {}
@@ -354,7 +355,7 @@ def _read_parquet(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, dict[
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for files it cannot parse
         raise RecordError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:160]})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("header"), dict) \
-            or "codebook_fingerprint" not in meta["header"]:
+            or Key.CODEBOOK_FINGERPRINT not in meta["header"]:
         raise _not_ours(path)
     where, at = f"{path}:metadata", "the metadata"
     try:
@@ -364,7 +365,7 @@ def _read_parquet(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, dict[
     sources = meta.get("sources", [])
     if not isinstance(sources, list):
         raise BadRecord(where, at, str(_Bad("sources", sources, "a list of source records")))
-    size = header["code_size"]
+    size = header[Key.CODE_SIZE]
 
     def records() -> Iterator[tuple[str, dict[str, Any]]]:
         declared: dict[int, str] = {}

@@ -17,8 +17,6 @@ idempotent per frame. ``yolo-vq ingest`` reads it into an index.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,72 +26,10 @@ import numpy as np
 from .. import _letterbox
 from ..errors import EdgeError
 from ..video import chunks, open_source
+from ._format import EDGE_FORMAT, Key, read_metadata, records_header
 from .records import SUFFIXES, RecordWriter
 
 __all__ = ["EDGE_FORMAT", "EdgeError", "EdgeModel", "letterbox_batch", "run"]
-
-EDGE_FORMAT = 1
-_REQUIRED = ("yolo_vq_export", "imgsz", "codebook_fingerprint", "code_size", "names")
-
-
-def _meta_from_session(sess: Any, path: Path) -> dict[str, Any]:
-    raw = sess.get_modelmeta().custom_metadata_map
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        outs = [o.name for o in sess.get_outputs()]
-        raise EdgeError(f"{path} is an ONNX model without yolo_vq codes (outputs {outs}, metadata lacks {missing}): "
-                        f"a plain Ultralytics export has no per-box codes; build one with `yolo-vq export --model M "
-                        f"--codebook C --out model_vq.onnx`")
-    meta = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except (json.JSONDecodeError, RecursionError):
-            meta[k] = v
-    if meta["yolo_vq_export"] != 1:
-        raise EdgeError(f"{path}: export format {meta['yolo_vq_export']!r}, this yolo_vq reads 1; re-export it")
-    _check_graph(sess, path, meta)
-    return meta
-
-
-def _sizes(v: Any, n: int) -> bool:
-    """``v`` is a list of ``n`` ints in [1, 2**31)."""
-    return isinstance(v, list) and len(v) == n and all(
-        isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1 << 31 for x in v)
-
-
-def _check_graph(sess: Any, path: Path, meta: dict[str, Any]) -> None:
-    """The metadata the runner uses, checked against the graph's inputs and outputs, so that a damaged or foreign
-    graph is one :class:`EdgeError` here and not an onnxruntime or numpy error after the records file is begun."""
-    inputs = {i.name: i.shape for i in sess.get_inputs()}
-    outputs = [o.name for o in sess.get_outputs()]
-
-    def bad(what: str) -> EdgeError:
-        return EdgeError(f"{path}: {what}; re-export it with `yolo-vq export`")
-
-    want = ("boxes", "scores", "classes", "codes", "valid")
-    if sorted(inputs) != ["images", "regions"] or not set(want) <= set(outputs) \
-            or len(inputs["images"]) != 4 or len(inputs["regions"]) != 2:
-        raise bad(f"inputs {inputs} and outputs {outputs} are not those of a yolo_vq export (images (B, 3, H, W) and "
-                  f"regions (B, 4) -> {', '.join(want)})")
-    shape, imgsz, batch = inputs["images"], meta["imgsz"], meta.get("batch")
-    if not _sizes(imgsz, 2) or any(isinstance(s, int) and s != v for s, v in zip(shape[2:], imgsz)):
-        raise bad(f"metadata imgsz {imgsz!r} is not the graph's input size [H, W] {shape[2:]}")
-    fixed = shape[0] if isinstance(shape[0], int) else None
-    if not (batch is None or _sizes([batch], 1)) or batch != fixed:
-        raise bad(f"metadata batch {batch!r} is not the graph's input batch ({fixed or 'dynamic'})")
-    names = meta["names"]
-    if not isinstance(names, dict) or not all(isinstance(k, str) and k.strip().isascii() and k.strip().isdigit()
-                                              and isinstance(v, str) for k, v in names.items()):
-        raise bad(f"metadata names {str(names)[:60]!r} is not a dict of class id -> name")
-    side, src = meta.get("letterbox_imgsz"), meta.get("source_size")
-    if src is not None and not _sizes(src, 2):
-        raise bad(f"metadata source_size {src!r} is not [height, width] of the camera")
-    if isinstance(side, int) and src is not None:  # the scale letterbox_image uses for frames of that size
-        r = min(side / src[0], side / src[1]) if 0 < side < 1 << 31 else 0.0
-        if not (1 <= round(src[0] * r) <= imgsz[0] and 1 <= round(src[1] * r) <= imgsz[1]):
-            raise bad(f"metadata letterbox_imgsz {side!r} scales a {src[1]}x{src[0]} frame beyond the graph's input "
-                      f"{imgsz[1]}x{imgsz[0]}")
 
 
 def letterbox_batch(images: Sequence[np.ndarray], meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,8 +40,8 @@ def letterbox_batch(images: Sequence[np.ndarray], meta: dict[str, Any]) -> tuple
         if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise EdgeError(f"frame {i}: expected a BGR uint8 (h, w, 3) array, got "
                             f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
-    return _letterbox.letterbox_batch(images, meta["imgsz"], imgsz=meta.get("letterbox_imgsz"),
-                                      source_size=meta.get("source_size"))
+    return _letterbox.letterbox_batch(images, meta[Key.IMGSZ], imgsz=meta.get(Key.LETTERBOX_IMGSZ),
+                                      source_size=meta.get(Key.SOURCE_SIZE))
 
 
 class EdgeModel:
@@ -137,17 +73,17 @@ class EdgeModel:
             raise EdgeError(f"{self.path} is not a loadable ONNX model ({first}); re-export it with "
                             f"`yolo-vq export`") from None
         try:
-            self.meta = _meta_from_session(self.session, self.path)
+            self.meta = read_metadata(self.session, self.path)
             self.outputs = [o.name for o in self.session.get_outputs()]
         except UnicodeDecodeError as e:  # onnxruntime decodes names and metadata of the graph as UTF-8
             raise EdgeError(f"{self.path}: names or metadata in the graph are not UTF-8 text ({e.reason}); re-export "
                             f"it with `yolo-vq export`") from None
-        self.batch = self.meta.get("batch")  # None: dynamic
-        self.names = {int(k): v for k, v in self.meta["names"].items()}
+        self.batch = self.meta.get(Key.BATCH)  # None: dynamic
+        self.names = {int(k): v for k, v in self.meta[Key.NAMES].items()}
 
     @property
     def input_hw(self) -> tuple[int, int]:
-        return tuple(self.meta["imgsz"])
+        return tuple(self.meta[Key.IMGSZ])
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detect and encode BGR frames: per frame ``xyxy`` (n, 4) float32 original px, ``confidence`` (n,),
@@ -206,8 +142,7 @@ def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int],
     srcs = [sources] if isinstance(sources, str | int | Path) else list(sources)
     opened = [open_source(s) for s in srcs]  # fail on a bad source before writing anything
     counts = {"frames": 0, "detections": 0, "bytes": 0}
-    header = {"type": "header", "edge_format": EDGE_FORMAT, "model": str(m.path), **m.meta,
-              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    header = records_header(m.meta, m.path)
     described = [{"type": "source", "source": k, "uri": s.uri, "fingerprint": s.fingerprint, "fps": s.fps,
                   "frame_count": s.frame_count, "width": s.width, "height": s.height} for k, s in enumerate(opened)]
     writer = None
