@@ -1,6 +1,6 @@
 """Detector + embedding recipe + codebook encode as ONE ONNX graph: the edge device emits boxes and codes.
 
-The graph (:class:`VQGraph`) runs the fused detector on a letterboxed batch, selects detections in-graph (YOLO26's
+The graph (:class:`~yolo_vq.edge.graph.VQGraph`) runs the fused detector on a letterboxed batch, selects detections in-graph (YOLO26's
 end-to-end head needs no NMS; YOLOv8/YOLO11 heads get class-wise NMS), pools every kept box on the tapped maps exactly
 as :class:`~yolo_vq.features.pool.BoxEmbedder` does on the server (RoIAlign, stripes, frame-mean centering, the HSV colour cue
 from the same input, normalisation) and encodes the vectors with the codebook. So the codes an edge device ships are
@@ -23,12 +23,17 @@ padding pool what the server pools. Input size is fixed at export: export for th
 (``source_size``) to get the input shape the server's ``predict`` uses (it letterboxes to the smallest stride
 multiple), hence the very same codes; another input size gives codes of the same codebook from a differently scaled
 input.
+
+``export`` runs four steps: :func:`_prepare` (the recipe, the codebook loaded once and checked against the model, the
+detector copy and the :class:`~yolo_vq.edge.graph.VQGraph`), :func:`_trace` (``torch.onnx.export``), the metadata
+(:func:`yolo_vq.edge._format.build_metadata`, written by :func:`_write_metadata`) and :func:`_self_check`
+(onnxruntime vs PyTorch on real images).
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import nms
 
 from .. import __version__
 from .._letterbox import input_size
@@ -48,131 +52,11 @@ from ..features.tap import detect_head
 from ..quant import codebook_checksum
 from . import _format
 from ._format import EMBEDDINGS, EXPORT_FORMAT, INPUTS, OUTPUTS
+from .graph import VQGraph, class_nms
 
-__all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "export", "input_size"]
+__all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "class_nms", "export", "input_size"]
 
 DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
-
-
-class _NMS(torch.autograd.Function):
-    """``torchvision.ops.nms`` that exports as one ONNX ``NonMaxSuppression`` + ``Gather`` of the kept indices.
-
-    torchvision's ``batched_nms`` exports its empty-input check as an ``If`` sub-graph, which onnxruntime runs per image
-    (profiled in docs/benchmarks.md, edge section)."""
-
-    @staticmethod
-    def forward(ctx: Any, boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
-        return nms(boxes, scores, iou)
-
-    @staticmethod
-    def symbolic(g: Any, boxes: Any, scores: Any, iou: float) -> Any:
-        def const(v: Any, dtype: torch.dtype) -> Any:
-            return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
-
-        kept = g.op("NonMaxSuppression", g.op("Unsqueeze", boxes, const([0], torch.int64)),
-                    g.op("Unsqueeze", scores, const([0, 1], torch.int64)), const([2**31 - 1], torch.int64),
-                    const([iou], torch.float32))  # (k, 3): [batch, class, box index]
-        return g.op("Gather", kept, const(2, torch.int64), axis_i=1)
-
-
-def class_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    """Indices kept by NMS within each group (int64 ``groups``), highest score first: torchvision's ``batched_nms``
-    (each group's boxes shifted apart by more than the largest coordinate), exportable without sub-graphs."""
-    top = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()  # defined for no boxes too (no sub-graph)
-    shift = groups.to(boxes.dtype) * (top + 1)
-    return _NMS.apply(boxes + shift[:, None], scores, float(iou))
-
-
-class VQGraph(nn.Module):
-    """``images -> boxes, scores, classes, codes, valid[, embeddings]`` (see the module docstring for shapes).
-
-    Args:
-        model: a fused, eval-mode Ultralytics ``DetectionModel`` (a copy: hooks are registered on it).
-        box: the recipe's :class:`BoxEmbedder` (its taps index ``model.model``).
-        quantizer: a fitted quantizer whose ``encode`` maps (n, D) float32 to codes.
-        input_hw: fixed input (H, W).
-        conf, iou, max_det: Ultralytics' ``predict`` settings (score > conf, class-wise NMS IoU, rows per image).
-        end2end: use the one-to-one head's own top-k (YOLO26) instead of NMS.
-        embeddings: also output the float vectors.
-    """
-
-    def __init__(self, model: nn.Module, box: BoxEmbedder, quantizer: nn.Module, *, input_hw: tuple[int, int],
-                 conf: float, iou: float, max_det: int, end2end: bool,
-                 embeddings: bool = False):
-        super().__init__()
-        self.model, self.box, self.quantizer = model, box, quantizer
-        self.layers = [t.layer for t in box.taps]
-        self.nc = len(model.names)
-        self.conf, self.iou, self.end2end, self.with_embeddings = float(conf), float(iou), end2end, embeddings
-        anchors = sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in detect_head(model).stride.tolist())
-        self.max_det = min(int(max_det), anchors)
-        self._maps: dict[int, torch.Tensor] = {}
-        store = self._maps
-
-        def capture(i: int):
-            def fn(_m, _args, out):
-                store[i] = out
-            return fn
-
-        seq = model.model
-        self._hooks = [seq[i].register_forward_hook(capture(i)) for i in self.layers]
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def forward(self, images: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Node order matters for speed: onnxruntime's default execution order is a depth-first walk from the outputs
-        # that follows the newest input first. The output buffers take their sizes from `images` (not from detector
-        # outputs) and are made, with their scatter indices, before the recipe runs, so the walk reaches the
-        # recipe's reads of the tapped map (BoxEmbedder.embed) before the rest of the detector: the map leaves
-        # onnxruntime's NCHWc layout right after the layer that wrote it, while it is in cache (docs/benchmarks.md).
-        self._maps.clear()
-        y = self.model(images)
-        y = y[0] if isinstance(y, tuple | list) else y  # eval mode: (predictions, raw head outputs)
-        y = y[0] if isinstance(y, tuple | list) else y  # Segment: (predictions, protos)
-        maps = [self._maps[i] for i in self.layers]
-        boxes, scores, classes, valid = self._select(y)
-        lo, hi = regions[:, None, :2].repeat(1, 1, 2), regions[:, None, 2:].repeat(1, 1, 2)  # (B, 1, 4) each
-        boxes = torch.minimum(torch.maximum(boxes, lo), hi)  # Ultralytics clips to the frame
-        n, m, d = int(scores.shape[1]), self.quantizer.code_len, self.box.dim  # static: the batch is the only free size
-        b = images.shape[0]
-        image_of = torch.arange(b, device=images.device, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, 1)
-        rows = valid.reshape(-1).nonzero()  # (kept, 1): pool and encode the kept rows only, not the padding
-        codes = torch.zeros((b * n, m), dtype=self.quantizer.code_dtype, device=images.device)
-        at_codes = rows.expand(-1, m)
-        full = torch.zeros((b * n, d), device=images.device) if self.with_embeddings else None
-        at_emb = rows.expand(-1, d) if self.with_embeddings else None
-        rois = torch.cat([image_of, boxes], dim=2).reshape(-1, 5)[rows.squeeze(1)]
-        emb = self.box(images, maps, rois)  # (kept, D)
-        codes = codes.scatter(0, at_codes, self.quantizer.encode(emb))  # static widths: exact output shapes
-        out = (boxes, scores, classes, codes.reshape(-1, n, m), valid)
-        if not self.with_embeddings:
-            return out
-        return (*out, full.scatter(0, at_emb, emb).reshape(-1, n, d))
-
-    def _select(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head output -> (B, N) rows: boxes (xyxy input px), scores, int64 classes, valid, as ``predict`` keeps them."""
-        if self.end2end:  # (B, K, 6 + extra) [x1, y1, x2, y2, score, class], already top-k by score
-            y = y[:, : self.max_det]
-            scores = y[..., 4]
-            return y[..., :4], scores, y[..., 5].long(), scores > self.conf
-        # (B, 4 + nc + extra, A): xywh, class scores, then mask coefficients / keypoints (no full transpose)
-        b, a = y.shape[0], y.shape[2]
-        xy, wh = y[:, :2], y[:, 2:4]
-        boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=1).transpose(1, 2)  # (B, A, 4)
-        scores, classes = y[:, 4 : 4 + self.nc].max(dim=1)  # (B, A)
-        cand = (scores > self.conf).reshape(-1).nonzero().squeeze(1)  # flat b * A + a
-        bi = torch.div(cand, a, rounding_mode="floor")
-        keep = class_nms(boxes.reshape(-1, 4)[cand], scores.reshape(-1)[cand], bi * self.nc + classes.reshape(-1)[cand],
-                         self.iou)
-        kept = torch.zeros(b * a, dtype=torch.bool, device=y.device)
-        kept[cand[keep]] = True
-        ranked = torch.where(kept.view(b, a), scores, torch.full_like(scores, -1.0))
-        top, idx = ranked.topk(self.max_det, dim=1)  # highest kept first, as Ultralytics truncates to max_det
-        gather = idx.unsqueeze(2).expand(-1, -1, 4)
-        return boxes.gather(1, gather), top, classes.gather(1, idx), top > self.conf
 
 
 @dataclass(frozen=True)
@@ -188,6 +72,62 @@ class ExportCheck:
     def line(self) -> str:
         return (f"self-check on {self.images} images: {self.detections} detections, boxes max relative error "
                 f"{self.max_box_error:.2e}, {self.code_bytes_equal:.2%} of code bytes identical")
+
+
+@dataclass
+class _Prepared:
+    """What :func:`_prepare` makes: the graph to trace and what the metadata records."""
+
+    graph: VQGraph
+    embedder: Embedder  # the server's recipe on this model: dim, fingerprint and describe() for the metadata
+    quantizer: nn.Module  # the graph's copy (float32, CPU)
+    fingerprint: str  # the codebook's sha256
+    input_hw: tuple[int, int]
+    stride: int
+    end2end: bool
+
+
+def _check_settings(model: Any, conf: float, iou: float, max_det: int, batch: int, half: bool) -> None:
+    if half:
+        raise ExportError("half=True: fp16 weights need a CUDA export (onnxruntime's CPU provider runs few fp16 "
+                          "kernels); export fp32 (the default) for CPU edge devices")
+    if not 0 <= conf < 1 or not 0 < iou <= 1 or max_det < 1 or batch < 1:
+        raise ExportError(f"need 0 <= conf < 1, 0 < iou <= 1, max_det >= 1 and batch >= 1; got conf={conf}, iou={iou}, "
+                          f"max_det={max_det}, batch={batch}")
+    if getattr(model, "task", "detect") == "obb":
+        raise ExportError("task 'obb': rotated-box NMS and rotated pooling are not in the export graph yet; export a "
+                          "detect, segment or pose model")
+
+
+def _recorded_recipe(codebook: str | Path | Any) -> Any:
+    """The recipe a codebook records: from a loaded quantizer's ``meta``, or from a saved one's JSON alone (its
+    tensors are loaded once, with every check, by :func:`_load_codebook`)."""
+    if not isinstance(codebook, str | Path):
+        meta = getattr(codebook, "meta", {}) or {}
+    else:
+        from ..quant import load_codebook
+        from ..quant.io import codebook_paths
+
+        try:
+            meta = json.loads(codebook_paths(codebook)[1].read_text())
+        except (OSError, ValueError, RecursionError):  # missing, not UTF-8, not JSON
+            meta = None
+        if not isinstance(meta, dict):
+            load_codebook(codebook)  # the codebook's own error for a file it cannot read
+            meta = {}
+    recipe = meta.get("embedding", {}).get("config")
+    if recipe is None:
+        raise ExportError("the codebook records no embedding recipe: pass recipe=...")
+    return recipe
+
+
+def _load_codebook(codebook: str | Path | Any, emb: Embedder) -> Any:
+    """The quantizer, checked to encode this recipe on this model (a path: loaded once, by the Embedder's checks)."""
+    quantizer = emb.load_codebook(codebook) if isinstance(codebook, str | Path) else codebook
+    if getattr(quantizer, "dim", None) != emb.dim:
+        raise ExportError(f"codebook encodes dim={getattr(quantizer, 'dim', None)} vectors, recipe "
+                          f"{emb.config.name!r} on this model gives dim={emb.dim}")
+    return quantizer
 
 
 def _codebook_fingerprint(quantizer: Any) -> str:
@@ -217,6 +157,49 @@ def _model_copy(yolo: Any, end2end: bool, dynamic: bool, max_det: int) -> nn.Mod
         elif isinstance(m, C2f):
             m.forward = m.forward_split
     return model
+
+
+def _prepare(model: Any, codebook: str | Path | Any, recipe: Any, *, imgsz: int | tuple[int, int],
+             source_size: tuple[int, int] | None, conf: float, iou: float, max_det: int, dynamic: bool,
+             embeddings: bool, nms: bool | None) -> _Prepared:
+    """Recipe, codebook (loaded once), detector copy and the graph to trace; every check before anything is written."""
+    emb = Embedder(model, _recorded_recipe(codebook) if recipe is None else recipe)
+    if emb.config.mode != "roi":
+        raise ExportError(f"recipe {emb.config.name!r} part mode={emb.config.mode!r}: anchor features need the head's "
+                          f"anchor index per box, which the export graph does not keep; use a 'roi' recipe")
+    quantizer = _load_codebook(codebook, emb)
+    fingerprint = _codebook_fingerprint(quantizer)
+    head = detect_head(model.model)
+    end2end = getattr(head, "one2one_cv2", None) is not None and nms is not True
+    stride = int(max(head.stride.tolist()))
+    hw = input_size(imgsz, source_size, stride)
+    det = _model_copy(model, end2end, dynamic, max(int(max_det), 300))
+    q = copy.deepcopy(quantizer).float().cpu().eval()
+    graph = VQGraph(det, BoxEmbedder(emb.config, emb.taps), q, input_hw=hw, conf=conf, iou=iou,
+                    max_det=max_det, end2end=end2end, embeddings=embeddings).eval()
+    return _Prepared(graph, emb, q, fingerprint, hw, stride, end2end)
+
+
+def _trace(graph: VQGraph, out: Path, hw: tuple[int, int], *, batch: int, dynamic: bool, opset: int) -> list[str]:
+    """``torch.onnx.export`` of ``graph`` to ``out`` (TorchScript exporter); returns the output names."""
+    outputs = [*OUTPUTS, *([EMBEDDINGS] if graph.with_embeddings else [])]
+    dummy = torch.zeros(batch, 3, *hw), torch.tensor([[0.0, 0.0, hw[1], hw[0]]]).repeat(batch, 1)
+    axes = {n: {0: "batch"} for n in [*INPUTS, *outputs]} if dynamic else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # dynamo=False: the exporter Ultralytics uses
+        torch.onnx.export(graph, dummy, str(out), dynamo=False, opset_version=opset, input_names=list(INPUTS),
+                          output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+    return outputs
+
+
+def _write_metadata(out: Path, meta: dict[str, Any]) -> None:
+    """Add ``meta`` to the ONNX file's ``metadata_props`` (each value JSON)."""
+    import onnx
+
+    proto = onnx.load(str(out))
+    proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in _format.encode(meta).items())
+    onnx.save(proto, str(out))
 
 
 def export(
@@ -263,68 +246,28 @@ def export(
     """
     import onnx
 
-    if half:
-        raise ExportError("half=True: fp16 weights need a CUDA export (onnxruntime's CPU provider runs few fp16 "
-                          "kernels); export fp32 (the default) for CPU edge devices")
-    if not 0 <= conf < 1 or not 0 < iou <= 1 or max_det < 1 or batch < 1:
-        raise ExportError(f"need 0 <= conf < 1, 0 < iou <= 1, max_det >= 1 and batch >= 1; got conf={conf}, iou={iou}, "
-                          f"max_det={max_det}, batch={batch}")
-    if getattr(model, "task", "detect") == "obb":
-        raise ExportError("task 'obb': rotated-box NMS and rotated pooling are not in the export graph yet; export a "
-                          "detect, segment or pose model")
-    quantizer = codebook
-    if isinstance(codebook, str | Path):
-        from ..quant import load_codebook
-
-        quantizer = load_codebook(codebook)
-    if recipe is None:
-        recipe = (getattr(quantizer, "meta", {}) or {}).get("embedding", {}).get("config")
-        if recipe is None:
-            raise ExportError("the codebook records no embedding recipe: pass recipe=...")
-    emb = Embedder(model, recipe)
-    if emb.config.mode != "roi":
-        raise ExportError(f"recipe {emb.config.name!r} part mode={emb.config.mode!r}: anchor features need the head's "
-                          f"anchor index per box, which the export graph does not keep; use a 'roi' recipe")
-    quantizer = emb.load_codebook(codebook) if isinstance(codebook, str | Path) else quantizer
-    if getattr(quantizer, "dim", None) != emb.dim:
-        raise ExportError(f"codebook encodes dim={getattr(quantizer, 'dim', None)} vectors, recipe "
-                          f"{emb.config.name!r} on this model gives dim={emb.dim}")
-    fingerprint = _codebook_fingerprint(quantizer)
-    head = detect_head(model.model)
-    e2e_capable = getattr(head, "one2one_cv2", None) is not None
-    end2end = e2e_capable and nms is not True
-    stride = int(max(head.stride.tolist()))
-    hw = input_size(imgsz, source_size, stride)
-    det = _model_copy(model, end2end, dynamic, max(int(max_det), 300))
-    q = copy.deepcopy(quantizer).float().cpu().eval()
-    graph = VQGraph(det, BoxEmbedder(emb.config, emb.taps), q, input_hw=hw, conf=conf, iou=iou,
-                    max_det=max_det, end2end=end2end, embeddings=embeddings).eval()
+    _check_settings(model, conf, iou, max_det, batch, half)
+    p = _prepare(model, codebook, recipe, imgsz=imgsz, source_size=source_size, conf=conf, iou=iou, max_det=max_det,
+                 dynamic=dynamic, embeddings=embeddings, nms=nms)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = list(INPUTS), [*OUTPUTS, *([EMBEDDINGS] if embeddings else [])]
-    dummy = torch.zeros(batch, 3, *hw), torch.tensor([[0.0, 0.0, hw[1], hw[0]]]).repeat(batch, 1)
-    axes = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic else None
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # dynamo=False: the exporter Ultralytics uses
-        torch.onnx.export(graph, dummy, str(out), dynamo=False, opset_version=opset, input_names=names[0],
-                          output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
-    proto = onnx.load(str(out))
-    meta = _format.build_metadata(
-        version=__version__, names=model.names, task=getattr(model, "task", "detect"), input_hw=hw, imgsz=imgsz,
-        source_size=source_size, stride=stride, batch=None if dynamic else batch, end2end=end2end, conf=conf, iou=iou,
-        max_det=graph.max_det, codebook_fingerprint=fingerprint, code_size=q.code_size, code_dtype=q.code_dtype,
-        model_fingerprint=emb.fingerprint, embedding=emb.describe(), outputs=names[1])
-    proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in _format.encode(meta).items())
-    onnx.save(proto, str(out))
     try:
-        onnx.checker.check_model(str(out))
-        check = _self_check(graph, out, hw, dynamic, batch, check_images, meta)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+        outputs = _trace(p.graph, out, p.input_hw, batch=batch, dynamic=dynamic, opset=opset)
+        meta = _format.build_metadata(
+            version=__version__, names=model.names, task=getattr(model, "task", "detect"), input_hw=p.input_hw,
+            imgsz=imgsz, source_size=source_size, stride=p.stride, batch=None if dynamic else batch,
+            end2end=p.end2end, conf=conf, iou=iou, max_det=p.graph.max_det, codebook_fingerprint=p.fingerprint,
+            code_size=p.quantizer.code_size, code_dtype=p.quantizer.code_dtype,
+            model_fingerprint=p.embedder.fingerprint, embedding=p.embedder.describe(), outputs=outputs)
+        _write_metadata(out, meta)
+        try:
+            onnx.checker.check_model(str(out))
+            check = _self_check(p.graph, out, p.input_hw, dynamic, batch, check_images, meta)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
     finally:
-        graph.remove_hooks()
+        p.graph.remove_hooks()
     return out, check
 
 
