@@ -94,7 +94,8 @@ def letterbox_image(image: np.ndarray, input_hw: tuple[int, int], *, imgsz: Any 
 def letterbox_batch(images: Sequence[np.ndarray], input_hw: tuple[int, int], *, imgsz: Any = None,
                     source_size: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """BGR uint8 frames -> a graph's inputs: ``images`` (B, 3, H, W) float32 RGB in [0, 1] and ``regions`` (B, 4)
-    float32, each frame's :func:`image_region` (input pixels). ``imgsz``, ``source_size``: see :func:`letterbox_image`."""
+    float32, each frame's :func:`image_region` (input pixels). ``imgsz``, ``source_size``: see
+    :func:`letterbox_image`."""
     out = np.empty((len(images), 3, *input_hw), np.float32)
     regions = np.empty((len(images), 4), np.float32)
     for i, im in enumerate(images):

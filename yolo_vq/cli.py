@@ -327,6 +327,8 @@ def _add_search(sub: Any) -> None:
 
 
 def _add_export(sub: Any) -> None:
+    from .edge._format import DEFAULT_OPSET
+
     e = sub.add_parser("export", help="export detector + embedding + codebook as one ONNX graph for edge devices")
     e.add_argument("--model", default=None, help="YOLO weights (.pt) or .yaml; default: the offline yolo11n-pose")
     e.add_argument("--codebook", required=True, help="the codebook the server's index uses")
@@ -338,7 +340,7 @@ def _add_export(sub: Any) -> None:
     e.add_argument("--conf", type=float, default=0.25, help="confidence threshold in the graph (default 0.25)")
     e.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold in the graph (default 0.7)")
     e.add_argument("--max-det", type=_positive, default=300, help="most detections per frame (default 300)")
-    e.add_argument("--opset", type=_positive, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--opset", type=_positive, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     e.add_argument("--batch", type=_positive, default=None, help="fixed batch size (default: dynamic)")
     e.add_argument("--half", action="store_true", help="fp16 weights (needs a CUDA export)")
     e.add_argument("--embeddings", action="store_true", help="also output the float embeddings")

@@ -163,8 +163,8 @@ def open_source(source: str | int | Path) -> VideoSource:
       bintext, xbin, adf, idf and cdg demuxers show up in OpenCV 5.1); FOURCC 0/-1 with frame width 0 (no video
       stream) is refused; then one frame must decode.
     * an **image folder** must hold files with image suffixes, each with a header OpenCV recognises
-      (``cv2.haveImageReader``; hidden files such as macOS ``._a.jpg`` are skipped), and its first image must decode; a later image that fails to decode raises
-      :class:`SourceError` from :meth:`VideoSource.frames`.
+      (``cv2.haveImageReader``; hidden files such as macOS ``._a.jpg`` are skipped), and its first image must
+      decode; a later image that fails to decode raises :class:`SourceError` from :meth:`VideoSource.frames`.
     * a **stream** must open; its FOURCC must not be a text-art codec.
 
     Text containers FFmpeg reads as real video (local .m3u8 playlists, ffconcat scripts) are kept: the checks are on

@@ -22,9 +22,10 @@ from typing import Any
 
 from ..errors import EdgeError
 
-__all__ = ["EDGE_FORMAT", "EMBEDDINGS", "EXPORT_FORMAT", "HEADER", "INPUTS", "OUTPUTS", "Key", "build_metadata",
-           "decode", "encode", "read_metadata", "records_header"]
+__all__ = ["DEFAULT_OPSET", "EDGE_FORMAT", "EMBEDDINGS", "EXPORT_FORMAT", "HEADER", "INPUTS", "OUTPUTS", "Key",
+           "build_metadata", "decode", "encode", "read_metadata", "records_header"]
 
+DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
 EXPORT_FORMAT = 1  # version of the metadata layout (Key.FORMAT)
 EDGE_FORMAT = 1  # version of the records header (Key.EDGE_FORMAT)
 HEADER = "header"  # the records header's Key.TYPE

@@ -1,10 +1,10 @@
 """Detector + embedding recipe + codebook encode as ONE ONNX graph: the edge device emits boxes and codes.
 
-The graph (:class:`~yolo_vq.edge.graph.VQGraph`) runs the fused detector on a letterboxed batch, selects detections in-graph (YOLO26's
-end-to-end head needs no NMS; YOLOv8/YOLO11 heads get class-wise NMS), pools every kept box on the tapped maps exactly
-as :class:`~yolo_vq.features.pool.BoxEmbedder` does on the server (RoIAlign, stripes, frame-mean centering, the HSV colour cue
-from the same input, normalisation) and encodes the vectors with the codebook. So the codes an edge device ships are
-the codes ``yolo-vq index`` would have stored for the same input.
+The graph (:class:`~yolo_vq.edge.graph.VQGraph`) runs the fused detector on a letterboxed batch, selects detections
+in-graph (YOLO26's end-to-end head needs no NMS; YOLOv8/YOLO11 heads get class-wise NMS), pools every kept box on the
+tapped maps exactly as :class:`~yolo_vq.features.pool.BoxEmbedder` does on the server (RoIAlign, stripes, frame-mean
+centering, the HSV colour cue from the same input, normalisation) and encodes the vectors with the codebook. So the
+codes an edge device ships are the codes ``yolo-vq index`` would have stored for the same input.
 
 Inputs and outputs (N = ``max_det``)::
 
@@ -51,12 +51,11 @@ from ..features.pool import BoxEmbedder
 from ..features.tap import detect_head
 from ..quant import codebook_checksum
 from . import _format
-from ._format import EMBEDDINGS, EXPORT_FORMAT, INPUTS, OUTPUTS
+from ._format import DEFAULT_OPSET, EMBEDDINGS, EXPORT_FORMAT, INPUTS, OUTPUTS
 from .graph import VQGraph, class_nms
 
 __all__ = ["EXPORT_FORMAT", "ExportCheck", "ExportError", "VQGraph", "class_nms", "export", "input_size"]
 
-DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
 
 
 @dataclass(frozen=True)

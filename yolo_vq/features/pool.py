@@ -1,8 +1,8 @@
 """Feature maps + boxes -> per-detection vectors, in plain tensor ops (RoIAlign, pooling, norms) that export to ONNX.
 
 Everything here works on the *network input* frame: boxes in letterboxed input pixels, maps as captured by a
-:class:`~yolo_vq.features.tap.Tap`, the colour cue computed from the same letterboxed input. Mapping from original pixels is
-:func:`yolo_vq._letterbox.to_input`.
+:class:`~yolo_vq.features.tap.Tap`, the colour cue computed from the same letterboxed input. Mapping from original
+pixels is :func:`yolo_vq._letterbox.to_input`.
 """
 
 from __future__ import annotations
