@@ -381,3 +381,15 @@ def test_new_files_keep_the_umask_mode(small_index):
 def test_demo_output_is_ignored_by_git():
     root = Path(__file__).resolve().parents[1]
     assert "yolo_vq_demo/" in (root / ".gitignore").read_text().split()
+
+
+def test_a_missing_optional_package_is_one_line(monkeypatch, capsys):
+    import importlib
+
+    from yolo_vq import cli as cli_module
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` raises ImportError, as if not installed
+    monkeypatch.setattr(cli_module, "cmd_ingest", lambda a: importlib.import_module("pyarrow"))
+    assert main(["ingest", "x.parquet", "--index", "idx"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "a package this command needs is missing" in line and "pyarrow" in line, line

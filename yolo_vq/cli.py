@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
             msg = _one_line(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an optional package that this command needs
+        print(f"error: a package this command needs is missing: {_one_line(e)}", file=sys.stderr)
+        return 2
     except _Interrupted as e:
         print(e, file=sys.stderr)
         return 130
