@@ -228,7 +228,8 @@ class Memory:
         Scores are cosine similarities estimated by ADC over the codes; with ``rerank=K`` (K >= k) the ADC
         shortlist of the K best is re-ranked by exact cosine similarity to the kept float16 vectors (the index
         must keep vectors: ``Indexer(keep_vectors=True)``), and scores are those exact cosines. Filters: see
-        :meth:`filter_ids`.
+        :meth:`filter_ids`. ``exclude``: stored ids that are the query itself, never results (unfiltered, the scan
+        asks for ``k + len(exclude)`` and drops them). ``k`` larger than what is stored returns what is stored.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
