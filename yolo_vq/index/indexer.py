@@ -123,13 +123,13 @@ class Indexer:
                 binding = CodebookBinding(codebook, self.embedder.describe(), self.embedder.fingerprint,
                                           dict(getattr(model, "names", None) or {}), fitted=self.fitted is not None)
             elif not (self.index / DB_NAME).is_file():
-                raise StoreError(f"{self.index} has no codebook yet: pass one (train it with `yolo-vq fit`)")
+                raise _no_codebook(self.index)
             # a new index is made and bound to the codebook in one transaction; an existing one must hold it
             self.store = open_store(self.index, create=binding is not None, codebook=binding)
         try:
             own = self.store.codebook_path()  # verified against the checksum index.db records
             if own is None:
-                raise StoreError(f"{self.index} has no codebook yet: pass one (train it with `yolo-vq fit`)")
+                raise _no_codebook(self.index)
             self.embedder.codebook = self.embedder.load_codebook(own)
         except BaseException:
             self.store.close()
@@ -364,6 +364,11 @@ class Indexer:
         self._written[0] += n
         self._written[1] += sum(len(b) for f in frames for b in f.thumbs or () if b is not None)
         return n
+
+
+def _no_codebook(index: Path) -> StoreError:
+    return StoreError(f"{index} has no codebook yet: pass one (train it with `yolo-vq fit`), or fit_on=[sources] to "
+                      f"fit one as `yolo-vq index` does")
 
 
 def _items(items: Any) -> tuple[str, list]:
