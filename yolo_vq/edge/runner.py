@@ -101,6 +101,10 @@ class EdgeModel:
                 chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])
                 reg = np.concatenate([reg, np.repeat(reg[:1], self.batch - n, axis=0)])
             out = dict(zip(self.outputs, self.session.run(None, {"images": chunk, "regions": reg})))
+            rows = {k: np.shape(v)[:2] for k, v in out.items()}
+            if len(set(rows.values())) != 1 or len(rows["valid"]) != 2 or rows["valid"][0] != len(chunk):
+                raise EdgeError(f"{self.path}: the graph's outputs disagree in shape ({rows}): it is damaged or was "
+                                "not written by `yolo-vq export`; export it again")
             for i in range(n):
                 v = out["valid"][i].astype(bool)
                 d = {
