@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["FRAME", "ID", "PREFIX", "SCORE", "SOURCE_ID", "TIME", "Detections", "ResultAttrs", "result_attrs"]
+__all__ = ["FRAME", "ID", "LIST_ID", "PREFIX", "SCORE", "SOURCE_ID", "TIME", "Detections", "ResultAttrs",
+           "result_attrs"]
 
 # Keys of ``Detections.data`` that the store and search fill (named once, as supervision names its data fields).
 ID = "id"  # (n,) int64 stored detection id
@@ -16,6 +17,7 @@ SOURCE_ID = "source_id"  # (n,) int64 id of the source (video, folder, stream) i
 FRAME = "frame"  # (n,) int64 frame number in its source
 TIME = "time"  # (n,) float64 seconds from the source's start
 SCORE = "score"  # (n,) float32 similarity to the query, best first
+LIST_ID = "list_id"  # (n,) int32 coarse (IVF) list of each row, -1 for none: set before storing, kept by the store
 
 PREFIX = "vq"  # the default prefix of the attributes an Embedder sets on Ultralytics ``Results``
 

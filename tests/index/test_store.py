@@ -125,7 +125,7 @@ def test_empty_store_reads(make_store):
         ids, codes = s.codes()
         assert ids.shape == (0,) and codes.shape == (0, 0) and ids.dtype == np.int64 and codes.dtype == np.uint8
         cols = s.columns()
-        assert sorted(cols) == ["class_id", "confidence", "id", "source_id", "time"]
+        assert sorted(cols) == ["class_id", "confidence", "id", "source_id", "time", "track_id"]
         assert all(len(v) == 0 for v in cols.values())
         got = s.get([])
         assert len(got) == 0 and sorted(got.data) == ["frame", "id", "source_id", "time"]
@@ -147,8 +147,14 @@ def test_columns_are_the_rows_of_codes(make_store):
         cols = s.columns()
         assert cols["id"].tolist() == ids.tolist()
         assert {k: v.dtype for k, v in cols.items()} == {"id": np.int64, "class_id": np.int64, "source_id": np.int64,
-                                                        "time": np.float64, "confidence": np.float32}
+                                                        "time": np.float64, "confidence": np.float32,
+                                                        "track_id": np.int64}
         assert cols["source_id"].tolist() == [a.id] * 6 + [b.id] * 3
+        assert cols["track_id"].tolist() == [0, 1, 2, 10, 11, 12, 20, 21, 22]
+        rows = s.search_rows(after_id=ids[1], limit=4)  # what the partitioned search structure is built from
+        assert rows["id"].tolist() == ids[2:6].tolist() and (rows["list_id"] == -1).all()
+        assert rows["codes"].tolist() == s.get(ids[2:6]).codes.tolist()
+        assert s.max_id() == ids[-1]
         assert cols["class_id"].tolist() == [0, 1, 0] * 3
         np.testing.assert_allclose(cols["time"], np.repeat([0, 1 / 25, 2 / 25], 3))
         np.testing.assert_allclose(cols["confidence"], np.concatenate([frame(i).detections.confidence

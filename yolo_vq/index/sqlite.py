@@ -37,7 +37,7 @@ from urllib.request import pathname2url
 
 import numpy as np
 
-from ..detections import Detections
+from ..detections import LIST_ID, Detections
 from ..errors import CodebookError, StoreError
 from .store import CODEBOOK_STEM, DB_NAME, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
 
@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS detections (
     confidence REAL NOT NULL,
     track_id INTEGER NOT NULL,
     codes BLOB,
-    thumb BLOB
+    thumb BLOB,
+    list_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS detections_source_frame ON detections (source_id, frame);
 CREATE INDEX IF NOT EXISTS detections_class ON detections (class_id);
@@ -86,6 +87,13 @@ _COLUMNS = {
                    "codes", "thumb"},
 }
 _RESTORE = "restore it from a backup, or index into a new directory"
+
+
+def _columns(a: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, 6) float64 rows of (id, class_id, source_id, time, confidence, track_id) -> the typed columns."""
+    return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
+            "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32),
+            "track_id": a[:, 5].astype(np.int64)}
 
 
 def _count(v: Any) -> bool:
@@ -261,6 +269,11 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA foreign_keys=ON")
         if not self.readonly:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+        self._lists = "list_id" in {r[1] for r in self._db.execute("PRAGMA table_info(detections)")}
+        if not self._lists and not self.readonly:  # an index made before partitioned search: one nullable column
+            with suppress(sqlite3.OperationalError):  # another process added it first
+                self._db.execute("ALTER TABLE detections ADD COLUMN list_id INTEGER")
+            self._lists = True
         if codebook is not None:
             self.bind_codebook(codebook)
 
@@ -510,11 +523,13 @@ class SQLiteStore(Store):
                         raise StoreError(f"codes of {d.codes.shape[1] * d.codes.itemsize} bytes, this index stores "
                                          f"{code_size}-byte codes: use the index's codebook")
                 thumbs = f.thumbs if f.thumbs is not None else [None] * len(d)
+                lists = d.data.get(LIST_ID)
                 rows = [(source_id, int(f.frame), float(f.time), *map(float, d.xyxy[i]), int(d.class_id[i]),
                          float(d.confidence[i]), int(d.track_id[i]),
-                         None if d.codes is None else d.codes[i].tobytes(), thumbs[i]) for i in range(len(d))]
+                         None if d.codes is None else d.codes[i].tobytes(), thumbs[i],
+                         None if lists is None or lists[i] < 0 else int(lists[i])) for i in range(len(d))]
                 sql = ("INSERT INTO detections (source_id, frame, time, x1, y1, x2, y2, class_id, confidence, "
-                       "track_id, codes, thumb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                       "track_id, codes, thumb, list_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
                 if not (vectors and len(d)):
                     cur.executemany(sql, rows)
                 else:
@@ -655,12 +670,27 @@ class SQLiteStore(Store):
     def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
         """Filterable columns of detections with codes and ``id > after_id``, in id order (the rows of
         :meth:`codes`): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence``
-        float32."""
-        rows = self._db.execute("SELECT id, class_id, source_id, time, confidence FROM detections "
+        float32, ``track_id`` int64."""
+        rows = self._db.execute("SELECT id, class_id, source_id, time, confidence, track_id FROM detections "
                                 "WHERE id > ? AND codes IS NOT NULL ORDER BY id", (after_id,)).fetchall()
-        a = np.array(rows, dtype=np.float64).reshape(-1, 5)
-        return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
-                "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32)}
+        return _columns(np.array(rows, dtype=np.float64).reshape(-1, 6))
+
+    @_guard("reading detections for the search structure")
+    def search_rows(self, *, after_id: int = 0, limit: int | None = None) -> dict[str, np.ndarray]:
+        with self.snapshot():
+            code_size = self.get_meta("code_size") or 0
+            rows = self._db.execute(
+                f"SELECT id, class_id, source_id, time, confidence, track_id, {'list_id' if self._lists else 'NULL'}, "
+                f"codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id LIMIT ?",
+                (int(after_id), -1 if limit is None else int(limit))).fetchall()
+        out = _columns(np.array([r[:6] for r in rows], dtype=np.float64).reshape(-1, 6))
+        out["list_id"] = np.array([-1 if r[6] is None else r[6] for r in rows], np.int32)
+        out["codes"] = np.frombuffer(b"".join(r[7] for r in rows), np.uint8).reshape(len(rows), code_size)
+        return out
+
+    @_guard("reading the last id")
+    def max_id(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM detections").fetchone()[0]
 
     @_guard("reading detections")
     def get(self, ids: Sequence[int] | np.ndarray) -> Detections:

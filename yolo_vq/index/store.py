@@ -107,7 +107,8 @@ class Store(ABC):
 
         Keys the package uses: ``schema_version`` (int), ``codebook_sha256`` (str), ``code_size`` (positive int,
         bytes per code), ``names`` (dict of class id as a decimal string -> name), ``vectors`` (dict with ``dtype``
-        and a positive ``dim``), ``embedding`` and ``model_fingerprint`` (JSON).
+        and a positive ``dim``), ``embedding`` and ``model_fingerprint`` (JSON), ``index_uuid`` (str: names this
+        index to the search structure derived from it).
 
         Raises:
             StoreError: the value is not JSON, or not of the form its key has (a damaged index).
@@ -221,7 +222,17 @@ class Store(ABC):
     def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
         """Filterable columns of the rows of :meth:`codes` (detections with codes and ``id > after_id``, in id
         order): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence`` float32,
-        each (N,)."""
+        ``track_id`` int64, each (N,)."""
+
+    @abstractmethod
+    def search_rows(self, *, after_id: int = 0, limit: int | None = None) -> dict[str, np.ndarray]:
+        """What the partitioned search structure holds of each detection with codes and ``id > after_id``, the first
+        ``limit`` of them in id order: :meth:`columns` plus ``codes`` (N, code_size) uint8 and ``list_id`` int32
+        (the coarse list recorded when it was stored, -1 where none was)."""
+
+    @abstractmethod
+    def max_id(self) -> int:
+        """The largest detection id stored (0 when none): a cheap check of what a derived structure covers."""
 
     @abstractmethod
     def get(self, ids: Sequence[int] | np.ndarray) -> Detections:

@@ -6,6 +6,7 @@ All share :class:`Quantizer`: ``fit``, ``encode`` -> uint8/uint16 codes, ``decod
 """
 
 from .base import Quantizer, sample_training
+from .coarse import CoarseQuantizer, load_coarse, save_coarse
 from .io import CodebookError, codebook_checksum, codebook_paths, fingerprint_module, load_codebook, save_codebook
 from .kmeans import KMeansResult, assign, kmeans
 from .pq import ProductQuantizer
@@ -13,6 +14,7 @@ from .rq import ResidualQuantizer
 from .vq import VectorQuantizer
 
 __all__ = [
+    "CoarseQuantizer",
     "CodebookError",
     "KMeansResult",
     "ProductQuantizer",
@@ -24,7 +26,9 @@ __all__ = [
     "codebook_paths",
     "fingerprint_module",
     "kmeans",
+    "load_coarse",
     "load_codebook",
     "sample_training",
+    "save_coarse",
     "save_codebook",
 ]

@@ -176,6 +176,7 @@ class Quantizer(nn.Module, abc.ABC):
         self.iters, self.tol, self.init, self.max_train, self.seed = iters, tol, init, max_train, seed
         self.stats: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
+        self.coarse: Any = None  # the attached CoarseQuantizer (IVF lists), set by load_codebook when the file has one
         self._fitted = False
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_fitted", True))
 

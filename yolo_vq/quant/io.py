@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import CodebookError
 from .base import Quantizer
+from .coarse import load_coarse
 from .pq import ProductQuantizer
 from .rq import ResidualQuantizer
 from .vq import VectorQuantizer
@@ -214,6 +215,7 @@ def load_codebook(
     quantizer.to(device)
     quantizer.stats = dict(meta["stats"]) if isinstance(meta.get("stats"), dict) else {}
     quantizer.meta = meta
+    quantizer.coarse = load_coarse(path, meta)  # None unless the JSON lists one; CodebookError when it is damaged
 
     problems = []
     if expect_dim is not None and quantizer.dim != expect_dim:

@@ -1,0 +1,402 @@
+"""The on-disk inverted lists of partitioned search: ``<index>/ivf/``, derived from ``index.db`` and rebuilt from it.
+
+Layout::
+
+    ivf/manifest.json      what is searchable: segments, lists, high_water (the last detection id they cover),
+                           index_uuid, codebook + coarse sha256; replaced atomically (temp file, fsync, rename)
+    ivf/seg-<n>.ivf        one immutable segment: a JSON header, then column arrays in list order
+    ivf/lock               flock'ed by the one process writing (sync, merge, rebuild)
+
+A segment holds the detections ``first_id..last_id`` (those with codes) sorted by coarse list, then by id:
+``offsets`` (lists + 1,) int64 (list ``l`` is rows ``offsets[l]:offsets[l + 1]``), then per row ``id`` int64,
+``codes`` (code_size,) uint8, ``class_id`` int16, ``source_id`` int32, ``time`` float64, ``confidence`` float32,
+``track_id`` int32: 62 bytes per detection for 32-byte codes. Readers memory-map segments (opening reads headers
+only); nothing is ever modified in place, so a reader never sees a half-written segment.
+
+Crash consistency: ``index.db`` is the truth. A segment becomes searchable only when a manifest naming it is renamed
+into place, after the segment file is fsync'ed; a process killed at any moment leaves the old manifest (and maybe a
+stray file, removed by the next writer). Detections stored after ``high_water`` (the *tail*) are read from
+``index.db`` by the search and searched flat until :func:`sync` moves them into a segment. At open,
+:func:`open_lists` checks the manifest against the database (same index, codebook and coarse quantizer; high_water
+not beyond the database's last id; the first and last covered detections present with the same codes); anything
+else is reported as a :class:`ListsProblem` and the caller rebuilds from ``index.db`` (:func:`rebuild`), with a
+message, or searches flat.
+
+Growth: each sync writes one segment; then, while the newest segment holds at least a quarter of the rows of the one
+before it, the two are merged (list by list, streaming from the memory maps). Segment sizes thus fall geometrically
+(at most ``log4(N / sync size)`` + 1 segments) and each row is rewritten O(log N) times.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+
+__all__ = ["DIR_NAME", "Lists", "ListsProblem", "Segment", "open_lists", "rebuild", "sync", "write_segment"]
+
+DIR_NAME = "ivf"
+MANIFEST = "manifest.json"
+FORMAT = 1
+_MAGIC = b"YVQIVF01"
+_ALIGN = 64
+SYNC_BATCH = 1 << 22  # rows read from the store per segment written (bounds a sync's memory: ~4M x 62 B)
+COLUMNS: dict[str, str] = {  # per-row columns after the codes, with their on-disk dtype
+    "class_id": "<i2", "source_id": "<i4", "time": "<f8", "confidence": "<f4", "track_id": "<i4",
+}
+
+
+class ListsProblem(Exception):
+    """The search structure cannot be used as it is (missing, damaged, foreign or stale): rebuild it."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One memory-mapped segment: ``offsets`` (lists + 1,), ``ids`` (n,), ``codes`` (n, code_size) and the
+    :data:`COLUMNS` arrays, all read-only views of the file."""
+
+    path: Path
+    offsets: np.ndarray
+    ids: np.ndarray
+    codes: np.ndarray
+    columns: dict[str, np.ndarray]
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.ids if name == "id" else self.codes if name == "codes" else self.columns[name]
+
+
+def _layout(rows: int, lists: int, code_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [("offsets", "<i8", (lists + 1,)), ("id", "<i8", (rows,)), ("codes", "u1", (rows, code_size)),
+            *((name, dt, (rows,)) for name, dt in COLUMNS.items())]
+
+
+def _header(rows: int, lists: int, code_size: int, first_id: int, last_id: int) -> tuple[bytes, dict[str, int]]:
+    arrays, at = {}, 0
+    spec = _layout(rows, lists, code_size)
+    for name, dt, shape in spec:
+        arrays[name] = at
+        at += int(np.dtype(dt).itemsize * np.prod(shape))
+        at = -(-at // _ALIGN) * _ALIGN
+    head = {"format": FORMAT, "rows": rows, "lists": lists, "code_size": code_size, "first_id": first_id,
+            "last_id": last_id, "arrays": {n: [dt, list(sh), arrays[n]] for n, dt, sh in spec}, "bytes": at}
+    blob = json.dumps(head, sort_keys=True).encode()
+    size = -(-(len(_MAGIC) + 8 + len(blob)) // _ALIGN) * _ALIGN
+    return _MAGIC + size.to_bytes(8, "little") + blob.ljust(size - len(_MAGIC) - 8), {"data": size, "bytes": at}
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, rows: int, lists: int, code_size: int, first_id: int, last_id: int,
+           fill: Callable[[dict[str, np.ndarray]], None]) -> None:
+    """Create ``path`` (via a temporary name, fsync'ed) and let ``fill`` write the arrays of its memory map."""
+    head, at = _header(rows, lists, code_size, first_id, last_id)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(head)
+        f.truncate(at["data"] + at["bytes"])
+    mm = np.memmap(tmp, np.uint8, "r+")
+    try:
+        views = _views(mm, json.loads(head[16:].decode()), at["data"])
+        fill(views)
+        mm.flush()
+    finally:
+        del mm
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _views(buf: np.ndarray, head: dict[str, Any], data: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (dt, shape, at) in head["arrays"].items():
+        n = int(np.dtype(dt).itemsize * np.prod(shape))
+        out[name] = buf[data + at : data + at + n].view(dt).reshape(shape)
+    return out
+
+
+def write_segment(path: Path, rows: dict[str, np.ndarray], lists: int) -> Segment:
+    """Write the detections ``rows`` (:meth:`Store.search_rows` arrays, ``list_id`` all in ``[0, lists)``) as one
+    segment file sorted by list, then id; returns it opened."""
+    lid = rows["list_id"]
+    if len(lid) and (lid.min() < 0 or lid.max() >= lists):
+        raise ValueError(f"list ids must lie in [0, {lists}), got {int(lid.min())}..{int(lid.max())}")
+    for name, dt in COLUMNS.items():
+        info = np.iinfo(dt) if np.dtype(dt).kind == "i" else None
+        v = rows[name]
+        if info is not None and len(v) and (v.min() < info.min or v.max() > info.max):
+            raise StoreError(f"{name} values {int(v.min())}..{int(v.max())} do not fit the search structure's {dt}")
+    order = np.lexsort((rows["id"], lid))
+    n, code_size = len(order), rows["codes"].shape[1]
+    ids = rows["id"]
+
+    def fill(v: dict[str, np.ndarray]) -> None:
+        v["offsets"][:] = np.r_[0, np.cumsum(np.bincount(lid, minlength=lists))]
+        v["id"][:] = ids[order]
+        v["codes"][:] = rows["codes"][order]
+        for name in COLUMNS:
+            v[name][:] = rows[name][order]
+
+    _write(path, n, lists, code_size, int(ids.min()) if n else 0, int(ids.max()) if n else 0, fill)
+    return _open_segment(path, lists, code_size)
+
+
+def _open_segment(path: Path, lists: int, code_size: int) -> Segment:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic, hlen = f.read(8), int.from_bytes(f.read(8), "little")
+            if magic != _MAGIC or not 16 <= hlen <= min(size, 1 << 20):
+                raise ListsProblem(f"{path.name} is not a search segment")
+            head = json.loads(f.read(hlen - 16).decode())
+        if head.get("format") != FORMAT or head.get("lists") != lists or head.get("code_size") != code_size:
+            raise ListsProblem(f"{path.name} was written for another structure ({head.get('lists')} lists, "
+                               f"{head.get('code_size')}-byte codes)")
+        if size != hlen + head["bytes"]:
+            raise ListsProblem(f"{path.name} is truncated ({size} bytes, its header says {hlen + head['bytes']})")
+        v = _views(np.memmap(path, np.uint8, "r"), head, hlen)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ListsProblem(f"{path.name} is unreadable ({type(e).__name__}: {e})") from None
+    off = v.pop("offsets")
+    if off[0] != 0 or off[-1] != head["rows"] or np.any(np.diff(off) < 0):
+        raise ListsProblem(f"{path.name} has damaged list offsets")
+    return Segment(path, off, v.pop("id"), v.pop("codes"), v)
+
+
+# -- the manifest ----------------------------------------------------------------------------------------------------
+@dataclass
+class Lists:
+    """An opened search structure: its manifest and memory-mapped segments (newest last)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    segments: list[Segment]
+
+    @property
+    def high_water(self) -> int:
+        return int(self.manifest["high_water"])
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def lists(self) -> int:
+        return int(self.manifest["lists"])
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.path.stat().st_size for s in self.segments)
+
+
+def _identity(store: Any, coarse: Any) -> dict[str, Any]:
+    return {"index_uuid": store.get_meta("index_uuid"), "codebook_sha256": store.codebook_sha256,
+            "coarse_sha256": coarse.sha256, "lists": coarse.lists, "code_size": store.get_meta("code_size")}
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ListsProblem(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ListsProblem(f"{path} is unreadable ({type(e).__name__})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("segments"), list):
+        raise ListsProblem(f"{path} is not a manifest of this version")
+    return m
+
+
+def open_lists(store: Any, coarse: Any, *, check: bool = True) -> Lists:
+    """Open ``<index>/ivf`` for search and check it against ``store`` (see the module docstring).
+
+    Raises:
+        ListsProblem: what is wrong with it (the caller rebuilds or searches flat).
+    """
+    folder = Path(store.directory) / DIR_NAME
+    for _ in range(5):  # a merge may delete a segment between reading the manifest and opening it: read again
+        m = _read_manifest(folder)
+        want = _identity(store, coarse)
+        if want["index_uuid"] is None:
+            raise ListsProblem("the index has no index_uuid yet (made before partitioned search)")
+        for key, value in want.items():
+            if m.get(key) != value and not (key == "code_size" and value is None):
+                raise ListsProblem(f"it belongs to another {key.replace('_', ' ')} ({m.get(key)!r}, the index has "
+                                   f"{value!r})")
+        try:
+            segs = [_open_segment(folder / s["file"], m["lists"], m["code_size"]) for s in m["segments"]]
+        except ListsProblem:
+            if all((folder / s["file"]).exists() for s in m["segments"]):
+                raise
+            continue
+        break
+    else:
+        raise ListsProblem("its segments keep changing under the reader")
+    for s, listed in zip(segs, m["segments"]):
+        if s.rows != listed.get("rows"):
+            raise ListsProblem(f"{s.path.name} holds {s.rows} rows, the manifest says {listed.get('rows')}")
+    lists = Lists(folder, m, segs)
+    if check:
+        _check_against(store, lists)
+    return lists
+
+
+def _check_against(store: Any, lists: Lists) -> None:
+    """Cheap agreement checks with the database: its last id and the codes of the first and last covered rows."""
+    last = store.max_id()
+    if lists.high_water > last:
+        raise ListsProblem(f"it covers detections up to id {lists.high_water}, the database ends at id {last} "
+                           "(the database was restored or replaced)")
+    probes = []
+    for s in lists.segments:
+        if s.rows:
+            for at in (int(np.argmin(s.ids)), int(np.argmax(s.ids))):
+                probes.append((int(s.ids[at]), s.codes[at]))
+    if probes:
+        try:
+            got = store.get([i for i, _ in probes])
+        except KeyError as e:
+            raise ListsProblem(f"it lists detections the database does not hold ({e})") from None
+        if got.codes is None or any(not np.array_equal(g, c) for g, (_, c) in zip(got.codes, probes)):
+            raise ListsProblem("its codes differ from the database's")
+
+
+def _save_manifest(folder: Path, m: dict[str, Any]) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(m, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync_dir(folder)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(exist_ok=True)
+    with open(folder / "lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _cleanup(folder: Path, m: dict[str, Any]) -> None:
+    """Remove files no manifest names (left by a killed writer, or merged away)."""
+    keep = {s["file"] for s in m["segments"]} | {MANIFEST, "lock"}
+    for p in folder.iterdir():
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+
+
+def _fill_lists(rows: dict[str, np.ndarray], assign: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Rows stored without a list (older indexes, or before the codebook had a coarse quantizer): assign them now."""
+    missing = rows["list_id"] < 0
+    if missing.any():
+        rows["list_id"] = rows["list_id"].copy()
+        rows["list_id"][missing] = assign(rows["codes"][missing])
+
+
+def _merge(folder: Path, name: str, segs: list[Segment], lists: int, code_size: int) -> Segment:
+    """One segment holding the rows of ``segs`` (each list: the segments' slices in order, so ids stay sorted)."""
+    n = sum(s.rows for s in segs)
+
+    def fill(v: dict[str, np.ndarray]) -> None:
+        sizes = np.sum([np.diff(s.offsets) for s in segs], axis=0)
+        v["offsets"][:] = np.r_[0, np.cumsum(sizes)]
+        for col in ("id", "codes", *COLUMNS):
+            out, at = v[col], 0
+            for lst in range(lists):
+                for s in segs:
+                    a, b = s.offsets[lst], s.offsets[lst + 1]
+                    if b > a:
+                        out[at : at + b - a] = s.column(col)[a:b]
+                        at += b - a
+
+    first = min((int(s.ids.min()) for s in segs if s.rows), default=0)
+    last = max((int(s.ids.max()) for s in segs if s.rows), default=0)
+    _write(folder / name, n, lists, code_size, first, last, fill)
+    return _open_segment(folder / name, lists, code_size)
+
+
+def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *, batch: int = SYNC_BATCH,
+         progress: Callable[[int], None] | None = None) -> tuple[Lists, int, str | None]:
+    """Move the detections stored after the structure's high_water into segments (making the structure if there is
+    none, or rebuilding it when :func:`open_lists` finds a problem), then merge. Returns ``(lists, rows added,
+    problem)``: ``problem`` says why an existing structure was rebuilt (None when it was extended or new).
+
+    ``assign(codes)``: the coarse list of rows stored without one (from their decoded codes). Safe against a
+    concurrent writer (flock) and concurrent readers (immutable segments, atomic manifest)."""
+    folder = Path(store.directory) / DIR_NAME
+    if store.get_meta("index_uuid") is None:
+        store.set_meta("index_uuid", uuid.uuid4().hex)
+    with _locked(folder):
+        problem = None
+        try:
+            m = open_lists(store, coarse).manifest
+        except ListsProblem as e:
+            problem = None if "manifest.json is missing" in str(e) else str(e)
+            m = {"format": FORMAT, **_identity(store, coarse), "high_water": 0, "segments": [], "next": 1}
+            m["code_size"] = m["code_size"] or 0
+        added = 0
+        while True:
+            rows = store.search_rows(after_id=m["high_water"], limit=batch)
+            if not len(rows["id"]):
+                break
+            if not m["code_size"]:
+                m["code_size"] = rows["codes"].shape[1]
+            _fill_lists(rows, assign)
+            name = f"seg-{m['next']:06d}.ivf"
+            seg = write_segment(folder / name, rows, m["lists"])
+            m["segments"].append({"file": name, "rows": seg.rows})
+            m["next"] += 1
+            m["high_water"] = int(rows["id"][-1])
+            added += seg.rows
+            m = _merge_tail(folder, m)
+            _save_manifest(folder, m)
+            if progress is not None:
+                progress(len(rows["id"]))
+        if not (folder / MANIFEST).exists():
+            _save_manifest(folder, m)
+        _cleanup(folder, m)
+        return open_lists(store, coarse, check=False), added, problem
+
+
+def _merge_tail(folder: Path, m: dict[str, Any]) -> dict[str, Any]:
+    segs = m["segments"]
+    while len(segs) >= 2 and 4 * segs[-1]["rows"] >= segs[-2]["rows"]:
+        a, b = (_open_segment(folder / s["file"], m["lists"], m["code_size"]) for s in segs[-2:])
+        name = f"seg-{m['next']:06d}.ivf"
+        merged = _merge(folder, name, [a, b], m["lists"], m["code_size"])
+        m["next"] += 1
+        segs[-2:] = [{"file": name, "rows": merged.rows}]
+    return m
+
+
+def rebuild(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray],
+            **kwargs: Any) -> tuple[Lists, int, str | None]:
+    """Discard the structure and build it again from ``index.db``."""
+    folder = Path(store.directory) / DIR_NAME
+    with _locked(folder):
+        (folder / MANIFEST).unlink(missing_ok=True)
+    return sync(store, coarse, assign, **kwargs)
