@@ -41,16 +41,15 @@ def real_embeddings() -> np.ndarray:
 
 def build(path: Path, pq, x: np.ndarray, n: int) -> None:
     from yolo_vq import Detections
-    from yolo_vq.index.indexer import CODEBOOK_STEM
-    from yolo_vq.index.store import Frame, open_store
+    from yolo_vq.index.store import CodebookBinding, Frame, open_store
     from yolo_vq.quant import save_codebook
 
     codes = pq.encode(torch.from_numpy(x)).numpy()
-    save_codebook(pq, path / CODEBOOK_STEM, model_fingerprint="bench")
+    stem = Path(tempfile.mkdtemp(prefix="yolo_vq_search_cb_")) / "codebook"
+    save_codebook(pq, stem, model_fingerprint="bench")  # the store copies it in when it is created
+    binding = CodebookBinding(stem, {"bench": "search_latency"}, "bench", {i: f"class{i}" for i in range(10)})
     rng = np.random.default_rng(0)
-    with open_store(path, create=True) as s:
-        s.set_meta("model_fingerprint", "bench")
-        s.set_meta("names", {i: f"class{i}" for i in range(10)})
+    with open_store(path, create=True, codebook=binding) as s:
         src = s.add_source("synthetic", "bench", fps=10.0)
         per, frames, f = 20, [], 0
         for start in range(0, n, per):

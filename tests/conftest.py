@@ -122,3 +122,18 @@ def small_index(index_model, small_codebook, frames_folder, tmp_path_factory):
     with open_store(idx, readonly=True) as s:
         assert s.count() > 10
     return idx
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny data: extra threads only add OpenMP barrier waits on a shared 2-core machine (torch and FAISS at 1 thread
+    for the module, restored after)."""
+    import faiss
+    import torch
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(faiss_threads)

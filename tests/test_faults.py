@@ -252,7 +252,9 @@ def test_disk_full_mid_index_is_one_line_keeps_the_data_and_a_rerun_resumes(fram
 def test_ctrl_c_keeps_the_frames_says_how_to_resume_and_the_rerun_completes(small_codebook, tmp_path):
     cmd = cli("index", str(assets.bikes_video()), "--index", str(tmp_path / "i"), "--codebook", str(small_codebook),
               "--conf", "0.1", "--batch", "4", "--quiet")
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action even where this test runs as a background job (which inherits SIGINT ignored)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # wait for a first commit (64 frames), then Ctrl-C
         try:

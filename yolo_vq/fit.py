@@ -88,7 +88,7 @@ def fit_codebook(
     model: Any, sources: Sequence[str | Path | int], out: str | Path, *,
     recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE, code_bytes: int = 32, codebook_size: int = 256,
     min_codebook_size: int = 16, rotation: str | None = "auto", max_train: int = 256_000, seed: int = 0,
-    **kwargs: Any,
+    lists: int | str | None = "auto", coarse_dim: int = 64, **kwargs: Any,
 ) -> tuple[Any, int]:
     """Train a product quantizer of ``code_bytes`` bytes per detection on detections sampled from ``sources``
     and save it to ``out`` (``.safetensors`` + ``.json``). Returns ``(quantizer, vectors seen)``.
@@ -96,6 +96,11 @@ def fit_codebook(
     ``rotation``: ``"auto"`` (see :func:`part_blocks`) rotates the channels of each pooled cell among themselves
     and the colour histogram as a whole (the best mAP and recall@10 at 32 bytes in docs/benchmarks.md);
     ``"random"`` rotates all dims together; ``None`` none.
+
+    ``lists``: also train the coarse quantizer of partitioned search on the same sample
+    (:class:`~yolo_vq.quant.coarse.CoarseQuantizer`, PCA to ``coarse_dim`` then k-means; ``"auto"``: as many lists as
+    the sample supports, see :func:`~yolo_vq.quant.coarse.supported_lists`), saved beside the codebook as
+    ``<out>.coarse.safetensors``; ``0`` or None: none (indexes made with it are searched flat).
 
     ``codebook_size`` is what the data supports: PQ training needs at least as many vectors as centroids, so with
     fewer detections (after the ``max_train`` sample) it drops to the largest power of two that fits, down to
@@ -109,6 +114,7 @@ def fit_codebook(
     """
     from .quant import ProductQuantizer
     from .quant.base import sample_training
+    from .quant.coarse import supported_lists
 
     if not isinstance(min_codebook_size, int) or min_codebook_size < 1:
         raise ValueError(f"min_codebook_size must be a positive int, got {min_codebook_size!r}")
@@ -131,6 +137,8 @@ def fit_codebook(
         return ProductQuantizer(dim=emb.dim, m=code_bytes, codebook_size=k, rotation=rotation,
                                 rotation_blocks=blocks, max_train=max_train, seed=seed)
 
+    if lists is not None and lists != 0:
+        supported_lists(2, lists)  # checks the option before any video is read
     pq = quantizer(codebook_size)  # checks the options before any video is read
     # the bounded uniform sample ProductQuantizer.fit keeps (at most max_train rows, seeded), drawn here so the
     # codebook size can follow it; fit() on it keeps every row in order, so the codebook is what fit(stream) gives
@@ -166,4 +174,8 @@ def fit_codebook(
         pq.stats["codebook_size_requested"] = codebook_size
         pq.stats["codebook_size_reason"] = reason
     emb.save_codebook(pq, out)
+    if lists is not None and lists != 0:
+        from .quant import CoarseQuantizer, save_coarse
+
+        save_coarse(CoarseQuantizer.fit(x, lists, reduced_dim=coarse_dim, seed=seed), out)
     return pq, seen

@@ -3,7 +3,6 @@ incremental adds, padding and input errors."""
 
 import sys
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -22,15 +21,7 @@ PQS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny data: extra threads only add OpenMP barrier waits on a shared 2-core machine."""
-    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(faiss_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,15 @@ def test_saved_beside_a_codebook_keeps_its_checksum(tmp_path):
     f.unlink()
     with pytest.raises(CodebookError, match="unreadable"):
         load_codebook(tmp_path / "cb")
+
+
+def test_without_faiss_numpy_assigns_and_probes_the_same(monkeypatch):
+    from yolo_vq.quant import coarse as coarse_module
+
+    x = blobs()
+    cq = CoarseQuantizer.fit(x, 32, reduced_dim=8)
+    lists, probed, every = cq.assign(x), cq.probe(x[:50], 5), cq.probe(x[:3], 100)
+    monkeypatch.setattr(coarse_module, "_faiss", lambda: None)
+    np.testing.assert_array_equal(cq.assign(x), lists)
+    np.testing.assert_array_equal(cq.probe(x[:50], 5), probed)
+    np.testing.assert_array_equal(cq.probe(x[:3], 100), every)

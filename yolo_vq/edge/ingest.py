@@ -8,14 +8,16 @@ index's own; a new index takes its codebook from ``codebook=`` and must match to
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..detections import Detections
+from ..detections import LIST_ID, Detections
 from ..errors import CodebookError
 from ..index.store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError, open_store
+from ..index.upkeep import ListKeeper
 from ..quant.io import codebook_checksum, codebook_paths
 from ._format import Key
 from .records import BadRecord, read_records
@@ -34,6 +36,7 @@ class _Index:
         self._store: Store | None = None
         self._bind: CodebookBinding | None = None  # the codebook to bind with the first stored frames
         self._ids: dict[str, int] = {}  # source fingerprint -> store id
+        self._lists: ListKeeper | None = None  # the index's search lists (with the store's first write)
         if (index.exists() and not index.is_dir()) or (index / DB_NAME).exists() \
                 or (index / f"{CODEBOOK_STEM}.json").exists():
             self._store = open_store(index)  # reads only until add(); refuses a damaged index (its own error)
@@ -87,10 +90,29 @@ class _Index:
             sid = self._ids[source["fingerprint"]] = self._store.add_source(
                 source["uri"], source["fingerprint"], fps=source["fps"], frame_count=source["frame_count"],
                 width=source["width"], height=source["height"]).id
-        return self._store.add_frames(sid, frames)
+        if self._lists is None:
+            from ..quant import load_codebook
+
+            self._lists = ListKeeper(self._store, load_codebook(self._store.codebook_path()))
+        if self._lists.active and frames:
+            lists = self._lists.assign(codes=np.concatenate([f.detections.codes for f in frames]))
+            for f, part in zip(frames, np.split(lists, np.cumsum([len(f.detections) for f in frames])[:-1])):
+                f.detections.data[LIST_ID] = part
+        stored = self._store.add_frames(sid, frames)
+        self._lists.stored(stored)
+        return stored
 
     def close(self) -> None:
-        if self._store is not None:
+        if self._store is None:
+            return
+        try:
+            if self._lists is not None:
+                self._lists.sync()
+        except OSError as e:  # the records are stored; the lists only lag behind (searched as the tail)
+            warnings.warn(f"{self.index}: the search lists were not brought up to date ({e.strerror or e}); the "
+                          f"detections are stored and searched all the same, and the next ingest (or `yolo-vq "
+                          f"upgrade --index {self.index}`) catches up", stacklevel=3)
+        finally:
             self._store.close()
 
 

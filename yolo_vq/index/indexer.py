@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from ..config import DEFAULT_RECIPE, EmbedConfig
-from ..detections import Detections
+from ..detections import LIST_ID, Detections
 from ..features.embedder import Embedder
 from ..video import VideoSource, chunks, fingerprint_name, open_source
 from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Source, StoreError, open_store
 from .thumbs import Thumbnailer
+from .upkeep import ListKeeper
 
 __all__ = ["CODEBOOK_STEM", "IndexSummary", "Indexer"]
 
@@ -136,6 +138,7 @@ class Indexer:
             raise
         self.names = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
         self.keep_vectors = self.store.vector_dim is not None if keep_vectors is None else bool(keep_vectors)
+        self.lists = ListKeeper(self.store, self.embedder.codebook)  # the on-disk lists, where the codebook has them
         self._attached = False  # the embedder's callbacks are on the model (context manager)
         self._run: _Run | None = None
         self._frames: list[tuple[int, float, np.ndarray]] = []  # added frames waiting for a batch
@@ -163,11 +166,21 @@ class Indexer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Store what :meth:`add` still holds (:meth:`flush`), detach the embedder and close the store."""
+        """Store what :meth:`add` still holds (:meth:`flush`), bring the lists up to date, detach the embedder and
+        close the store."""
         try:
             self.flush()
+            self._sync_lists()
         finally:
             self._release()
+
+    def _sync_lists(self) -> None:
+        try:
+            self.lists.sync()
+        except OSError as e:  # every detection is committed; the lists only lag behind (searched as the tail)
+            warnings.warn(f"{self.index}: the search lists were not brought up to date ({e.strerror or e}); the "
+                          f"detections are stored and searched all the same, and the next run (or `yolo-vq upgrade "
+                          f"--index {self.index}`) catches up", stacklevel=3)
 
     def _release(self) -> None:
         self._attached = False
@@ -349,6 +362,8 @@ class Indexer:
         d = Detections.from_ultralytics(result)
         if len(d):
             d.track_id[d.track_id >= 0] += self._run.track_offset
+        if len(d) and (lists := self.lists.assign(vectors=d.embeddings)) is not None:
+            d.data[LIST_ID] = lists
         thumbs = None if self.thumbnailer is None else self.thumbnailer(image, d)
         self._pending.append(Frame(frame, t, d, thumbs))
         if len(self._pending) >= self.commit_every:
@@ -361,6 +376,7 @@ class Indexer:
         frames, self._pending = self._pending, []
         n = self.store.add_frames(self._run.source.id, frames, vectors=self.keep_vectors)
         self.last_stored = (self._run.source.uri, int(frames[-1].frame))
+        self.lists.stored(n)
         self._written[0] += n
         self._written[1] += sum(len(b) for f in frames for b in f.thumbs or () if b is not None)
         return n

@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..detections import Detections
+from .filters import RowFilter
+from .segments import COLUMNS
 from .store import StoreError, open_store
 
-__all__ = ["Memory"]
+if TYPE_CHECKING:
+    from .ivf import ListSearch
+
+__all__ = ["FLAT_BELOW", "MODES", "Memory"]
+
+
+_DTYPES = {"id": np.int64, "class_id": np.int64, "source_id": np.int64, "time": np.float64, "confidence": np.float32,
+           "track_id": np.int64}
+
+
+_ALL = 1 << 62  # nprobe="all": every list
+
+
+def _check_nprobe(nprobe: Any) -> int | None:
+    """``nprobe`` as an int (``"all"``: every list), None for the default."""
+    if nprobe == "all":
+        return _ALL
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or nprobe < 1):
+        raise ValueError(f"nprobe must be a positive int (lists a query scans) or 'all', got {nprobe!r}")
+    return None if nprobe is None else int(nprobe)
+
+
+def _stamp(folder: Path) -> tuple | None:
+    """What identifies the manifest's current version (it is replaced by rename: a new inode)."""
+    try:
+        st = os.stat(folder / "manifest.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _check_range(time_from: float | None, time_to: float | None) -> None:
@@ -19,22 +52,44 @@ def _check_range(time_from: float | None, time_to: float | None) -> None:
                          f"(seconds from the start of each source)")
 
 
+MODES = ("auto", "flat", "ivf")
+FLAT_BELOW = 2_000_000  # auto mode scans flat below this many stored detections (measured: docs/benchmarks.md)
+
+
 class Memory:
     """Search stored detections by visual similarity.
 
-    The code matrix is loaded once and refreshed incrementally (:meth:`refresh`) as another process indexes.
-    Scores are cosine similarities estimated from the ADC distance (embeddings are L2-normalised:
-    ``cos = 1 - d / 2``); results come as :class:`Detections` with ``data`` = id, source_id, frame, time, score.
+    Two ways to scan, the same distances (the product quantizer's ADC over the stored codes):
+
+    - flat: every code is loaded once (from ``index.db``) and scanned per query; exact.
+    - ivf (partitioned): the codebook has a coarse quantizer and the index an on-disk search structure
+      (``<index>/ivf``, :mod:`.segments`); a query scans the ``nprobe`` lists nearest to it, memory-mapped, plus the
+      detections stored since the structure was last extended (the *tail*, loaded from ``index.db``). Opening reads
+      the segment headers only.
+
+    ``refresh()`` picks up what another process stored meanwhile (new rows, and a structure it extended). Scores are
+    cosine similarities estimated from the ADC distance (embeddings are L2-normalised: ``cos = 1 - d / 2``); results
+    come as :class:`Detections` with ``data`` = id, source_id, frame, time, score.
 
     Args:
         index: the index directory.
         engine: the scan engine, ``"auto"`` (FAISS when installed), ``"faiss"`` or ``"numpy"``.
+        mode: ``"auto"`` (ivf when the structure holds at least :data:`FLAT_BELOW` detections, else flat),
+            ``"flat"`` or ``"ivf"`` (needs usable lists: ``yolo-vq upgrade``).
+        nprobe: lists a query scans in ivf mode (default :func:`~yolo_vq.index.ivf.default_nprobe` of the list
+            count); more is slower and closer to the flat scan, all lists is exactly the flat scan.
+
+    Lists that are damaged, foreign or stale (another database, codebook or coarse quantizer; rows the database
+    lacks) are never searched: a warning says why and the index is searched flat (``why_flat``) until a writer
+    rebuilds them (``yolo-vq upgrade``, the next ``index`` or ``ingest``).
     """
 
-    def __init__(self, index: str | Path, *, engine: str = "auto"):
+    def __init__(self, index: str | Path, *, engine: str = "auto", mode: str = "auto", nprobe: int | None = None):
         from ..quant import load_codebook
-        from .scan import CodeScan
 
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.nprobe = _check_nprobe(nprobe)
         self.index = Path(index)
         self.store = open_store(self.index, readonly=True)
         try:
@@ -48,9 +103,18 @@ class Memory:
                                  f"{self.codebook.meta.get('model_fingerprint')}, the index to {fp}: the index is "
                                  f"inconsistent, re-index it")
             self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
-            self.scan = CodeScan(self.codebook, engine=engine)
-            self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
-            self._last = 0
+            self._engine = engine
+            self.lists: ListSearch | None = None
+            self._manifest_stamp: tuple | None = None
+            self._reset_tail()
+            self.why_flat: str | None = "mode='flat' was asked for"
+            if self.codebook.coarse is None:
+                self.why_flat = (f"its codebook has no search lists (made before partitioned search, or fitted with "
+                                 f"--lists 0): `yolo-vq upgrade --index {self.index}` adds them")
+                if mode == "ivf":
+                    raise StoreError(f"{self.index}: {self.why_flat}, or search with mode='flat'")
+            elif mode != "flat":
+                self._open_lists(force=mode == "ivf")
             self.refresh()
         except BaseException:
             self.store.close()
@@ -65,8 +129,66 @@ class Memory:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # -- the two scans -------------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``"ivf"`` or ``"flat"``: how queries are answered now."""
+        return "flat" if self.lists is None else "ivf"
+
+    def __len__(self) -> int:
+        """Searchable detections (in the lists and the tail, or loaded for the flat scan)."""
+        return len(self.scan) + (0 if self.lists is None else self.lists.rows)
+
+    def _reset_tail(self, after: int = 0) -> None:
+        from .scan import CodeScan
+
+        self.scan = CodeScan(self.codebook, engine=self._engine)
+        self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
+        self._last = after
+
+    def _open_lists(self, *, force: bool) -> None:
+        """Open the lists to search them (``self.lists``), or leave them closed and say why (``self.why_flat``).
+
+        A search never writes: lists that are damaged, foreign or stale are reported (a warning, one line) and the
+        index is searched flat; a writer (``index``, ``ingest``, ``upgrade``) rebuilds them from ``index.db``."""
+        from .segments import ListsProblem, open_lists
+
+        upgrade = f"`yolo-vq upgrade --index {self.index}` (or the next `index` or `ingest` into it) rebuilds them"
+        try:
+            lists = open_lists(self.store, self.codebook.coarse)
+        except ListsProblem as e:
+            if force:
+                raise StoreError(f"{self.index}: its search lists cannot be used: {e}; {upgrade}") from None
+            missing = "manifest.json is missing" in str(e)
+            self.why_flat = f"its search lists cannot be used ({e}): searched flat; {upgrade}"
+            if not missing or self.store.max_id() >= FLAT_BELOW:
+                warnings.warn(f"{self.index}: {self.why_flat}", stacklevel=3)
+            return
+        if not force and self.store.max_id() < FLAT_BELOW:
+            self.why_flat = (f"it holds fewer than {FLAT_BELOW} detections, where the flat scan is as fast as the "
+                             f"lists (docs/benchmarks.md)")
+            return
+        self._use(lists)
+
+    def _use(self, lists) -> None:
+        from .ivf import ListSearch
+
+        self._reset_tail(lists.high_water)
+        self.lists = ListSearch(lists, self.codebook.coarse, self.scan)
+        self.why_flat = None
+        self._manifest_stamp = _stamp(lists.folder)
+
     def refresh(self) -> int:
-        """Add detections stored since the last refresh to the scan and the filter columns; returns how many."""
+        """Pick up detections stored since the last refresh (and a search structure another process extended);
+        returns how many detections became searchable."""
+        before = len(self)
+        if self.lists is not None and _stamp(self.lists.lists.folder) != self._manifest_stamp:
+            from .segments import ListsProblem, open_lists
+
+            try:
+                self._use(open_lists(self.store, self.codebook.coarse, check=False))
+            except ListsProblem:
+                pass  # mid-rewrite by another process: keep the structure opened before, try again next refresh
         with self.store.snapshot():  # codes and columns of the same rows, while another process indexes
             ids, codes = self.store.codes(after_id=self._last)
             cols = self.store.columns(after_id=self._last) if len(ids) else {}
@@ -75,7 +197,49 @@ class Memory:
             self.scan.add(ids, codes)
             self._cols = {k: np.concatenate([self._cols[k], v]) for k, v in cols.items()} if self._cols else cols
             self._last = int(ids[-1])
-        return len(ids)
+        return len(self) - before
+
+    def info(self) -> dict[str, Any]:
+        """What is searchable and how (what ``yolo-vq info`` prints): detections, sources, mode (and why flat),
+        lists, segments, high_water and tail, nprobe and the recall it was calibrated to, bytes per detection on disk
+        (``index.db``, lists) and in RAM for search, the codebook's and coarse quantizer's checksums."""
+        n, coarse = len(self), self.codebook.coarse
+        out: dict[str, Any] = {
+            "index": str(self.index), "detections": n, "sources": len(self.store.sources()), "mode": self.mode,
+            "why_flat": self.why_flat, "engine": self.scan.engine, "code_bytes": self.codebook.code_size,
+            "codebook_sha256": self.store.codebook_sha256, "coarse_sha256": None if coarse is None else coarse.sha256,
+            "lists": None if coarse is None else coarse.lists,
+        }
+        # RAM for search: the flat scan (or the tail) holds codes + id + filter columns per row; the lists stay on
+        # disk, memory-mapped (the page cache, not this process, holds what queries touch), plus their offsets
+        ram = len(self.scan) * (self.codebook.code_size + 8 + sum(v.itemsize for v in self._cols.values()))
+        db = sum(p.stat().st_size for p in self.index.glob("index.db*"))
+        lists_bytes = 0
+        if self.lists is not None:
+            lst = self.lists.lists
+            cal = lst.calibration or {}
+            lists_bytes = lst.bytes
+            ram += sum(s.offsets.nbytes for s in lst.segments) + coarse.centroids.nbytes + coarse.proj.nbytes
+            out.update(segments=len(lst.segments), high_water=lst.high_water, in_lists=lst.rows, tail=len(self.scan),
+                       nprobe=self.effective_nprobe(), nprobe_recall_at_10=cal.get("recall"),
+                       nprobe_calibrated_at=cal.get("rows"))
+        out.update(db_bytes=db, lists_bytes=lists_bytes,
+                   disk_bytes_per_detection=round((db + lists_bytes) / max(n, 1), 1),
+                   ram_bytes_per_detection=round(ram / max(n, 1), 1))
+        return out
+
+    def effective_nprobe(self, nprobe: int | str | None = None) -> int | None:
+        """The lists a query scans (None in flat mode): ``nprobe``, else the Memory's, else the one calibrated when
+        the lists were last synced (recall@10 >= 0.95 against the flat scan), else
+        :func:`~yolo_vq.index.ivf.default_nprobe`."""
+        from .ivf import default_nprobe
+
+        nprobe = _check_nprobe(nprobe)
+        if self.lists is None:
+            return None
+        n = self.lists.lists.lists
+        cal = self.lists.lists.calibration
+        return min(n, nprobe or self.nprobe or (cal["nprobe"] if cal else default_nprobe(n)))
 
     # -- queries ---------------------------------------------------------------------------------------------------
     def class_ids(self, names: Sequence[str | int]) -> list[int]:
@@ -92,38 +256,52 @@ class Memory:
                 raise ValueError(f"unknown class {n!r}: this index knows {known}{' ...' if len(by_name) > 20 else ''}")
         return out
 
-    def filter_ids(
+    def where(
         self, *, classes: Sequence[str | int] | None = None, source: int | str | None = None,
         time_from: float | None = None, time_to: float | None = None, min_conf: float | None = None,
-    ) -> np.ndarray | None:
-        """Ids passing the filters (None when there are none to apply), from in-memory columns (no SQL per query).
+        track: tuple[int, int] | None = None,
+    ) -> RowFilter | None:
+        """The filters resolved to a :class:`~yolo_vq.index.filters.RowFilter` (None when there are none to apply).
+
+        ``classes``: names or ids; ``source``: an id or part of a path/URL; ``time_from``/``time_to``: seconds;
+        ``min_conf``; ``track``: ``(source_id, track_id)`` of a stored track.
 
         Raises:
-            ValueError: an unknown class, ``time_from > time_to``, a non-finite bound.
+            ValueError: an unknown class, ``time_from > time_to``, a non-finite bound, a malformed track.
         """
         _check_range(time_from, time_to)
         for name, v in (("time_from", time_from), ("time_to", time_to), ("min_conf", min_conf)):
             if v is not None and not np.isfinite(float(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if not self._cols:
-            return None if not (classes or source is not None or time_from is not None or time_to is not None
-                                or min_conf is not None) else np.zeros(0, np.int64)
-        c, keep = self._cols, None
+        if track is not None:
+            if not (isinstance(track, tuple | list) and len(track) == 2
+                    and all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in track)):
+                raise ValueError(f"track must be (source_id, track_id), two ints, got {track!r}")
+            track = (int(track[0]), int(track[1]))
+        f = RowFilter(classes=tuple(self.class_ids(classes)) if classes else None,
+                      sources=tuple(self.source_ids(source)) if source is not None else None,
+                      time_from=None if time_from is None else float(time_from),
+                      time_to=None if time_to is None else float(time_to),
+                      min_conf=None if min_conf is None else float(min_conf), track=track)
+        return f if f.columns else None
 
-        def both(m):
-            return m if keep is None else keep & m
+    def filter_ids(self, **filters) -> np.ndarray | None:
+        """Ids of the searchable detections passing the filters (see :meth:`where`; None when there are none to
+        apply), from the in-memory columns and, in ivf mode, the columns of the on-disk lists (which it reads whole)."""
+        f = self.where(**filters)
+        if f is None:
+            return None
+        c = self.all_columns(("id", *f.columns))
+        return c["id"][f.mask(c)]
 
-        if classes:
-            keep = both(np.logical_or.reduce([c["class_id"] == k for k in self.class_ids(classes)]))
-        if source is not None:
-            keep = both(np.isin(c["source_id"], self.source_ids(source)))
-        if time_from is not None:
-            keep = both(c["time"] >= float(time_from))
-        if time_to is not None:
-            keep = both(c["time"] <= float(time_to))
-        if min_conf is not None:
-            keep = both(c["confidence"] >= float(min_conf))
-        return None if keep is None else c["id"][keep]
+    def all_columns(self, names: Sequence[str] = ("id", *COLUMNS)) -> dict[str, np.ndarray]:
+        """Columns of every searchable detection (ivf mode: read from every segment, ids not in order)."""
+        parts = [] if self.lists is None else [
+            {n: np.asarray(seg.column(n)) for n in names} for seg in self.lists.lists.segments]
+        tail = {n: self._cols[n] for n in names} if self._cols else {n: np.zeros(0, _DTYPES[n]) for n in names}
+        if not parts:
+            return tail
+        return {n: np.concatenate([p[n] for p in parts] + [tail[n]]) for n in names}
 
     def source_ids(self, source: int | str) -> list[int]:
         """Ids of the sources a ``source`` filter names: an id, or a part of their path/URL."""
@@ -133,10 +311,10 @@ class Memory:
 
     def why_empty(self, *, exclude: Sequence[int] = (), classes: Sequence[str | int] | None = None,
                   source: int | str | None = None, time_from: float | None = None, time_to: float | None = None,
-                  min_conf: float | None = None) -> str:
+                  min_conf: float | None = None, track: tuple[int, int] | None = None) -> str:
         """Why a search with these filters finds nothing: the first filter that leaves no detection, with what the
         index holds instead (e.g. ``time 60-120 s leaves none: stored times span 0.0-9.96 s``)."""
-        c = self._cols
+        c = self.all_columns()
         if not c or not len(c["id"]):
             return f"{self.index} holds no detections yet"
         keep = ~np.isin(c["id"], np.asarray(exclude, np.int64))
@@ -162,6 +340,11 @@ class Memory:
         if min_conf is not None:
             steps.append((c["confidence"] >= float(min_conf), f"min confidence {min_conf}",
                           f"the highest stored confidence is {float(c['confidence'][keep].max()):.3f}"))
+        if track is not None:
+            ts = c["track_id"][keep & (c["source_id"] == int(track[0]))]
+            steps.append(((c["source_id"] == int(track[0])) & (c["track_id"] == int(track[1])),
+                          f"track {track[0]}:{track[1]}",
+                          f"source {track[0]} has {len(np.unique(ts[ts >= 0]))} stored tracks"))
         for m, what, context in steps:
             if not (keep & m).any():
                 together = " together with the filters before it" if m.any() else ""
@@ -171,14 +354,26 @@ class Memory:
 
     def vectors_of(self, ids: Sequence[int], *, stored: bool = True) -> np.ndarray:
         """Embeddings of stored detections, (n, D) float32: the kept float16 vectors where the index keeps them
-        (``stored``), else decoded from the codes (approximate)."""
+        (``stored``), else decoded from the codes (approximate).
+
+        Raises:
+            KeyError: an id the index does not hold. StoreError: a detection without codes (a damaged index)."""
         if not (stored and self.store.vector_dim is not None):
-            return self.codebook.decode(self.store.get(ids).codes).numpy()
+            return self._decoded(ids)
         out, present = self.store.vectors(ids)
         if not present.all():
             missing = np.flatnonzero(~present)
-            out[missing] = self.codebook.decode(self.store.get(np.asarray(ids)[missing]).codes).numpy()
+            out[missing] = self._decoded(np.asarray(ids)[missing])
         return out
+
+    def _decoded(self, ids: Sequence[int]) -> np.ndarray:
+        from .ivf import decode_codes
+
+        codes = self.store.get(ids).codes
+        if codes is None:
+            raise StoreError(f"{self.index}: detection(s) {list(ids)[:5]} have no codes stored (a damaged index): "
+                             f"query with another detection, or re-index into a new directory")
+        return decode_codes(self.codebook, codes)
 
     def track_vector(self, source_id: int, track_id: int) -> np.ndarray:
         """(1, D) mean decoded embedding of a stored track, L2-normalised."""
@@ -219,17 +414,19 @@ class Memory:
         if isinstance(query, Detections):
             query = self.pictures(query[:1], prefer=prefer)[0]
         q = Tile(placeholder(text="query: not shown") if query is None else query, "query")
-        return contact_sheet(q, tiles, columns=columns, title=f"top {len(tiles)} of {self.store.count()}")
+        return contact_sheet(q, tiles, columns=columns, title=f"top {len(tiles)} of {len(self)}")
 
     def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), rerank: int | None = None,
-               **filters) -> list[Detections]:
+               nprobe: int | None = None, **filters) -> list[Detections]:
         """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``.
 
         Scores are cosine similarities estimated by ADC over the codes; with ``rerank=K`` (K >= k) the ADC
         shortlist of the K best is re-ranked by exact cosine similarity to the kept float16 vectors (the index
         must keep vectors: ``Indexer(keep_vectors=True)``), and scores are those exact cosines. Filters: see
-        :meth:`filter_ids`. ``exclude``: stored ids that are the query itself, never results (unfiltered, the scan
-        asks for ``k + len(exclude)`` and drops them). ``k`` larger than what is stored returns what is stored.
+        :meth:`where`; exact over the rows scanned (in ivf mode, the probed lists, widened while they hold fewer
+        than ``k`` matches). ``exclude``: stored ids that are the query itself, never results (the scan asks for
+        ``k + len(exclude)`` and drops them). ``nprobe``: lists scanned in ivf mode (default: the Memory's).
+        ``k`` larger than what is stored returns what is stored.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -240,22 +437,25 @@ class Memory:
             if self.store.vector_dim is None:
                 raise StoreError(f"{self.index} keeps no float vectors to re-rank with: index it with --keep-vectors "
                                  "(Indexer(keep_vectors=True)), or search without rerank")
-        allowed = self.filter_ids(**filters)
-        stored = self._cols.get("id", np.zeros(0, np.int64))
+        where = self.where(**filters)
         exclude = np.unique(np.asarray(exclude, dtype=np.int64))
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
-        if allowed is not None:  # filtered: the excluded ids are simply not allowed
-            allowed = np.setdiff1d(allowed, exclude) if len(exclude) else allowed
-            pool, extra = len(allowed), 0
-        else:  # unfiltered: ask for as many more as are excluded, and drop them (no allowed list of every other id)
-            extra = int(np.isin(exclude, stored).sum())
-            pool = len(stored) - extra
-        # k (and the shortlist) never beyond what is stored: no allocation grows with a huge k
-        want = min(int(rerank or k), pool)
-        if want > 0:
+        # the query's own ids are not a filter: ask for as many more results as are excluded, and drop them
+        extra = len(exclude)
+        want = min(int(rerank or k), len(self))  # k (and the shortlist) never beyond what is stored
+        allowed = None
+        if where is not None:  # the in-memory rows (all of them when flat, the tail in ivf mode) passing the filters
+            allowed = self._cols["id"][where.mask(self._cols)] if self._cols else np.zeros(0, np.int64)
+        if want <= 0:
+            dist, ids = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        elif self.lists is None:
             dist, ids = self.scan.search(queries, want + extra, allowed=allowed)
         else:
-            dist, ids = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            from .ivf import merge_topk
+
+            d1, i1 = self.lists.search(queries, want + extra, nprobe=self.effective_nprobe(nprobe), where=where)
+            d2, i2 = self.scan.search(queries, want + extra, allowed=allowed)
+            dist, ids = merge_topk(d1, i1, d2, i2, want + extra)
         out = []
         for q, d, i in zip(queries, dist, ids):
             keep = (i >= 0) & ~np.isin(i, exclude) if extra else i >= 0

@@ -67,17 +67,24 @@ class _NumpyEngine:
         self.codes.append(codes)
 
     def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        codes = self.codes.view
+        if rows is None:
+            return self._scan(queries, k, len(codes), lambda s, e: (np.arange(s, e), codes[s:e]))
+        return self._scan(queries, k, len(rows), lambda s, e: (rows[s:e], codes[rows[s:e]]))
+
+    def search_codes(self, queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of ``codes`` (n, code_len) rows (not the added ones): distances and row positions."""
+        return self._scan(queries, k, len(codes), lambda s, e: (np.arange(s, e), codes[s:e]))
+
+    def _scan(self, queries: np.ndarray, k: int, n: int, chunk: Any) -> tuple[np.ndarray, np.ndarray]:
         q = self.quantizer
         with torch.no_grad():
             tables = q.distance_tables(torch.from_numpy(queries).to(q.device)).cpu().numpy()  # (q, L, K)
-        codes = self.codes.view
-        n = len(codes) if rows is None else len(rows)
         best_d = np.empty((len(queries), 0), np.float32)
         best_p = np.empty((len(queries), 0), np.int64)
         step = min(_CHUNK_ROWS, max(256, _CHUNK_CELLS // len(queries)))
         for s in range(0, n, step):
-            pos = np.arange(s, min(s + step, n)) if rows is None else rows[s : s + step]
-            c = codes[s : s + step] if rows is None else codes[pos]
+            pos, c = chunk(s, min(s + step, n))
             d = np.zeros((len(queries), len(c)), np.float32)
             for j in range(c.shape[1]):
                 d += np.take(tables[:, j], c[:, j], axis=1)
@@ -88,7 +95,12 @@ class _NumpyEngine:
                 best_d = np.take_along_axis(best_d, keep, 1)
                 best_p = np.take_along_axis(best_p, keep, 1)
         order = np.lexsort((best_p, best_d), axis=-1)  # ascending distance, ties by insertion order
-        return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_p, order, 1)
+        best_d, best_p = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_p, order, 1)
+        if best_d.shape[1] < k:  # fewer rows than k: pad as FAISS does
+            pad = k - best_d.shape[1]
+            best_d = np.pad(best_d, ((0, 0), (0, pad)), constant_values=np.inf)
+            best_p = np.pad(best_p, ((0, 0), (0, pad)), constant_values=-1)
+        return best_d, best_p
 
 
 class _FaissEngine:
@@ -126,24 +138,41 @@ class _FaissEngine:
         self.index.add_sa_codes(np.ascontiguousarray(codes))
 
     def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        faiss, index = self.faiss, self.index
+        index = self.index
         x = np.ascontiguousarray(queries, np.float32)
         yn = x if self.project is None else self.project.apply(x)
         if rows is None:
             dist, pos = index.search(yn, k)
         else:
-            all_codes = faiss.rev_swig_ptr(index.codes.data(), index.ntotal * index.code_size)  # a view, no copy
-            sub = np.ascontiguousarray(all_codes.reshape(index.ntotal, index.code_size)[rows])
-            dist = np.empty((len(yn), k), np.float32)
-            pos = np.empty((len(yn), k), np.int64)
-            heap = faiss.float_maxheap_array_t()
-            heap.nh, heap.k, heap.ids, heap.val = len(yn), k, faiss.swig_ptr(pos), faiss.swig_ptr(dist)
-            index.pq.search(faiss.swig_ptr(yn), len(yn), faiss.swig_ptr(sub), len(sub), heap, True)
+            all_codes = self.faiss.rev_swig_ptr(index.codes.data(), index.ntotal * index.code_size)  # a view, no copy
+            dist, pos = self._adc(yn, all_codes.reshape(index.ntotal, index.code_size)[rows], k)
             pos = np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
+        return self._whole(x, yn, dist), pos
+
+    def search_codes(self, queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of ``codes`` (n, code_size) uint8 rows (not the added ones) to each query: distances and
+        row positions in ``codes`` (-1 past the end)."""
+        x = np.ascontiguousarray(queries, np.float32)
+        yn = x if self.project is None else self.project.apply(x)
+        dist, pos = self._adc(yn, codes, k)
+        return self._whole(x, yn, dist), pos
+
+    def _adc(self, yn: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS' PQ ADC kernel (``ProductQuantizer.search``) over a code matrix: a heap of ``k`` per query."""
+        faiss = self.faiss
+        sub = np.ascontiguousarray(codes, np.uint8)
+        dist = np.empty((len(yn), k), np.float32)
+        pos = np.empty((len(yn), k), np.int64)
+        heap = faiss.float_maxheap_array_t()
+        heap.nh, heap.k, heap.ids, heap.val = len(yn), k, faiss.swig_ptr(pos), faiss.swig_ptr(dist)
+        self.index.pq.search(faiss.swig_ptr(yn), len(yn), faiss.swig_ptr(sub), len(sub), heap, True)
+        return dist, pos
+
+    def _whole(self, x: np.ndarray, yn: np.ndarray, dist: np.ndarray) -> np.ndarray:
         if self.drops_energy:  # as ProductQuantizer.distance_tables: the energy PCA leaves out is part of ||q - x||
             outside = ((x - self.mean) ** 2).sum(1) - (yn.astype(np.float64) ** 2).sum(1)
             dist += np.maximum(outside, 0).astype(np.float32)[:, None]
-        return dist, pos
+        return dist
 
 
 class CodeScan:
@@ -304,6 +333,25 @@ class CodeScan:
         found = pos >= 0
         dist[:, :kk] = np.where(found, d, np.inf)
         out[:, :kk] = np.where(found, self._ids.view[np.maximum(pos, 0)], -1)
+        return dist, out
+
+    def search_codes(self, queries: Any, codes: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of the given rows (not the added ones): ``codes`` (n, code_size) uint8 (the store's bytes,
+        e.g. gathered from the lists a query probes) with their ``ids`` (n,) int64. Same distances, ordering and padding
+        as :meth:`search`; the codes are trusted (they come from this index's own files)."""
+        x = _queries(queries, self.quantizer.dim)
+        dist = np.full((len(x), k), np.inf, np.float32)
+        out = np.full((len(x), k), -1, np.int64)
+        n = len(ids)
+        if n == 0 or len(x) == 0:
+            return dist, out
+        kk = min(k, n)
+        if self._engine.name == "numpy" and codes.dtype == np.uint8 and _code_dtype(self.quantizer) != np.uint8:
+            codes = np.ascontiguousarray(codes).view(np.uint16)
+        d, pos = self._engine.search_codes(x, codes, kk)
+        found = pos >= 0
+        dist[:, :kk] = np.where(found, d, np.inf)
+        out[:, :kk] = np.where(found, ids[np.maximum(pos, 0)], -1)
         return dist, out
 
     def _positions(self, allowed: np.ndarray) -> np.ndarray:

@@ -43,7 +43,8 @@ import numpy as np
 
 from ..errors import StoreError
 
-__all__ = ["DIR_NAME", "Lists", "ListsProblem", "Segment", "open_lists", "rebuild", "sync", "write_segment"]
+__all__ = ["DIR_NAME", "Lists", "ListsProblem", "Segment", "open_lists", "rebuild", "set_calibration", "sync",
+           "write_segment"]
 
 DIR_NAME = "ivf"
 MANIFEST = "manifest.json"
@@ -206,6 +207,12 @@ class Lists:
     @property
     def bytes(self) -> int:
         return sum(s.path.stat().st_size for s in self.segments)
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """What :func:`set_calibration` recorded (``nprobe``, ``recall``, ``rows``, ...), or None."""
+        c = self.manifest.get("calibration")
+        return c if isinstance(c, dict) and isinstance(c.get("nprobe"), int) and c["nprobe"] >= 1 else None
 
 
 def _identity(store: Any, coarse: Any) -> dict[str, Any]:
@@ -380,6 +387,16 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
             _save_manifest(folder, m)
         _cleanup(folder, m)
         return open_lists(store, coarse, check=False), added, problem
+
+
+def set_calibration(store: Any, coarse: Any, calibration: dict[str, Any]) -> None:
+    """Record ``calibration`` (JSON: the default ``nprobe`` and how it was measured) in the manifest, atomically,
+    if the structure is still the one it was measured on (same lists and coarse quantizer)."""
+    folder = Path(store.directory) / DIR_NAME
+    with _locked(folder):
+        m = open_lists(store, coarse, check=False).manifest
+        m["calibration"] = calibration
+        _save_manifest(folder, m)
 
 
 def _merge_tail(folder: Path, m: dict[str, Any]) -> dict[str, Any]:

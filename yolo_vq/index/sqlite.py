@@ -89,11 +89,29 @@ _COLUMNS = {
 _RESTORE = "restore it from a backup, or index into a new directory"
 
 
-def _columns(a: np.ndarray) -> dict[str, np.ndarray]:
-    """(N, 6) float64 rows of (id, class_id, source_id, time, confidence, track_id) -> the typed columns."""
+def _columns(path: Path, rows: list) -> dict[str, np.ndarray]:
+    """Rows of (id, class_id, source_id, time, confidence, track_id) -> the typed columns.
+
+    Raises:
+        StoreError: a value that is no number (a damaged database), naming the index."""
+    try:
+        a = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{path}: detection rows hold values that are no numbers ({e}): the database is damaged; "
+                         f"re-index into a new directory") from None
     return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
             "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32),
             "track_id": a[:, 5].astype(np.int64)}
+
+
+def _code_matrix(path: Path, blobs: list, code_size: Any) -> np.ndarray:
+    """Code blobs of one length -> (n, code_size) uint8. Raises StoreError (naming the index) for a blob of another
+    length or type, or a code_size that is no positive int (a damaged database)."""
+    try:
+        return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), code_size)
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{path}: stored codes are not all {code_size!r} bytes long ({e}): the database is damaged; "
+                         f"re-index into a new directory") from None
 
 
 def _count(v: Any) -> bool:
@@ -370,6 +388,7 @@ class SQLiteStore(Store):
         return bound
 
     def _bind(self, codebook: CodebookBinding) -> bool:
+        from ..quant.coarse import coarse_path
         from ..quant.io import codebook_checksum, codebook_paths
 
         want = codebook_checksum(codebook.path)
@@ -396,8 +415,12 @@ class SQLiteStore(Store):
             if self.get_meta("codebook_sha256") is None:
                 self.set_meta("codebook_sha256", have)  # an older index: record what its file says
             return False
-        # copy (a first binding, or the same codebook restoring a missing or damaged copy); temp + rename per file
-        for src, suffix in zip(codebook_paths(codebook.path), (".safetensors", ".json")):
+        # copy (a first binding, or the same codebook restoring a missing or damaged copy); temp + rename per file,
+        # the coarse quantizer (IVF lists) first where the codebook has one, the JSON that lists it last
+        files = list(zip(codebook_paths(codebook.path), (".safetensors", ".json")))
+        if (coarse := coarse_path(codebook.path)).is_file():
+            files.insert(0, (coarse, ".coarse.safetensors"))
+        for src, suffix in files:
             dst = self.directory / f"{CODEBOOK_STEM}{suffix}"
             if dst.exists() and dst.samefile(src):
                 continue
@@ -420,6 +443,7 @@ class SQLiteStore(Store):
 
     def _own_codebook_problem(self, sha: str) -> str | None:
         """What is wrong with the index's copy of the codebook of checksum ``sha`` (None: nothing)."""
+        from ..quant.coarse import load_coarse
         from ..quant.io import _sha256, codebook_checksum
 
         st, js = (self.directory / f"{CODEBOOK_STEM}{x}" for x in (".safetensors", ".json"))
@@ -430,6 +454,10 @@ class SQLiteStore(Store):
                 f"{js.name} describes codebook {recorded[:16]}..., not the index's"
         if _sha256(st) != sha:
             return f"{st.name} is damaged (its sha256 differs)"
+        try:  # the search lists' coarse quantizer, where the JSON lists one
+            load_coarse(self.directory / CODEBOOK_STEM)
+        except CodebookError as e:
+            return str(e).split(": restore it")[0]
         return None
 
     def codebook_path(self) -> Path | None:
@@ -663,8 +691,7 @@ class SQLiteStore(Store):
         if not rows:
             return np.zeros(0, np.int64), np.zeros((0, code_size or 0), np.uint8)
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), code_size)
-        return ids, codes
+        return ids, _code_matrix(self.path, [r[1] for r in rows], code_size)
 
     @_guard("reading detection columns")
     def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
@@ -673,7 +700,7 @@ class SQLiteStore(Store):
         float32, ``track_id`` int64."""
         rows = self._db.execute("SELECT id, class_id, source_id, time, confidence, track_id FROM detections "
                                 "WHERE id > ? AND codes IS NOT NULL ORDER BY id", (after_id,)).fetchall()
-        return _columns(np.array(rows, dtype=np.float64).reshape(-1, 6))
+        return _columns(self.path, rows)
 
     @_guard("reading detections for the search structure")
     def search_rows(self, *, after_id: int = 0, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -683,9 +710,9 @@ class SQLiteStore(Store):
                 f"SELECT id, class_id, source_id, time, confidence, track_id, {'list_id' if self._lists else 'NULL'}, "
                 f"codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id LIMIT ?",
                 (int(after_id), -1 if limit is None else int(limit))).fetchall()
-        out = _columns(np.array([r[:6] for r in rows], dtype=np.float64).reshape(-1, 6))
+        out = _columns(self.path, [r[:6] for r in rows])
         out["list_id"] = np.array([-1 if r[6] is None else r[6] for r in rows], np.int32)
-        out["codes"] = np.frombuffer(b"".join(r[7] for r in rows), np.uint8).reshape(len(rows), code_size)
+        out["codes"] = _code_matrix(self.path, [r[7] for r in rows], code_size)
         return out
 
     @_guard("reading the last id")

@@ -136,11 +136,12 @@ class CoarseQuantizer:
 
     def assign(self, x: Any) -> np.ndarray:
         """The list of each vector of ``x`` (n, D): ``(n,)`` int32 in ``[0, lists)``."""
-        import faiss
-
         z = self.reduce(x)
         if not len(z):
             return np.zeros(0, np.int32)
+        faiss = _faiss()
+        if faiss is None:
+            return self._nearest(z, 1)[:, 0].astype(np.int32)
         if self._assigner is None:
             if self.lists > HNSW_ABOVE:
                 idx = faiss.IndexHNSWFlat(self.reduced_dim, 32)
@@ -156,16 +157,33 @@ class CoarseQuantizer:
     def probe(self, x: Any, nprobe: int) -> np.ndarray:
         """The ``nprobe`` nearest lists of each query of ``x`` (q, D), nearest first: ``(q, min(nprobe, lists))``
         int64 (exact: every centroid is compared)."""
-        _, lists = self._flat_index().search(self.reduce(x), min(int(nprobe), self.lists))
+        z, k = self.reduce(x), min(int(nprobe), self.lists)
+        if _faiss() is None:
+            return self._nearest(z, k)
+        _, lists = self._flat_index().search(z, k)
         return lists
+
+    def _nearest(self, z: np.ndarray, k: int) -> np.ndarray:
+        """numpy's exact k nearest centroids (where FAISS is not installed): ``(n, k)`` int64, nearest first."""
+        d = (z * z).sum(1, keepdims=True) - 2 * z @ self.centroids.T + (self.centroids**2).sum(1)[None]
+        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < self.lists else np.tile(np.arange(self.lists), (len(z), 1))
+        order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")
+        return np.take_along_axis(part, order, 1).astype(np.int64)
 
     def _flat_index(self) -> Any:
         if self._flat is None:
-            import faiss
-
-            self._flat = faiss.IndexFlatL2(self.reduced_dim)
+            self._flat = _faiss().IndexFlatL2(self.reduced_dim)
             self._flat.add(self.centroids)
         return self._flat
+
+
+def _faiss() -> Any:
+    """The faiss module, or None where it is not installed (numpy does the same search, slower)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
 
 
 # -- files -----------------------------------------------------------------------------------------------------------
@@ -235,7 +253,8 @@ def load_coarse(codebook: str | os.PathLike, meta: dict[str, Any] | None = None)
     if entry is None:
         return None
     path = coarse_path(codebook)
-    fix = "re-attach one (yolo-vq fit --coarse-only, or yolo-vq upgrade --index DIR for an index's codebook)"
+    fix = ("restore it beside the codebook (for an index's own copy: `yolo-vq index ... --codebook PATH` with the "
+           "codebook the index was made with puts it back), or fit a new codebook with `yolo-vq fit`")
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         raise CodebookError(f"{codebook_paths(codebook)[1]}: its 'coarse' entry is damaged: {fix}")
     try:

@@ -1,0 +1,176 @@
+"""Partitioned (IVF) search: ``Memory`` over the on-disk lists against the flat scan of the same codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.quant._data import low_rank
+from yolo_vq import Detections, Memory
+from yolo_vq.detections import LIST_ID
+from yolo_vq.index.store import CodebookBinding, Frame, open_store
+from yolo_vq.index.upkeep import sync_lists
+from yolo_vq.quant import CoarseQuantizer, ProductQuantizer, load_codebook, save_coarse, save_codebook
+
+D, PER_FRAME, FRAMES, LISTS = 32, 10, 300, 32  # 3000 detections
+NAMES = {0: "person", 1: "car", 2: "dog"}
+ENGINES = ["faiss", "numpy"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_codebook(folder, x: np.ndarray, lists: int | None = LISTS):
+    pq = ProductQuantizer(dim=D, m=8, codebook_size=256, iters=8).fit(torch.from_numpy(x))
+    save_codebook(pq, folder / "cb")
+    if lists:
+        save_coarse(CoarseQuantizer.fit(x, lists, reduced_dim=8), folder / "cb")
+    return folder / "cb"
+
+
+def fill(store, x: np.ndarray, codebook, *, source: str = "v.mp4", first_frame: int = 0, with_lists: bool = True):
+    """Store ``x`` as detections, PER_FRAME a frame: classes cycle, tracks by position, confidences seeded."""
+    q = load_codebook(codebook)
+    codes = q.encode(torch.from_numpy(x)).numpy().astype(np.uint8)
+    lists = q.coarse.assign(x) if with_lists and q.coarse is not None else None
+    src = store.add_source(source, source).id
+    rng = np.random.default_rng(len(x) + first_frame)
+    frames = []
+    for f in range(len(x) // PER_FRAME):
+        sl = slice(f * PER_FRAME, (f + 1) * PER_FRAME)
+        det = Detections(np.tile([0, 0, 10, 10], (PER_FRAME, 1)).astype(np.float32),
+                         confidence=rng.uniform(size=PER_FRAME), class_id=np.arange(PER_FRAME) % 3,
+                         track_id=np.arange(PER_FRAME) + 100 * (f // 50), codes=codes[sl],
+                         data={LIST_ID: lists[sl]} if lists is not None else {})
+        frames.append(Frame(first_frame + f, (first_frame + f) / 10, det))
+    store.add_frames(src, frames)
+
+
+def build(folder, x, *, lists: int | None = LISTS, synced: bool = True):
+    codebook = make_codebook(folder, x, lists)
+    idx = folder / "idx"
+    binding = CodebookBinding(codebook, embedding={"dim": D}, model_fingerprint=None, names=NAMES)
+    with open_store(idx, create=True, codebook=binding) as st:
+        fill(st, x, codebook)
+        if synced and lists:
+            sync_lists(st, load_codebook(st.codebook_path()))
+    return idx
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = low_rank(PER_FRAME * FRAMES + 50, D, rank=6, seed=3).numpy()
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x[: PER_FRAME * FRAMES], x[PER_FRAME * FRAMES :]
+
+
+@pytest.fixture(scope="module")
+def index(data, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("ivf"), data[0])
+
+
+def same(a: list[Detections], b: list[Detections]) -> None:
+    """The same results, ties aside: equal scores; the same ids in every group of equal scores except the last
+    (a tie across the k-th place may keep either of the tied rows)."""
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra.data["score"], rb.data["score"], rtol=1e-5, atol=1e-6)
+        s = np.round(rb.data["score"], 5)
+        for v in np.unique(s[s != s[-1]]) if len(s) else ():
+            assert set(ra.data["id"][s == v].tolist()) == set(rb.data["id"][s == v].tolist())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_list_probed_equals_the_flat_scan(index, data, engine):
+    with Memory(index, mode="ivf", engine=engine) as ivf, Memory(index, mode="flat", engine=engine) as flat:
+        assert (ivf.mode, flat.mode, len(ivf), len(flat)) == ("ivf", "flat", len(data[0]), len(data[0]))
+        assert ivf.info()["in_lists"] == len(data[0]) and ivf.info()["tail"] == 0
+        same(ivf.search(data[1], 10, nprobe=LISTS), flat.search(data[1], 10))
+        same(ivf.search(data[1], 10, nprobe=10 * LISTS), flat.search(data[1], 10))
+
+
+def test_recall_rises_with_nprobe(index, data):
+    with Memory(index, mode="ivf") as ivf, Memory(index, mode="flat") as flat:
+        truth = [set(r.data["id"].tolist()) for r in flat.search(data[1], 10)]
+        recall = []
+        for nprobe in (1, 2, 4, 8, 16, LISTS):
+            got = ivf.search(data[1], 10, nprobe=nprobe)
+            recall.append(np.mean([len(t & set(g.data["id"].tolist())) / 10 for t, g in zip(truth, got)]))
+        assert all(b >= a - 0.02 for a, b in zip(recall, recall[1:])), recall
+        assert recall[0] < 0.9 and recall[-1] == 1.0, recall
+
+
+FILTERS = [
+    {"classes": ["car"]},
+    {"classes": ["dog", "person"], "min_conf": 0.5},
+    {"source": "v.mp4", "time_from": 3.0, "time_to": 12.5},
+    {"track": (1, 103)},
+    {"min_conf": 0.999},  # very selective: the search widens until it has k or has seen every list
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f))
+def test_filters_agree_with_the_filtered_flat_scan(index, data, filters):
+    with Memory(index, mode="ivf") as ivf, Memory(index, mode="flat") as flat:
+        same(ivf.search(data[1], 10, nprobe=LISTS, **filters), flat.search(data[1], 10, **filters))
+        allowed = set(flat.filter_ids(**filters).tolist())
+        assert set(ivf.filter_ids(**filters).tolist()) == allowed
+        for r in ivf.search(data[1], 10, nprobe=2, **filters):  # few lists probed: still only matching rows
+            assert set(r.data["id"].tolist()) <= allowed
+            assert len(r) == min(10, len(allowed))
+
+
+def test_a_stored_detection_leaves_itself_out(index, data):
+    with Memory(index, mode="ivf") as ivf, Memory(index, mode="flat") as flat:
+        own = ivf.store.get([5, 6])
+        vec = load_codebook(ivf.store.codebook_path()).decode(torch.from_numpy(own.codes.copy())).numpy()
+        a = ivf.search(vec, 10, exclude=[5, 6], nprobe=LISTS)
+        same(a, flat.search(vec, 10, exclude=[5, 6]))
+        assert not {5, 6} & set(np.concatenate([r.data["id"] for r in a]).tolist())
+        assert all(len(r) == 10 for r in ivf.search(vec, 10, exclude=[5, 6]))
+
+
+def test_the_tail_is_searched_and_refresh_picks_up_new_rows_and_segments(data, tmp_path):
+    x = data[0]
+    idx = build(tmp_path, x[:2000])
+    with Memory(idx, mode="ivf") as ivf:
+        assert len(ivf) == 2000
+        with open_store(idx) as st:  # another writer: 1000 more detections, not yet in the lists
+            fill(st, x[2000:], st.codebook_path(), source="w.mp4")
+        assert ivf.refresh() == 1000 and ivf.info()["tail"] == 1000
+        with Memory(idx, mode="flat") as flat:
+            same(ivf.search(data[1], 10, nprobe=LISTS), flat.search(data[1], 10))
+        with open_store(idx) as st:
+            sync_lists(st, load_codebook(st.codebook_path()))
+        assert ivf.refresh() == 0  # the same detections, now from the lists
+        assert ivf.info()["tail"] == 0 and ivf.info()["in_lists"] == 3000
+        with Memory(idx, mode="flat") as flat:
+            same(ivf.search(data[1], 10, nprobe=LISTS), flat.search(data[1], 10))
+
+
+def test_rows_stored_without_a_list_are_assigned_from_their_codes(data, tmp_path):
+    codebook = make_codebook(tmp_path, data[0])
+    idx = tmp_path / "idx"
+    binding = CodebookBinding(codebook, embedding={"dim": D}, model_fingerprint=None, names=NAMES)
+    with open_store(idx, create=True, codebook=binding) as st:
+        fill(st, data[0], codebook, with_lists=False)  # e.g. ingested edge records, or an index made before lists
+        assert (st.search_rows()["list_id"] == -1).all()
+        sync_lists(st, load_codebook(st.codebook_path()))
+    with Memory(idx, mode="ivf") as ivf, Memory(idx, mode="flat") as flat:
+            same(ivf.search(data[1], 10, nprobe=LISTS), flat.search(data[1], 10))
+
+
+def test_bad_nprobe_and_a_codebook_without_lists(data, index, tmp_path):
+    for bad in (0, -3, 1.5, "4", True):
+        with pytest.raises(ValueError, match="nprobe must be a positive int"):
+            Memory(index, nprobe=bad)
+    with Memory(index, mode="ivf", nprobe="all") as ivf:
+        assert ivf.effective_nprobe() == LISTS
+    with Memory(index, mode="ivf") as ivf, pytest.raises(ValueError, match="nprobe must be a positive int"):
+        ivf.search(data[1], 10, nprobe=0)
+    flat_idx = build(tmp_path, data[0][:500], lists=None)
+    with Memory(flat_idx, nprobe=4) as mem:  # accepted, changes nothing: there are no lists
+        assert mem.mode == "flat" and len(mem.search(data[1][:1], 5)[0]) == 5
+    with pytest.raises(Exception, match="no search lists .*yolo-vq upgrade"):
+        Memory(flat_idx, mode="ivf")

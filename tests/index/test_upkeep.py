@@ -1,0 +1,175 @@
+"""Keeping the lists current: the indexer and ingest give every detection its list and sync; `upgrade` gives an
+older index lists; the default nprobe is calibrated; the CLI's --nprobe, --lists and `info`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.edge.test_ingest import CODE, line, source, write
+from tests.index.test_ivf import LISTS, D, build, data, same  # noqa: F401 - data is a fixture
+from yolo_vq import Indexer, Memory
+from yolo_vq.cli import main
+from yolo_vq.edge.ingest import ingest
+from yolo_vq.index.segments import open_lists
+from yolo_vq.index.store import open_store
+from yolo_vq.index.upkeep import ListKeeper, upgrade
+from yolo_vq.quant import CoarseQuantizer, load_codebook, save_coarse
+from yolo_vq.quant.io import codebook_checksum
+
+
+@pytest.fixture(scope="module")
+def listed_codebook(small_codebook, tmp_path_factory):
+    """``small_codebook`` with a coarse quantizer of 4 lists attached (its checksum unchanged)."""
+    out = tmp_path_factory.mktemp("listed") / "cb"
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(small_codebook.with_suffix(suffix), out.with_suffix(suffix))
+    q = load_codebook(out)
+    x = np.random.default_rng(1).normal(size=(512, q.dim)).astype(np.float32)
+    save_coarse(CoarseQuantizer.fit(x / np.linalg.norm(x, axis=1, keepdims=True), 4, reduced_dim=8), out)
+    assert codebook_checksum(out) == codebook_checksum(small_codebook)
+    return out
+
+
+def test_the_indexer_lists_each_detection_by_its_embedding_and_syncs_at_close(index_model, listed_codebook,
+                                                                              bikes_frames, tmp_path):
+    idx = tmp_path / "idx"
+    embeddings = []
+    with Indexer(index_model, idx, codebook=listed_codebook, conf=0.1, batch=2, commit_every=2) as ix:
+        ix.lists.every = 6  # sync while indexing too, not only at close
+        syncs = []
+        sync = ix.lists.sync
+        ix.lists.sync = lambda: syncs.append(sync())
+        for r in index_model.predict(bikes_frames, conf=0.1, verbose=False):
+            embeddings.append(r.vq_embeddings)
+            ix.add(r, source="cam0")
+    emb = np.concatenate(embeddings)
+    assert len(syncs) >= 3 and sum(syncs) == len(emb)  # several syncs while indexing, the last at close
+    with open_store(idx, readonly=True) as st:
+        coarse = load_codebook(st.codebook_path()).coarse
+        assert coarse is not None and coarse.lists == 4  # the index's copy keeps the coarse quantizer
+        rows = st.search_rows()
+        assert len(rows["id"]) == len(emb) > 12
+        np.testing.assert_array_equal(rows["list_id"], coarse.assign(emb))  # from the float embedding
+        lists = open_lists(st, coarse)
+        assert lists.rows == len(emb) and lists.high_water == st.max_id()
+        assert lists.calibration is not None
+    with Memory(idx, mode="ivf") as ivf, Memory(idx, mode="flat") as flat:
+        assert ivf.info()["tail"] == 0
+        same(ivf.search(emb[:8], 10, nprobe="all"), flat.search(emb[:8], 10))
+
+
+def test_ingested_edge_codes_are_listed_and_found(index_model, listed_codebook, tmp_path):
+    from yolo_vq import Embedder
+
+    emb = Embedder(index_model)
+    header = {"type": "header", "edge_format": 1, "model": "model_vq.onnx", "yolo_vq_export": 1,
+              "imgsz": [288, 640], "codebook_fingerprint": codebook_checksum(listed_codebook), "code_size": CODE,
+              "code_dtype": "uint8", "names": {str(k): v for k, v in index_model.names.items()},
+              "model_fingerprint": emb.fingerprint, "embedding": emb.describe(), "created_utc": "2025-01-01T00:00:00Z"}
+    path = write(tmp_path / "a.jsonl", [header, source(0), *(line(i) for i in range(30))])
+    idx = tmp_path / "idx"
+    assert ingest(path, idx, codebook=listed_codebook)["detections"] == 60
+    with open_store(idx, readonly=True) as st:
+        q = load_codebook(st.codebook_path())
+        rows = st.search_rows()
+        lists = open_lists(st, q.coarse)
+        assert lists.rows == 60
+        np.testing.assert_array_equal(rows["list_id"], q.coarse.assign(q.decode(rows["codes"]).numpy()))
+        vec = q.decode(st.get([7]).codes.copy()).numpy()
+    with Memory(idx, mode="ivf") as mem:
+        assert mem.search(vec, 1, nprobe="all")[0].data["id"][0] in set(
+            np.flatnonzero(np.all(rows["codes"] == rows["codes"][6], axis=1)) + 1)
+
+
+def test_upgrade_gives_an_index_without_lists_its_lists(data, tmp_path):  # noqa: F811
+    idx = build(tmp_path, data[0], lists=None)
+    with Memory(idx) as before:
+        assert before.mode == "flat" and "yolo-vq upgrade" in before.info()["why_flat"]
+        flat = before.search(data[1], 10)
+    summary = upgrade(idx, lists=16, reduced_dim=8)
+    assert (summary["lists"], summary["detections"], summary["already"]) == (16, len(data[0]), False)
+    with Memory(idx, mode="ivf") as after:
+        same(after.search(data[1], 10, nprobe="all"), flat)
+        info = after.info()
+        assert info["lists"] == 16 and info["in_lists"] == len(data[0]) and info["coarse_sha256"]
+        assert info["nprobe_recall_at_10"] >= 0.95 or info["nprobe"] == 16
+    again = upgrade(idx)
+    assert again["already"] and "already has 16 lists" in again.line()
+
+
+def test_the_calibrated_nprobe_reaches_its_recall(data, tmp_path):  # noqa: F811
+    idx = build(tmp_path, data[0])  # synced: calibrated on its lists
+    with Memory(idx, mode="ivf") as ivf, Memory(idx, mode="flat") as flat:
+        cal = ivf.lists.lists.calibration
+        assert cal["nprobe"] == ivf.effective_nprobe() < LISTS and cal["recall"] >= 0.95
+        assert list(cal["curve"].values()) == sorted(cal["curve"].values())
+        stored = ivf.store.get(list(range(1, 3001, 37)))
+        q = load_codebook(ivf.store.codebook_path()).decode(stored.codes.copy()).numpy()
+        truth = flat.search(q, 10)
+        got = ivf.search(q, 10)
+        recall = np.mean([len(set(a.data["id"]) & set(b.data["id"])) / 10 for a, b in zip(got, truth)])
+        assert recall >= 0.9  # other queries than the calibration sample: close to the target
+
+
+def test_a_writer_rebuilds_damaged_lists_and_a_search_meanwhile_says_so_and_searches_flat(data, tmp_path):  # noqa: F811
+    idx = build(tmp_path, data[0])
+    with Memory(idx, mode="flat") as flat:
+        truth = flat.search(data[1], 10)
+    seg = sorted((idx / "ivf").glob("seg-*.ivf"))[0]
+    seg.write_bytes(seg.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="search lists cannot be used .*searched flat"), Memory(idx) as mem:
+        assert mem.mode == "flat"
+        same(mem.search(data[1], 10), truth)
+    with pytest.raises(Exception, match="search lists cannot be used"):
+        Memory(idx, mode="ivf")
+    with open_store(idx) as st:
+        keeper = ListKeeper(st, load_codebook(st.codebook_path()))
+        assert keeper.sync() == len(data[0]) and "not a search segment" in keeper.problem
+    with Memory(idx, mode="ivf") as mem:
+        same(mem.search(data[1], 10, nprobe="all"), truth)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "x", "1.5"])
+def test_cli_nprobe_errors(data, tmp_path_factory, capsys, bad):  # noqa: F811
+    idx = tmp_path_factory.getbasetemp() / "nprobe_idx" / "idx"
+    if not idx.exists():
+        build(idx.parent, data[0])
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--index", str(idx), "--detection", "5", "--nprobe", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --nprobe") and "positive number of lists" in err[0]
+
+
+def test_cli_info_and_nprobe(data, tmp_path, capsys):  # noqa: F811
+    idx = build(tmp_path, data[0])
+    assert main(["info", "--index", str(idx), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["detections"] == len(data[0]) and info["lists"] == LISTS and info["mode"] == "flat"
+    assert "fewer than" in info["why_flat"]  # a small index: flat by measurement, and info says so
+    assert main(["search", "--index", str(idx), "--detection", "5", "--nprobe", "3", "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)  # accepted, and changes nothing on an index searched flat
+    assert main(["search", "--index", str(idx), "--detection", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == small
+    assert main(["info", "--index", str(idx)]) == 0
+    out = capsys.readouterr().out
+    assert "detections: 3000" in out and "why_flat" in out
+
+
+def test_a_damaged_coarse_file_in_the_index_is_named_and_restored_by_the_original_codebook(data, tmp_path):  # noqa: F811
+    from yolo_vq.errors import CodebookError
+    from yolo_vq.index.store import CodebookBinding
+
+    idx = build(tmp_path, data[0])
+    own = idx / "codebook.coarse.safetensors"
+    own.write_bytes(own.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CodebookError, match=r"codebook\.coarse\.safetensors: checksum does not match.*--codebook PATH"):
+        Memory(idx)
+    with open_store(idx) as st:  # what `yolo-vq index ... --codebook PATH` does first: the copy is put back
+        assert st.bind_codebook(CodebookBinding(tmp_path / "cb", {"dim": D}, None, {})) is False
+    with Memory(idx, mode="ivf") as mem:
+        assert mem.lists is not None and len(mem) == len(data[0])

@@ -1,0 +1,185 @@
+"""Partitioned (IVF) search over the on-disk lists: probe the nearest lists, gather their rows, scan them by ADC.
+
+A query is projected by the coarse quantizer and compared with every list centroid (:meth:`CoarseQuantizer.probe`);
+the rows of its ``nprobe`` nearest lists are gathered from every segment's memory map (``codes`` (n, code_size)
+uint8 and ``id`` (n,) int64, plus the columns a filter reads) and scanned with the product quantizer's own ADC
+kernel (:meth:`CodeScan.search_codes`: FAISS' ``ProductQuantizer.search``, the kernel of ``IndexIVFPQ`` with
+``by_residual = False``). Distances are therefore exactly those of the flat scan; only the set of rows scanned
+differs, and with ``nprobe >= lists`` it is every row (same results as the flat scan).
+
+A filter (:class:`~yolo_vq.index.filters.RowFilter`) is tested on the gathered columns before the scan, so a filtered
+search returns exactly what a filtered flat scan over the same lists would. When a filter leaves fewer than ``k``
+rows in the probed lists, the search widens (``nprobe`` doubles, up to every list) until it has ``k`` or has seen
+everything: a selective filter never returns fewer results than exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .filters import RowFilter
+from .segments import Lists
+
+__all__ = ["CALIBRATION_TARGET", "ListSearch", "calibrate", "decode_codes", "default_nprobe", "lists_of_codes",
+           "merge_topk"]
+
+CALIBRATION_TARGET = 0.95  # recall@10 against the flat scan that the default nprobe is calibrated to
+
+_BATCH_ALL = 64  # queries scanned together when every list is probed (one pass over the codes per batch)
+
+
+def decode_codes(codebook: Any, codes: np.ndarray) -> np.ndarray:
+    """Stored codes (the store's bytes, (n, code_size) uint8) -> decoded vectors (n, D) float32."""
+    import torch
+
+    codes = np.array(codes, copy=True, order="C")  # writable and contiguous: torch shares it
+    if codebook.codebook_size > 256:
+        codes = codes.view(np.uint16)
+    with torch.no_grad():
+        return codebook.decode(torch.from_numpy(codes)).numpy()
+
+
+def lists_of_codes(codebook: Any, codes: np.ndarray, *, chunk: int = 1 << 16) -> np.ndarray:
+    """The coarse list of each stored code row (the store's bytes, (n, code_size) uint8), from the decoded vector:
+    how rows stored without a list (older indexes, ingested edge records, a coarse quantizer added later) get one.
+    ``(n,)`` int32; decodes ``chunk`` rows at a time (a decoded row is D float32)."""
+    out = np.empty(len(codes), np.int32)
+    for s in range(0, len(codes), chunk):
+        out[s : s + chunk] = codebook.coarse.assign(decode_codes(codebook, codes[s : s + chunk]))
+    return out
+
+
+def default_nprobe(lists: int) -> int:
+    """The lists a query probes by default: 1/64 of them, at least 16 (never more than there are).
+
+    Measured in ``benchmarks/search_scale.py`` (docs/benchmarks.md): recall@10 vs the flat scan >= 0.95 on the
+    replicated vtest/bikes embeddings from 1M to 100M detections."""
+    return int(min(lists, max(16, lists // 64)))
+
+
+class ListSearch:
+    """k-NN over ``lists`` (an opened :class:`~yolo_vq.index.segments.Lists`) for the queries of a :class:`CodeScan`.
+
+    Args:
+        lists: the memory-mapped segments.
+        coarse: the codebook's :class:`~yolo_vq.quant.coarse.CoarseQuantizer` the lists were built with.
+        scan: a :class:`~yolo_vq.index.scan.CodeScan` of the same codebook (its engine scans the gathered codes).
+    """
+
+    def __init__(self, lists: Lists, coarse: Any, scan: Any) -> None:
+        self.lists, self.coarse, self.scan = lists, coarse, scan
+
+    @property
+    def rows(self) -> int:
+        return self.lists.rows
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int, where: RowFilter | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(dist, ids)``, each ``(q, k)``, ascending distance, padded with ``inf`` / ``-1``.
+
+        ``queries`` (q, D) float32; ``nprobe`` >= 1 (``>= lists``: every row)."""
+        n_lists = self.lists.lists
+        dist = np.full((len(queries), k), np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        if not len(queries) or not self.lists.segments:
+            return dist, ids
+        if nprobe >= n_lists:
+            return self._all(queries, k, where)
+        probed = self.coarse.probe(queries, nprobe)
+        for i, q in enumerate(queries):
+            p, lists = nprobe, probed[i]
+            while True:
+                codes, row_ids, kept = self._gather(lists, where)
+                if kept >= k or p >= n_lists:
+                    break
+                p = min(n_lists, 2 * p)  # a filter left too few rows in these lists: probe more
+                lists = self.coarse.probe(q[None], p)[0]
+            dist[i : i + 1], ids[i : i + 1] = self.scan.search_codes(q[None], codes, row_ids, k)
+        return dist, ids
+
+    def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Codes and ids of the rows of ``lists`` in every segment that pass ``where``."""
+        parts_c, parts_i, parts_f = [], [], {c: [] for c in (where.columns if where is not None else ())}
+        for seg in self.lists.segments:
+            starts, ends = seg.offsets[lists], seg.offsets[lists + 1]
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                if b > a:
+                    parts_c.append(seg.codes[a:b])
+                    parts_i.append(seg.ids[a:b])
+                    for c, out in parts_f.items():
+                        out.append(seg.columns[c][a:b])
+        if not parts_i:
+            return np.zeros((0, self.scan.quantizer.code_size), np.uint8), np.zeros(0, np.int64), 0
+        codes, row_ids = np.concatenate(parts_c), np.concatenate(parts_i)
+        if where is not None:
+            keep = where.mask({c: np.concatenate(v) for c, v in parts_f.items()})
+            codes, row_ids = codes[keep], row_ids[keep]
+        return codes, row_ids, len(row_ids)
+
+    def _all(self, queries: np.ndarray, k: int, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray]:
+        """Every row: each segment scanned whole (no gather when unfiltered), best ``k`` over the segments."""
+        best_d = np.full((len(queries), 0), np.inf, np.float32)
+        best_i = np.full((len(queries), 0), -1, np.int64)
+        for seg in self.lists.segments:
+            codes, row_ids = seg.codes, seg.ids
+            if where is not None:
+                keep = where.mask({c: seg.columns[c] for c in where.columns})
+                codes, row_ids = codes[keep], row_ids[keep]
+            for s in range(0, len(queries), _BATCH_ALL):
+                d, i = self.scan.search_codes(queries[s : s + _BATCH_ALL], codes, row_ids, k)
+                if s == 0:
+                    seg_d, seg_i = d, i
+                else:
+                    seg_d, seg_i = np.concatenate([seg_d, d]), np.concatenate([seg_i, i])
+            best_d, best_i = merge_topk(best_d, best_i, seg_d, seg_i, k)
+        if best_d.shape[1] < k:
+            pad = k - best_d.shape[1]
+            best_d = np.pad(best_d, ((0, 0), (0, pad)), constant_values=np.inf)
+            best_i = np.pad(best_i, ((0, 0), (0, pad)), constant_values=-1)
+        return best_d, best_i
+
+
+def calibrate(search: ListSearch, decode: Any, *, k: int = 10, target: float = CALIBRATION_TARGET, queries: int = 64,
+              seed: int = 0) -> dict[str, Any]:
+    """The smallest ``nprobe`` (1, 2, 4, ... lists) whose top-``k`` reaches recall ``target`` against the exact flat
+    scan (every list), measured with ``queries`` stored detections (a seeded sample, each searched by its decoded
+    codes, itself left out). ``decode(codes)`` -> (n, D) float32. Returns ``{"nprobe", "recall", "k", "target",
+    "queries", "rows", "lists", "curve"}`` (curve: nprobe -> recall, as measured)."""
+    rows, n_lists = search.rows, search.lists.lists
+    out = {"nprobe": 1, "recall": 1.0, "k": k, "target": target, "queries": 0, "rows": rows, "lists": n_lists,
+           "curve": {}}
+    if rows <= k:
+        return out
+    pick = np.sort(np.random.default_rng(seed).choice(rows, min(queries, rows), replace=False))
+    codes, own, start = [], [], 0
+    for seg in search.lists.segments:
+        at = pick[(pick >= start) & (pick < start + seg.rows)] - start
+        codes.append(np.asarray(seg.codes[at]))
+        own.append(np.asarray(seg.ids[at]))
+        start += seg.rows
+    q, own = np.asarray(decode(np.concatenate(codes)), np.float32), np.concatenate(own)
+
+    def top(nprobe: int) -> list[set[int]]:
+        _, ids = search.search(q, k + 1, nprobe=nprobe)
+        return [set([i for i in row.tolist() if i != o and i >= 0][:k]) for row, o in zip(ids, own)]
+
+    truth = top(n_lists)
+    p = 1
+    while True:
+        got = truth if p >= n_lists else top(p)
+        recall = float(np.mean([len(g & t) / max(len(t), 1) for g, t in zip(got, truth)]))
+        out["curve"][str(min(p, n_lists))] = round(recall, 4)
+        if recall >= target or p >= n_lists:
+            out.update(nprobe=min(p, n_lists), recall=round(recall, 4), queries=len(q))
+            return out
+        p *= 2
+
+
+def merge_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of two ``(q, *)`` result sets by (distance, id); missing entries (-1) last."""
+    d, i = np.concatenate([d1, d2], axis=1), np.concatenate([i1, i2], axis=1)
+    d = np.where(i >= 0, d, np.inf)
+    order = np.lexsort((np.where(i >= 0, i, np.iinfo(np.int64).max), d), axis=-1)[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)

@@ -1,0 +1,143 @@
+"""Keeping the inverted lists current as detections are stored, and giving an older index its lists.
+
+Writers (the :class:`~yolo_vq.index.indexer.Indexer`, edge ingest) store each detection with its coarse list
+(``Detections.data[LIST_ID]``: from the float embedding where there is one, else from the decoded codes) and hand the
+stored count to a :class:`ListKeeper`, which moves the stored tail into the on-disk lists (:func:`segments.sync`)
+every :data:`SYNC_EVERY` detections and at close. :func:`upgrade` trains a coarse quantizer for an index whose
+codebook has none (on its own decoded codes), attaches it to the index's copy of the codebook (its checksum
+unchanged) and builds the lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .ivf import ListSearch, calibrate, decode_codes, lists_of_codes
+from .segments import Lists, rebuild, set_calibration, sync
+
+__all__ = ["SYNC_EVERY", "ListKeeper", "UpgradeSummary", "upgrade"]
+
+SYNC_EVERY = 1 << 18  # stored detections between two syncs while indexing (a sync of them: ~16 MB written)
+RECALIBRATE_GROWTH = 4  # the default nprobe is measured again once the lists hold this many times the rows it was
+
+
+def sync_lists(store: Any, codebook: Any, **kwargs: Any) -> tuple[Lists, int, str | None]:
+    """:func:`segments.sync` with rows stored without a list assigned from their decoded codes, then the default
+    nprobe calibrated where the lists are new or have grown :data:`RECALIBRATE_GROWTH`-fold since it was."""
+    lists, added, problem = sync(store, codebook.coarse, partial(lists_of_codes, codebook), **kwargs)
+    cal = lists.calibration
+    if lists.rows and (cal is None or lists.rows >= RECALIBRATE_GROWTH * max(int(cal.get("rows", 0)), 1)):
+        lists.manifest["calibration"] = calibration(lists, codebook)
+        set_calibration(store, codebook.coarse, lists.manifest["calibration"])
+    return lists, added, problem
+
+
+def calibration(lists: Lists, codebook: Any) -> dict[str, Any]:
+    """:func:`ivf.calibrate` on opened ``lists`` of ``codebook``'s codes."""
+    from .scan import CodeScan
+
+    return calibrate(ListSearch(lists, codebook.coarse, CodeScan(codebook)), partial(decode_codes, codebook))
+
+
+class ListKeeper:
+    """The lists of one writer's store: ``assign`` lists to new detections, ``stored(n)`` after each commit.
+
+    Does nothing where the codebook has no coarse quantizer (the index is searched flat).
+
+    Args:
+        store: the writable store.
+        codebook: its loaded codebook (``coarse`` None: no lists).
+        every: detections stored between syncs.
+    """
+
+    def __init__(self, store: Any, codebook: Any, *, every: int = SYNC_EVERY) -> None:
+        self.store, self.codebook, self.every = store, codebook, every
+        self.pending = 0
+        self.problem: str | None = None  # why the last sync rebuilt the lists (None: extended or new)
+
+    @property
+    def active(self) -> bool:
+        return self.codebook.coarse is not None
+
+    def assign(self, *, vectors: np.ndarray | None = None, codes: np.ndarray | None = None) -> np.ndarray | None:
+        """``(n,)`` int32 lists of new detections from their float ``vectors`` (n, D), else their ``codes``
+        (n, code_size) uint8 (decoded first); None where there are no lists."""
+        if not self.active:
+            return None
+        if vectors is not None and len(vectors) and np.shape(vectors)[1] == self.codebook.dim:
+            return self.codebook.coarse.assign(vectors)
+        if codes is not None:
+            return lists_of_codes(self.codebook, codes)
+        return None
+
+    def stored(self, n: int) -> None:
+        """``n`` more detections were committed: sync once :attr:`every` have gathered."""
+        self.pending += n
+        if self.active and self.pending >= self.every:
+            self.sync()
+
+    def sync(self) -> int:
+        """Move every committed detection not yet in the lists into them; returns how many moved."""
+        if not self.active:
+            return 0
+        _, added, self.problem = sync_lists(self.store, self.codebook)
+        self.pending = 0
+        return added
+
+
+class UpgradeSummary(dict):
+    """``{"index", "lists", "trained_on", "detections", "seconds", "already"}`` of :func:`upgrade`."""
+
+    def line(self) -> str:
+        if self["already"]:
+            return (f"{self['index']}: already has {self['lists']} lists; they cover its {self['detections']} "
+                    f"detections")
+        return (f"{self['index']}: {self['lists']} lists trained on {self['trained_on']} stored detections, "
+                f"{self['detections']} detections listed in {self['seconds']:.1f} s")
+
+
+def upgrade(index: str | Path, *, lists: int | str = "auto", reduced_dim: int = 64, sample: int = 1 << 18,
+            seed: int = 0, progress: Callable[[int], None] | None = None) -> UpgradeSummary:
+    """Give ``index`` partitioned search: train a coarse quantizer on (a seeded sample of at most ``sample`` of) its
+    stored detections' decoded codes, attach it to the index's own codebook and build the lists. An index whose
+    codebook already has one only has its lists brought up to date (detections stored with a list keep it: a second
+    coarse quantizer would need every list id re-assigned, so there is no re-training in place).
+
+    Raises:
+        StoreError: no such index, no detections, read-only.
+        ValueError: ``lists`` or ``reduced_dim`` malformed.
+    """
+    from ..quant import CoarseQuantizer, load_codebook, save_coarse
+    from .store import StoreError, open_store
+
+    t0 = time.perf_counter()
+    with open_store(Path(index)) as st:
+        own = st.codebook_path()
+        if own is None or st.max_id() == 0:
+            raise StoreError(f"{index} holds no detections yet: index a video into it first (lists are trained on "
+                             "stored detections)")
+        codebook = load_codebook(own)
+        already = codebook.coarse is not None
+        trained_on = 0
+        if not already:
+            ids, codes = st.codes()
+            rng = np.random.default_rng(seed)
+            if len(ids) > sample:
+                codes = codes[np.sort(rng.choice(len(ids), sample, replace=False))]
+            x = decode_codes(codebook, codes)
+            coarse = CoarseQuantizer.fit(x, lists, reduced_dim=reduced_dim, seed=seed)
+            trained_on = len(x)
+            save_coarse(coarse, own)
+            codebook = load_codebook(own)
+            rebuild(st, codebook.coarse, partial(lists_of_codes, codebook))
+            lst, _, _ = sync_lists(st, codebook, progress=progress)
+        else:
+            lst, _, _ = sync_lists(st, codebook, progress=progress)
+        return UpgradeSummary(index=str(index), lists=codebook.coarse.lists, trained_on=trained_on,
+                              detections=lst.rows, seconds=time.perf_counter() - t0, already=already)
