@@ -212,6 +212,8 @@ def test_tracks(make_store):
         assert s.track_ids(b.id, 7).tolist() == ids[9:12].tolist() and s.track_ids(b.id, 7).dtype == np.int64
         assert s.track_ids(a.id, 7).tolist() == [] and s.track_ids(a.id, 11).tolist() == [int(ids[4])]
         assert tuple(s.longest_track()) == (7, 3, int(ids[9]))
+        assert s.frame_ids(a.id, 1).tolist() == ids[3:6].tolist() and s.frame_ids(b.id, 0).tolist() == ids[9:].tolist()
+        assert s.frame_ids(a.id, 5).tolist() == [] and s.frame_ids(a.id, 1).dtype == np.int64
 
 
 def test_snapshot_sees_one_state_and_is_reentrant(make_store):

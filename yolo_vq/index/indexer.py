@@ -6,12 +6,13 @@ Two ways in, one write path: :meth:`Indexer.index_source` reads a video, folder 
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -42,15 +43,20 @@ class IndexSummary:
     seconds: float
     thumb_bytes: int | None = None  # JPEG bytes of the thumbnails written; None when thumbnails are off
     vector_bytes: int | None = None  # bytes of each kept float16 vector; None when vectors are not kept
+    resumed_at: int | None = None  # a tracked run that resumed: the first frame it stored
+    replayed: int = 0  # frames replayed through the tracker before it (decoded and detected, not stored)
+    replay_s: float = 0.0
 
     def line(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         extra = "" if self.thumb_bytes is None else \
             f" + {self.thumb_bytes / max(self.detections, 1):.0f} B thumbnails"
         extra += "" if self.vector_bytes is None else f" + {self.vector_bytes} B float16 vectors"
+        resumed = "" if self.resumed_at is None else \
+            f"; resumed at frame {self.resumed_at}, replayed {self.replayed} frames ({self.replay_s:.1f} s)"
         return (f"{self.source}: {self.frames} frames ({self.skipped_frames} already indexed), {self.detections} "
                 f"detections, {self.bytes_per_detection} B codes{extra} per detection, {self.seconds:.1f} s "
-                f"({fps:.1f} frames/s)")
+                f"({fps:.1f} frames/s){resumed}")
 
 
 @dataclass
@@ -60,8 +66,12 @@ class _Run:
     source: Source
     stored: int  # frames of this source stored before the run
     next_frame: int
-    track_offset: int  # trackers number from 1 again: stored ids are shifted past the source's earlier ones
+    track_offset: int  # trackers number from 1 again: new tracks' ids are shifted past the source's earlier ones
     tracker_reset: bool = False
+    track_map: dict[int, int] = field(default_factory=dict)  # replayed tracker id -> the stored track it continues
+    replay: list[tuple[int, float, np.ndarray]] = field(default_factory=list)  # add(): frames before the resume point
+    replayed: int = 0  # frames replayed through the tracker before this run stored its first frame
+    replay_s: float = 0.0
 
 
 class Indexer:
@@ -141,6 +151,7 @@ class Indexer:
         self.lists = ListKeeper(self.store, self.embedder.codebook)  # the on-disk lists, where the codebook has them
         self._attached = False  # the embedder's callbacks are on the model (context manager)
         self._run: _Run | None = None
+        self._replay_frames: int | None = None
         self._frames: list[tuple[int, float, np.ndarray]] = []  # added frames waiting for a batch
         self._pending: list[Frame] = []  # inferred frames waiting for a commit
         self._written = [0, 0]  # detections and thumbnail bytes committed
@@ -229,22 +240,39 @@ class Indexer:
         run = self._start(rec, fresh=True)
         start = run.next_frame
         total = None if src.frame_count is None else max(0, (src.frame_count - start + stride - 1) // stride)
-        bar = tqdm(total=total, unit="frame", desc=Path(src.uri).name, disable=not progress, dynamic_ncols=True)
         t0, frames, before = perf_counter(), 0, list(self._written)
-        try:
-            with self._embedding():
-                for chunk in chunks(src.frames(start=start, stride=stride), self.batch):
+        first = start
+        if self.track and start > 0:
+            if src.frame_count:  # a file or a folder: the frames before the resume point are read again
+                first = max(0, start - self.replay_frames * stride)
+            else:
+                warnings.warn(f"{src.uri} is a live stream: the frames before the resume point cannot be replayed, "
+                              f"so its tracks start anew (new track ids after the stored ones)", stacklevel=3)
+        stream = src.frames(start=first, stride=stride)
+        with self._embedding():
+            if first < start:
+                replay = []
+                for item in stream:
+                    if item[0] >= start:
+                        stream = itertools.chain([item], stream)
+                        break
+                    replay.append(item)
+                self._replay(replay)
+            bar = tqdm(total=total, unit="frame", desc=Path(src.uri).name, disable=not progress, dynamic_ncols=True)
+            try:
+                for chunk in chunks(stream, self.batch):
                     self._infer(chunk)
                     frames += len(chunk)
                     bar.update(len(chunk))
-        finally:
-            bar.close()
+            finally:
+                bar.close()
         self._commit()
         self._run = None  # a later add() to the same source starts a new run (and new tracks)
         size = self.store.get_meta("code_size") or 0
         return IndexSummary(src.uri, frames, run.stored, self._written[0] - before[0], int(size),
                             perf_counter() - t0, None if self.thumbnailer is None else self._written[1] - before[1],
-                            2 * self.embedder.dim if self.keep_vectors else None)
+                            2 * self.embedder.dim if self.keep_vectors else None,
+                            start if self.track and start > 0 else None, run.replayed, run.replay_s)
 
     # -- the user's own loop ---------------------------------------------------------------------------------------
     def add(
@@ -260,7 +288,9 @@ class Indexer:
                 list of them, from ``model.predict``/``model.track`` run by you inside ``with Indexer(...)`` (the
                 attached embedder gives them ``vq_codes``); their track ids are stored as they come.
             source: the source's name (a camera, a stream URL). The same name is the same source: a later run
-                continues its frame numbering and its track ids after the stored ones.
+                continues its frame numbering; with ``track``, frames fed again from before the resume point (the
+                tracker's ``track_buffer`` of them) are replayed through the new tracker, storing nothing, so tracks
+                alive at the resume point keep their ids (new tracks are numbered after the stored ones).
             frame_index: the first item's frame number (then consecutive), or one per item; default: continue after
                 the last frame of this source. Frames numbered below the source's next frame are skipped as
                 already stored, so re-adding never duplicates.
@@ -290,8 +320,14 @@ class Indexer:
             self._infer(self._take_frames())  # keep the source's order
         taken = 0
         for k, (item, i) in enumerate(zip(items, frames)):
-            if i < run.next_frame:
-                continue  # stored before (or added already): idempotent
+            if i < run.next_frame:  # stored before (or added already): idempotent
+                if kind == "frames" and self.track and not run.tracker_reset \
+                        and i >= run.next_frame - self.replay_frames:
+                    run.replay.append((i, 0.0, item))  # the tracker replays them before the first new frame
+                continue
+            if run.replay:
+                self._replay(run.replay)
+                run.replay = []
             t = times[k] if times is not None else (i / rec.fps if rec.fps else float(i))
             run.next_frame = i + 1
             taken += 1
@@ -327,19 +363,63 @@ class Indexer:
 
     def _infer(self, chunk: list[tuple[int, float, np.ndarray]]) -> None:
         """Detect, embed and encode ``(frame, time, image)`` items in one call, and record them."""
-        run = self._run
-        images = [img for _, _, img in chunk]
-        with self._embedding():
-            if self.track:
-                if not run.tracker_reset:  # a new source (or run) starts new tracks
-                    for tracker in getattr(getattr(self.model, "predictor", None), "trackers", None) or []:
-                        tracker.reset()
-                    run.tracker_reset = True
-                results = self.model.track(images, persist=True, tracker=self.tracker, **self.predict_args)
-            else:
-                results = self.model.predict(images, **self.predict_args)
-        for (i, t, img), r in zip(chunk, results):
+        for (i, t, img), r in zip(chunk, self._detect([img for _, _, img in chunk])):
             self._record(i, t, img, r)
+
+    def _detect(self, images: list[np.ndarray]) -> list[Any]:
+        """``model.track`` (the run's tracker, new for a new run) or ``model.predict`` on a batch of images."""
+        run = self._run
+        with self._embedding():
+            if not self.track:
+                return self.model.predict(images, **self.predict_args)
+            if not run.tracker_reset:  # a new source (or run) starts new tracks
+                for tracker in getattr(getattr(self.model, "predictor", None), "trackers", None) or []:
+                    tracker.reset()
+                run.tracker_reset = True
+            return self.model.track(images, persist=True, tracker=self.tracker, **self.predict_args)
+
+    @property
+    def replay_frames(self) -> int:
+        """Frames a resumed tracked run replays before its resume point: the tracker's ``track_buffer`` (how long it
+        keeps a lost track), so every track it could still continue is known to it again."""
+        if self._replay_frames is None:
+            import yaml
+            from ultralytics.utils.checks import check_yaml
+
+            cfg = yaml.safe_load(Path(check_yaml(self.tracker)).read_text()) or {}
+            self._replay_frames = max(1, int(cfg.get("track_buffer", 30)))
+        return self._replay_frames
+
+    def _replay(self, frames: list[tuple[int, float, np.ndarray]]) -> None:
+        """Run the (new) tracker over the frames just before the resume point, storing nothing, so that its state is
+        what the interrupted run's was; then map its track ids to the stored tracks they continue (boxes of the same
+        frame and class overlapping by IoU >= 0.5, the latest frames first, one to one)."""
+        run = self._run
+        t0 = perf_counter()
+        seen: list[tuple[int, Any]] = []
+        for s in range(0, len(frames), self.batch):
+            part = frames[s : s + self.batch]
+            seen += [(i, r) for (i, _, _), r in zip(part, self._detect([img for _, _, img in part]))]
+        taken_replay, taken_stored = set(), set()
+        for i, r in reversed(seen):
+            if r.boxes is None or r.boxes.id is None or not len(r.boxes):
+                continue
+            stored = self.store.get(self.store.frame_ids(run.source.id, i))
+            keep = stored.track_id >= 0
+            if not keep.any():
+                continue
+            rid = r.boxes.id.int().cpu().numpy()
+            iou = _iou(r.boxes.xyxy.cpu().numpy(), stored.xyxy[keep])
+            iou[r.boxes.cls.int().cpu().numpy()[:, None] != stored.class_id[keep][None, :]] = 0
+            sid = stored.track_id[keep]
+            for a, b in zip(*np.unravel_index(np.argsort(-iou, axis=None), iou.shape)):
+                if iou[a, b] < 0.5:
+                    break
+                if int(rid[a]) not in taken_replay and int(sid[b]) not in taken_stored:
+                    run.track_map[int(rid[a])] = int(sid[b])
+                    taken_replay.add(int(rid[a]))
+                    taken_stored.add(int(sid[b]))
+        run.replayed, run.replay_s = len(frames), perf_counter() - t0
 
     def _check_codes(self, result: Any) -> None:
         codes = getattr(result, self.embedder.codes_attr, None)
@@ -361,7 +441,8 @@ class Indexer:
         self._check_codes(result)
         d = Detections.from_ultralytics(result)
         if len(d):
-            d.track_id[d.track_id >= 0] += self._run.track_offset
+            run = self._run
+            d.track_id[:] = [run.track_map.get(t, t + run.track_offset) if t >= 0 else t for t in d.track_id.tolist()]
         if len(d) and (lists := self.lists.assign(vectors=d.embeddings)) is not None:
             d.data[LIST_ID] = lists
         thumbs = None if self.thumbnailer is None else self.thumbnailer(image, d)
@@ -441,3 +522,11 @@ def _times(time: Any, n: int) -> list[float] | None:
     if t is None or len(t) != n or not np.isfinite(t).all():
         raise ValueError(f"time must be one finite number per item ({n} here; a float for one item), got {time!r}")
     return t.tolist()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes ``a`` (n, 4) and ``b`` (m, 4) xyxy: (n, m) float64."""
+    import torch
+    from torchvision.ops import box_iou
+
+    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()

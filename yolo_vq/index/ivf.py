@@ -100,22 +100,26 @@ class ListSearch:
         return dist, ids
 
     def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int]:
-        """Codes and ids of the rows of ``lists`` in every segment that pass ``where``."""
-        parts_c, parts_i, parts_f = [], [], {c: [] for c in (where.columns if where is not None else ())}
+        """Codes and ids of the rows of ``lists`` in every segment that pass ``where`` (filter columns are read first,
+        so only the passing rows' codes are copied out of the memory maps)."""
+        lists = np.sort(lists)  # ascending offsets: the maps are read front to back
+        parts_c, parts_i = [], []
         for seg in self.lists.segments:
             starts, ends = seg.offsets[lists], seg.offsets[lists + 1]
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                if b > a:
-                    parts_c.append(seg.codes[a:b])
-                    parts_i.append(seg.ids[a:b])
-                    for c, out in parts_f.items():
-                        out.append(seg.columns[c][a:b])
+            lens = ends - starts
+            total = int(lens.sum())
+            if not total:
+                continue
+            # the rows of every probed list as one index array: each list's start, then consecutive positions
+            idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
+            if where is not None:
+                idx = idx[where.mask({c: seg.columns[c][idx] for c in where.columns})]
+            parts_c.append(seg.codes[idx])
+            parts_i.append(seg.ids[idx])
         if not parts_i:
             return np.zeros((0, self.scan.quantizer.code_size), np.uint8), np.zeros(0, np.int64), 0
-        codes, row_ids = np.concatenate(parts_c), np.concatenate(parts_i)
-        if where is not None:
-            keep = where.mask({c: np.concatenate(v) for c, v in parts_f.items()})
-            codes, row_ids = codes[keep], row_ids[keep]
+        codes = parts_c[0] if len(parts_c) == 1 else np.concatenate(parts_c)
+        row_ids = parts_i[0] if len(parts_i) == 1 else np.concatenate(parts_i)
         return codes, row_ids, len(row_ids)
 
     def _all(self, queries: np.ndarray, k: int, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray]:

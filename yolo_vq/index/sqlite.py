@@ -552,10 +552,15 @@ class SQLiteStore(Store):
                                          f"{code_size}-byte codes: use the index's codebook")
                 thumbs = f.thumbs if f.thumbs is not None else [None] * len(d)
                 lists = d.data.get(LIST_ID)
-                rows = [(source_id, int(f.frame), float(f.time), *map(float, d.xyxy[i]), int(d.class_id[i]),
-                         float(d.confidence[i]), int(d.track_id[i]),
-                         None if d.codes is None else d.codes[i].tobytes(), thumbs[i],
-                         None if lists is None or lists[i] < 0 else int(lists[i])) for i in range(len(d))]
+                n = len(d)
+                # column-wise conversion to Python values (tolist), then one tuple per row: the hot path of bulk adds
+                xyxy = np.asarray(d.xyxy, np.float64).T.tolist() if n else [[]] * 4
+                rows = list(zip(
+                    [source_id] * n, [int(f.frame)] * n, [float(f.time)] * n, *xyxy,
+                    np.asarray(d.class_id).tolist(), np.asarray(d.confidence, np.float64).tolist(),
+                    np.asarray(d.track_id).tolist(),
+                    [None] * n if d.codes is None else [c.tobytes() for c in d.codes], thumbs,
+                    [None] * n if lists is None else [None if v < 0 else v for v in np.asarray(lists).tolist()]))
                 sql = ("INSERT INTO detections (source_id, frame, time, x1, y1, x2, y2, class_id, confidence, "
                        "track_id, codes, thumb, list_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
                 if not (vectors and len(d)):
@@ -612,6 +617,12 @@ class SQLiteStore(Store):
         """Ids (int64, ascending) of the detections of one track of one source."""
         rows = self._db.execute("SELECT id FROM detections WHERE source_id = ? AND track_id = ? ORDER BY id",
                                 (int(source_id), int(track_id)))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    @_guard("reading a frame")
+    def frame_ids(self, source_id: int, frame: int) -> np.ndarray:
+        rows = self._db.execute("SELECT id FROM detections WHERE source_id = ? AND frame = ? ORDER BY id",
+                                (int(source_id), int(frame)))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     @_guard("reading track ids")

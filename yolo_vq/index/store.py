@@ -273,6 +273,10 @@ class Store(ABC):
         """Ids ((n,) int64, ascending) of the detections of one track of one source."""
 
     @abstractmethod
+    def frame_ids(self, source_id: int, frame: int) -> np.ndarray:
+        """Ids ((n,) int64, ascending) of the detections stored for one frame of one source."""
+
+    @abstractmethod
     def max_track_id(self, source_id: int) -> int:
         """The largest stored track id of a source (0 when none): new runs number their tracks after it."""
 
