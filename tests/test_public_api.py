@@ -35,3 +35,11 @@ def test_every_error_is_one_catchable_value_error():
         "print(len(names))\n"
     )
     assert int(out) >= 7
+
+
+def test_building_the_cli_imports_nothing_heavy():
+    """Every sub-command's parser is built at start: on a device with the edge runner's packages only, that must not
+    import yaml, torch, Ultralytics, OpenCV or even numpy (each command imports what it needs when it runs)."""
+    out = _run("import sys\nfrom yolo_vq.cli import _parser\n_parser()\n"
+               "print(sorted(m for m in ('yaml', 'torch', 'ultralytics', 'cv2', 'numpy', 'faiss') if m in sys.modules))")
+    assert out.strip() == "[]"

@@ -363,8 +363,7 @@ def _add_index(sub: Any) -> None:
 
 
 def _add_search(sub: Any) -> None:
-    from .index import ENGINES
-    from .index.thumbs import PREFER
+    from .index import ENGINES, PREFER
 
     s = sub.add_parser("search", help="search stored detections by visual similarity")
     s.add_argument("--index", required=True, help="the index directory (opened read-only)")

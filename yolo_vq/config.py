@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 __all__ = ["DEFAULT_RECIPE", "ColourSpec", "EmbedConfig", "LevelSpec", "list_recipes", "load_recipe"]
 
@@ -169,6 +168,8 @@ def load_recipe(recipe: str | Path | dict | EmbedConfig = DEFAULT_RECIPE) -> Emb
             raise ValueError(f"unknown recipe {recipe!r}: expected one of {list_recipes()} or a path to a .yaml file")
     elif not path.is_file():
         raise ValueError(f"recipe file {str(path)!r} does not exist: pass a preset name ({list_recipes()}) or a path")
+    import yaml  # here, not at import: the CLI builds its parsers (and the edge runner runs) without it
+
     d = yaml.safe_load(path.read_text()) or {}
     if not isinstance(d, dict):
         raise ValueError(f"recipe file {str(path)!r} must hold a mapping of recipe keys, got {type(d).__name__}")

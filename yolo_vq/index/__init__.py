@@ -7,9 +7,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["ENGINES", "Indexer", "Memory", "Store", "open_store"]
+__all__ = ["ENGINES", "PREFER", "Indexer", "Memory", "Store", "open_store"]
 
 ENGINES = ("auto", "faiss", "numpy")  # code scan engines (:class:`.scan.CodeScan`); here so the CLI needs no torch
+PREFER = ("video", "thumbs")  # where result pictures come from (:func:`.thumbs.pictures`); here for the same reason
 
 _EXPORTS = {"Indexer": "indexer", "Memory": "memory", "Store": "store", "open_store": "store"}
 

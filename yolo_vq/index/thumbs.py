@@ -20,13 +20,13 @@ import numpy as np
 from ..detections import Detections
 from ..video import IMAGE_SUFFIXES, fingerprint_file
 from ..viz import crop, decode_jpeg, encode_jpeg, placeholder, thumbnail
+from . import PREFER
 from .store import Source, Store
 
 __all__ = ["PREFER", "THUMB_LONGEST", "Thumbnailer", "pictures"]
 
 THUMB_LONGEST = 96
 """Longest side of a stored thumbnail, in pixels (smaller boxes are kept at their own size)."""
-PREFER = ("video", "thumbs")
 
 
 class Thumbnailer:
