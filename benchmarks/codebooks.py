@@ -42,8 +42,10 @@ def load_embeddings(args) -> dict[str, np.ndarray]:
     from yolo_vq import assets
     from yolo_vq.config import DEFAULT_RECIPE
 
-    cache = assets.cache_dir() / "retrieval_vtest_1280_all.npz"
+    cache = args.embeddings or assets.cache_dir() / "retrieval_vtest_1280_all.npz"
     data = dict(np.load(cache)) if cache.is_file() else {}
+    if args.embeddings is not None and DEFAULT_RECIPE not in data:
+        raise SystemExit(f"error: {cache} holds no default-recipe pass: write one with benchmarks/retrieval.py")
     if DEFAULT_RECIPE not in data:
         print(f"no cached default-recipe pass at {cache}: running it (about 6 min on 2 cores)", file=sys.stderr)
         ns = argparse.Namespace(model=assets.pose_weights(), video=assets.vtest_video(), imgsz=1280, frames=0,
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=25, help="k-means iterations, both sides")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rq", action="store_true", help="also our residual quantizer (slow; weak with little data)")
+    ap.add_argument("--embeddings", type=Path, default=None,
+                    help="a pass written by benchmarks/retrieval.py (default: its vtest.avi pass at imgsz 1280)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

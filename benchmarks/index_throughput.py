@@ -31,7 +31,7 @@ def main() -> None:
     from yolo_vq.video import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--video", type=Path, default=None)
+    ap.add_argument("--video", type=Path, default=None, help="a video or an image folder (default: bikes.mp4)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--batch", type=int, default=8)

@@ -31,6 +31,7 @@ def main() -> None:
     from yolo_vq import Indexer, Memory, assets
     from yolo_vq.fit import fit_codebook
     from yolo_vq.metrics import retrieval_scores, valid_queries
+    from yolo_vq.video import open_source
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--imgsz", type=int, default=1280)
@@ -41,19 +42,23 @@ def main() -> None:
                     help="fit_codebook's rotation (auto: within recipe parts, the default)")
     ap.add_argument("--rerank", type=int, nargs="+", default=None, metavar="K",
                     help="shortlist sizes to re-rank exactly with kept float16 vectors (indexes with --keep-vectors)")
+    ap.add_argument("--video", type=Path, default=None, help="a video or image folder (default: vtest.avi)")
     args = ap.parse_args()
-    video = assets.vtest_video()
+    video = args.video or assets.vtest_video()
     out = args.out or Path(tempfile.mkdtemp(prefix="yolo_vq_product_"))
     model = YOLO(str(assets.pose_weights()))
     t0 = time.perf_counter()
     if not (out / "cb.json").is_file():
-        fit_codebook(model, [video], out / "cb", code_bytes=args.bytes, max_frames=397, imgsz=args.imgsz,
+        src = open_source(video)
+        half = (src.frame_count or 794) // 2  # the codebook sees the first half of the frames only
+        src.close()
+        fit_codebook(model, [video], out / "cb", code_bytes=args.bytes, max_frames=half, imgsz=args.imgsz,
                      rotation=None if args.rotation == "none" else args.rotation)
     with Indexer(model, out / "idx", codebook=out / "cb", track=True, imgsz=args.imgsz,
                  keep_vectors=bool(args.rerank)) as ix:
         print(ix.index_source(video).line())
     print(f"fit + index: {time.perf_counter() - t0:.0f} s")
-    with Memory(out / "idx") as mem:
+    with Memory(out / "idx", mode="flat") as mem:  # mem.scan below: every code in RAM
         params = mem.codebook.meta.get("quantizer", {}).get("params", {})
         print(f"codebook: {mem.codebook.code_size} B, rotation {params.get('rotation')}")
         ids, _ = mem.store.codes()

@@ -33,7 +33,8 @@ def test_search_scale_smoke_measures_every_arm(tmp_path):
     assert res["calibrated_recall"] >= 0.95
     assert res["recall"] >= 0.85 and res["by_detection_recall"] >= 0.85 and res["filtered_recall"] >= 0.85
     assert res["bare_faiss_ivf_recall"] == pytest.approx(res["recall"], abs=0.02)  # the same lists and codes
-    for key in ("p50_p99_ms", "filtered_p50_p99_ms", "by_detection_p50_p99_ms", "flat_p50_p99_ms"):
+    assert res["flat_recall"] == 1.0  # the flat mode and every list scanned agree
+    for key in ("p50_p99_ms", "filtered_p50_p99_ms", "by_detection_p50_p99_ms", "flat_p50_p99_ms", "all_lists_p50_p99_ms"):
         assert 0 < res[key][0] <= res[key][1], key
     assert res["add_rate_per_s"] > 0 and res["cli_search_s_median"] > 0
     assert 38 <= res["lists_bytes_per_detection"] < 40  # 8-byte codes + id (8) + columns (22), plus offsets
@@ -84,3 +85,72 @@ def test_search_latency_smoke(tmp_path):
     out = bench("search_latency.py", "--n", 5000, "--reps", 5, "--index", tmp_path / "idx")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "built 5,000 rows" in out.stdout and "yolo_vq Memory.search" in out.stdout and "ratio p50" in out.stdout
+
+
+def test_the_scale_plot_runs_on_a_results_file(tmp_path):
+    row = {"rows": 0, "recall": 0.97, "nprobe": 32, "lists": 4096, "p50_p99_ms": [3.1, 4.0],
+           "filtered_p50_p99_ms": [4.2, 5.0], "all_lists_p50_p99_ms": [21.0, 23.0], "bare_faiss_ivf_p50_p99_ms": [2.9, 3.5]}
+    results = {label: {**row, "rows": n} for label, n in (("1M", 10**6), ("10M", 10**7))}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    out = bench("plot_search_scale.py", "--results", tmp_path / "r.json", "--out", tmp_path / "p.png")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").stat().st_size > 10_000
+
+
+# -- every other script at a tiny size: 120 frames of bikes.mp4 as an image folder, the cache in a temporary folder ---
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    import cv2
+
+    from yolo_vq import assets
+
+    d = tmp_path_factory.mktemp("clip")
+    cap = cv2.VideoCapture(str(assets.bikes_video()))
+    for i in range(120):
+        cv2.imwrite(str(d / f"{i:03d}.jpg"), cap.read()[1])
+    cap.release()
+    return d
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def small(name: str, cache: Path, *args) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)],
+                         env={**ENV, "YOLO_VQ_CACHE": str(cache)}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_retrieval_and_codebooks_smoke(clip, cache):
+    out = small("retrieval.py", cache, "--video", clip, "--imgsz", 640, "--queries", 50, "--recipes", "s4-8stripes-colour-center")
+    assert "mAP" in out.stdout
+    assert len(list(cache.glob("retrieval_*.npz"))) == 1  # the pass, cached for --reuse
+    # codebooks.py on a pass of its own form, synthetic: 40 tracks over 60 frames (the clip holds too few)
+    import numpy as np
+
+    from yolo_vq.config import DEFAULT_RECIPE
+
+    g = np.random.default_rng(0)
+    frame, track = np.repeat(np.arange(60), 40), np.tile(np.arange(40), 60)
+    x = (g.normal(size=(40, 1088)) * 3)[track] + g.normal(size=(2400, 1088))  # the default recipe's dim
+    np.savez(cache / "synthetic.npz", **{DEFAULT_RECIPE: x.astype(np.float32), "frame": frame, "track": track})
+    out = small("codebooks.py", cache, "--embeddings", cache / "synthetic.npz", "--bytes", 8, "--seeds", 1,
+                "--iters", 2, "--gap", 5)
+    assert "recall@10" in out.stdout
+
+
+def test_embed_overhead_and_index_throughput_smoke(clip, cache):
+    assert "ratio" in small("embed_overhead.py", cache, "--frames", 16, "--rounds", 1).stdout
+    assert "ratio ours/plain" in small("index_throughput.py", cache, "--video", clip, "--rounds", 1).stdout
+
+
+def test_product_retrieval_smoke(clip, cache, tmp_path):
+    out = small("product_retrieval.py", cache, "--video", clip, "--imgsz", 640, "--bytes", 8, "--out", tmp_path)
+    assert "stored detections" in out.stdout
+
+
+def test_onnx_latency_smoke(cache):
+    assert "ours" in small("onnx_latency.py", cache, "--reps", 1).stdout.lower()

@@ -165,7 +165,16 @@ class _FaissEngine:
         pos = np.empty((len(yn), k), np.int64)
         heap = faiss.float_maxheap_array_t()
         heap.nh, heap.k, heap.ids, heap.val = len(yn), k, faiss.swig_ptr(pos), faiss.swig_ptr(dist)
-        self.index.pq.search(faiss.swig_ptr(yn), len(yn), faiss.swig_ptr(sub), len(sub), heap, True)
+        # one query has nothing to split across threads: an OpenMP team only adds its start and barrier (measured
+        # 0.49 -> 0.15 ms over 2,000 codes, 1.8 -> 0.40 ms over 20,000 on 2 cores)
+        threads = faiss.omp_get_max_threads()
+        if len(yn) == 1 and threads > 1:
+            faiss.omp_set_num_threads(1)
+        try:
+            self.index.pq.search(faiss.swig_ptr(yn), len(yn), faiss.swig_ptr(sub), len(sub), heap, True)
+        finally:
+            if len(yn) == 1 and threads > 1:
+                faiss.omp_set_num_threads(threads)
         return dist, pos
 
     def _whole(self, x: np.ndarray, yn: np.ndarray, dist: np.ndarray) -> np.ndarray:
