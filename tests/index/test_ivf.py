@@ -174,3 +174,18 @@ def test_bad_nprobe_and_a_codebook_without_lists(data, index, tmp_path):
         assert mem.mode == "flat" and len(mem.search(data[1][:1], 5)[0]) == 5
     with pytest.raises(Exception, match="no search lists .*yolo-vq upgrade"):
         Memory(flat_idx, mode="ivf")
+
+
+def test_a_filter_widens_the_probe_by_the_fraction_it_keeps(index, data, monkeypatch):
+    from yolo_vq.index import ivf as ivf_module
+
+    def recall(got, truth):
+        return np.mean([len(set(g.data["id"]) & set(t.data["id"])) / max(len(t), 1) for g, t in zip(got, truth)])
+
+    with Memory(index, mode="ivf") as ivf, Memory(index, mode="flat") as flat:
+        truth = flat.search(data[1], 10, min_conf=0.8)  # keeps ~20%
+        widened = recall(ivf.search(data[1], 10, nprobe=2, min_conf=0.8), truth)
+        plain = recall(ivf.search(data[1], 10, nprobe=2), flat.search(data[1], 10))
+        monkeypatch.setattr(ivf_module, "MAX_WIDEN", 1)  # no widening: the filtered search sees 2 lists' matches
+        narrow = recall(ivf.search(data[1], 10, nprobe=2, min_conf=0.8), truth)
+    assert widened >= plain - 0.05 and widened > narrow + 0.1, (widened, plain, narrow)

@@ -8,9 +8,12 @@ kernel (:meth:`CodeScan.search_codes`: FAISS' ``ProductQuantizer.search``, the k
 differs, and with ``nprobe >= lists`` it is every row (same results as the flat scan).
 
 A filter (:class:`~yolo_vq.index.filters.RowFilter`) is tested on the gathered columns before the scan, so a filtered
-search returns exactly what a filtered flat scan over the same lists would. When a filter leaves fewer than ``k``
-rows in the probed lists, the search widens (``nprobe`` doubles, up to every list) until it has ``k`` or has seen
-everything: a selective filter never returns fewer results than exist.
+search returns exactly what a filtered flat scan over the same lists would. A filter that keeps a fraction ``f`` of
+the probed rows widens the probe to ``nprobe / f`` lists (at most :data:`MAX_WIDEN` times): the nearest matching rows
+lie as far out as the nearest ``1 / f`` times as many rows, and only matching rows are scanned, so the work stays
+that of an unfiltered search. When a filter leaves fewer than ``k`` rows, the search widens further (``nprobe``
+doubles, up to every list) until it has ``k`` or has seen everything: a selective filter never returns fewer
+results than exist.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = ["CALIBRATION_TARGET", "ListSearch", "calibrate", "decode_codes", "def
 CALIBRATION_TARGET = 0.95  # recall@10 against the flat scan that the default nprobe is calibrated to
 
 _BATCH_ALL = 64  # queries scanned together when every list is probed (one pass over the codes per batch)
+MAX_WIDEN = 32  # a filtered search probes at most this many times the lists of an unfiltered one (then: >= k rows)
 
 
 def decode_codes(codebook: Any, codes: np.ndarray) -> np.ndarray:
@@ -90,26 +94,33 @@ class ListSearch:
         probed = self.coarse.probe(queries, nprobe)
         for i, q in enumerate(queries):
             p, lists = nprobe, probed[i]
-            while True:
-                codes, row_ids, kept = self._gather(lists, where)
-                if kept >= k or p >= n_lists:
-                    break
-                p = min(n_lists, 2 * p)  # a filter left too few rows in these lists: probe more
-                lists = self.coarse.probe(q[None], p)[0]
+            codes, row_ids, kept, seen = self._gather(lists, where)
+            if where is not None and seen and kept < seen:
+                # A filter keeps a fraction of the rows: the nearest matching rows lie as far out as the nearest
+                # 1/fraction times as many rows, so probe that many times more lists (the filter column is read
+                # for all of them, codes only for the matching rows: the ADC work stays that of an unfiltered search)
+                want = min(n_lists, int(np.ceil(p * min(seen / max(kept, 1), MAX_WIDEN))))
+                if want > p:
+                    p, lists = want, self.coarse.probe(q[None], want)[0]
+                    codes, row_ids, kept, seen = self._gather(lists, where)
+            while kept < k and p < n_lists:  # still fewer matching rows than asked for: probe more
+                p = min(n_lists, 2 * p)
+                codes, row_ids, kept, seen = self._gather(self.coarse.probe(q[None], p)[0], where)
             dist[i : i + 1], ids[i : i + 1] = self.scan.search_codes(q[None], codes, row_ids, k)
         return dist, ids
 
-    def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int]:
+    def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Codes and ids of the rows of ``lists`` in every segment that pass ``where`` (filter columns are read first,
-        so only the passing rows' codes are copied out of the memory maps)."""
+        so only the passing rows' codes are copied out of the memory maps), how many pass, how many the lists hold."""
         lists = np.sort(lists)  # ascending offsets: the maps are read front to back
-        parts_c, parts_i = [], []
+        parts_c, parts_i, seen = [], [], 0
         for seg in self.lists.segments:
             starts, ends = seg.offsets[lists], seg.offsets[lists + 1]
             lens = ends - starts
             total = int(lens.sum())
             if not total:
                 continue
+            seen += total
             # the rows of every probed list as one index array: each list's start, then consecutive positions
             idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
             if where is not None:
@@ -117,10 +128,10 @@ class ListSearch:
             parts_c.append(seg.codes[idx])
             parts_i.append(seg.ids[idx])
         if not parts_i:
-            return np.zeros((0, self.scan.quantizer.code_size), np.uint8), np.zeros(0, np.int64), 0
+            return np.zeros((0, self.scan.quantizer.code_size), np.uint8), np.zeros(0, np.int64), 0, 0
         codes = parts_c[0] if len(parts_c) == 1 else np.concatenate(parts_c)
         row_ids = parts_i[0] if len(parts_i) == 1 else np.concatenate(parts_i)
-        return codes, row_ids, len(row_ids)
+        return codes, row_ids, len(row_ids), seen
 
     def _all(self, queries: np.ndarray, k: int, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray]:
         """Every row: each segment scanned whole (no gather when unfiltered), best ``k`` over the segments."""

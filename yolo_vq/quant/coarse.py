@@ -8,7 +8,7 @@ own ADC distances over the codes, which the coarse quantizer never changes (PQ c
 centroid, so codes from edge devices and older indexes are valid in every list).
 
 - ``assign(x)``: the list of each stored vector; exact nearest centroid (FAISS ``IndexFlatL2``) up to
-  :data:`HNSW_ABOVE` lists, an HNSW graph over the centroids (FAISS ``IndexHNSWFlat``, ``efSearch`` 64) above, so
+  :data:`HNSW_ABOVE` lists, an HNSW graph over the centroids (FAISS ``IndexHNSWFlat``, ``efSearch`` 16) above, so
   adding detections does not slow down with the list count.
 - ``probe(x, nprobe)``: the ``nprobe`` nearest lists of each query, exact (flat over the centroids: a query is one
   ``lists x d`` product), nearest first.
@@ -33,6 +33,9 @@ from ..errors import CodebookError
 __all__ = ["HNSW_ABOVE", "CoarseQuantizer", "coarse_path", "load_coarse", "save_coarse", "supported_lists"]
 
 HNSW_ABOVE = 4096  # lists above which assign() searches an HNSW graph of the centroids instead of all of them
+# efSearch of that graph: on 16,384 lists of the search_scale benchmark's vectors, 16 agreed with the exact nearest
+# list for 99.6% of 20k vectors at 7.6 us each (64: 99.96% at 20.8 us; 8: 98.9% at 3.9 us; exact: 36 us)
+HNSW_EF_SEARCH = 16
 MIN_PER_LIST = 16  # training vectors per list at least: k-means with fewer leaves lists empty or degenerate
 _FORMAT = 1
 
@@ -147,7 +150,7 @@ class CoarseQuantizer:
                 idx = faiss.IndexHNSWFlat(self.reduced_dim, 32)
                 idx.hnsw.efConstruction = 80
                 idx.add(self.centroids)
-                idx.hnsw.efSearch = 64
+                idx.hnsw.efSearch = HNSW_EF_SEARCH
                 self._assigner = idx
             else:
                 self._assigner = self._flat_index()
