@@ -173,3 +173,53 @@ def test_a_damaged_coarse_file_in_the_index_is_named_and_restored_by_the_origina
         assert st.bind_codebook(CodebookBinding(tmp_path / "cb", {"dim": D}, None, {})) is False
     with Memory(idx, mode="ivf") as mem:
         assert mem.lists is not None and len(mem) == len(data[0])
+
+
+SYNC_WRITER = """
+import sys, numpy as np, torch
+sys.path.insert(0, {root!r})
+from tests.index.test_ivf import fill
+from yolo_vq.index.store import open_store
+from yolo_vq.index.upkeep import ListKeeper
+from yolo_vq.quant import load_codebook
+x = np.load({vectors!r})
+with open_store({idx!r}) as st:
+    keeper = ListKeeper(st, load_codebook(st.codebook_path()), every=200)
+    for part in range(st.count() // 500, len(x) // 500):  # 500 rows a source, a sync every 200 rows stored
+        fill(st, x[part * 500:(part + 1) * 500], st.codebook_path(), source=f"cam{{part}}")
+        keeper.stored(500)
+        print(part, flush=True)
+    keeper.sync()
+"""
+
+
+def test_kill_9_while_storing_and_syncing_then_rerun_lists_every_detection_once(data, tmp_path):  # noqa: F811
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    idx = build(tmp_path, data[0][:500])
+    vectors = tmp_path / "x.npy"
+    np.save(vectors, data[0])
+    script = SYNC_WRITER.format(root=str(Path(__file__).resolve().parents[2]), vectors=str(vectors), idx=str(idx))
+    rng = random.Random(0)
+    for _ in range(4):  # killed at random moments: inside a store, a sync, a merge or a manifest write
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with open_store(idx, readonly=True) as st:
+        ids = st.codes()[0]
+        assert len(ids) == len(data[0]) == len(np.unique(ids))
+        lists = open_lists(st, load_codebook(st.codebook_path()).coarse)  # the open-time checks pass
+        listed = np.concatenate([s.ids for s in lists.segments])
+        assert lists.high_water == st.max_id() and np.array_equal(np.sort(listed), ids)  # each once, none missing
+        assert not [p for p in (idx / "ivf").iterdir() if p.name.endswith(".tmp")]
+    with Memory(idx, mode="ivf") as ivf, Memory(idx, mode="flat") as flat:
+        same(ivf.search(data[1], 10, nprobe="all"), flat.search(data[1], 10))
