@@ -168,3 +168,23 @@ def test_resume_after_killed_index_run(built, tmp_path):
         dup = c.execute("SELECT COUNT(*) FROM (SELECT frame, x1, y1 FROM detections GROUP BY frame, x1, y1 "
                           "HAVING COUNT(*) > 1)").fetchone()[0]
         assert dup == 0
+
+
+def test_fit_trains_search_lists_and_the_index_keeps_them_current(built, capsys):
+    """`fit` (lists auto) attaches a coarse quantizer; `index` listed every detection at close; --nprobe all there
+    gives the flat scan's results."""
+    from yolo_vq.index.segments import open_lists
+    from yolo_vq.quant import load_codebook
+
+    cb = load_codebook(built / "cb")
+    assert cb.coarse is not None and cb.coarse.lists >= 1
+    with open_store(built / "idx", readonly=True) as s:
+        lists = open_lists(s, load_codebook(s.codebook_path()).coarse)
+        assert lists.rows == s.count() and lists.high_water == s.max_id()
+    with Memory(built / "idx", mode="ivf") as ivf, Memory(built / "idx", mode="flat") as flat:
+        q = flat.vectors_of([int(flat.store.codes()[0][3])])
+        assert ivf.search(q, 5, nprobe="all")[0].data["id"].tolist() == flat.search(q, 5)[0].data["id"].tolist()
+    video = str(assets.bikes_video())
+    assert main(["fit", video, "--out", str(built / "flat_cb"), "--codebook-size", "32", "--lists", "0",
+                 "--max-frames", "60", "--conf", "0.1"]) == 0
+    assert load_codebook(built / "flat_cb").coarse is None and "search lists" not in capsys.readouterr().out

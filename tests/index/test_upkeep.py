@@ -223,3 +223,12 @@ def test_kill_9_while_storing_and_syncing_then_rerun_lists_every_detection_once(
         assert not [p for p in (idx / "ivf").iterdir() if p.name.endswith(".tmp")]
     with Memory(idx, mode="ivf") as ivf, Memory(idx, mode="flat") as flat:
         same(ivf.search(data[1], 10, nprobe="all"), flat.search(data[1], 10))
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "1.5"])
+def test_cli_lists_errors(capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "video.mp4", "--out", "cb", "--lists", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --lists") and "auto, or 0 for none" in err[0]
