@@ -13,7 +13,7 @@ about +-0.005 with the seed here):
 * mAP retention: mAP of ADC search over codes / mAP of exact float search (identity protocol of retrieval.py);
 * training time and encode throughput, same run, same thread count.
 
-    pip install -e '.[dev]'          # faiss-cpu, benchmark-only
+    pip install -e '.[dev]'          # (faiss-cpu is a core dependency)
     python benchmarks/codebooks.py --threads 2
 """
 
