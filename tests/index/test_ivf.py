@@ -172,6 +172,8 @@ def test_bad_nprobe_and_a_codebook_without_lists(data, index, tmp_path):
     flat_idx = build(tmp_path, data[0][:500], lists=None)
     with Memory(flat_idx, nprobe=4) as mem:  # accepted, changes nothing: there are no lists
         assert mem.mode == "flat" and len(mem.search(data[1][:1], 5)[0]) == 5
+        with pytest.raises(ValueError, match="nprobe must be a positive int"):
+            mem.search(data[1][:1], 5, nprobe=-1)
     with pytest.raises(Exception, match="no search lists .*yolo-vq upgrade"):
         Memory(flat_idx, mode="ivf")
 

@@ -440,6 +440,7 @@ class Memory:
             if self.store.vector_dim is None:
                 raise StoreError(f"{self.index} keeps no float vectors to re-rank with: index it with --keep-vectors "
                                  "(Indexer(keep_vectors=True)), or search without rerank")
+        _check_nprobe(nprobe)  # a bad value is an error in flat mode too, where it changes nothing
         where = self.where(**filters)
         exclude = np.unique(np.asarray(exclude, dtype=np.int64))
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
