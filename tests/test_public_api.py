@@ -3,8 +3,10 @@ of a submodule hides a missing attribute)."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _run(code: str) -> str:
@@ -43,3 +45,19 @@ def test_building_the_cli_imports_nothing_heavy():
     out = _run("import sys\nfrom yolo_vq.cli import _parser\n_parser()\n"
                "print(sorted(m for m in ('yaml', 'torch', 'ultralytics', 'cv2', 'numpy', 'faiss') if m in sys.modules))")
     assert out.strip() == "[]"
+
+
+def test_the_edge_distribution_matches_the_full_one():
+    """yolo-vq-edge (edge/pyproject.toml) has the full package's version, and its `yolo-vq` knows every full-package
+    command (to say what to install for it)."""
+    import tomllib
+
+    from yolo_vq.cli import _parser
+    from yolo_vq_edge.cli import FULL_COMMANDS
+
+    root = Path(__file__).resolve().parent.parent
+    full, edge = (tomllib.loads((root / p / "pyproject.toml").read_text())["project"] for p in (".", "edge"))
+    assert edge["version"] == full["version"]
+    assert edge["scripts"]["yolo-vq"] == "yolo_vq_edge.cli:main"
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) - {"edge"} == set(FULL_COMMANDS)

@@ -12,28 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
+
+from yolo_vq_edge.cli import Interrupted, Parser, add_edge, call, int_at_least, positive
 
 __all__ = ["main"]
 
 DESCRIPTION = ("yolo-vq: a searchable, compressed visual memory for Ultralytics YOLO. Train a codebook (fit), index "
                "videos (index), search stored detections (search), export one ONNX graph for edge devices (export), "
                "run it without torch (edge), add its records to an index (ingest), or run the offline demo (demo).")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: argument --crop: ...; see yolo-vq search --help``), exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
-
-
-class _Interrupted(Exception):
-    """Ctrl-C, with what was kept (the message)."""
 
 
 def _crop(text: str) -> tuple[float, float, float, float]:
@@ -59,31 +48,14 @@ def _track(text: str) -> tuple[int, int]:
     return int(src), int(tid)
 
 
-def _int_at_least(text: str, least: int, expected: str, word: str | None = None) -> int | str:
-    """An option's int of at least ``least`` (or the word ``word`` itself), else one argparse error naming it."""
-    if word is not None and text == word:
-        return text
-    try:
-        v = int(text)
-    except ValueError:
-        v = least - 1
-    if v < least:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
-    return v
-
-
-def _positive(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
-
-
 def _lists(text: str) -> int | str:
     """``--lists``: a count of lists, ``auto`` (what the sample supports) or 0 (none)."""
-    return _int_at_least(text, 0, "a number of lists (e.g. 1024), auto, or 0 for none", "auto")
+    return int_at_least(text, 0, "a number of lists (e.g. 1024), auto, or 0 for none", "auto")
 
 
 def _nprobe(text: str) -> int | str:
     """``--nprobe``: lists a query scans, or ``all`` (exactly the flat scan)."""
-    return _int_at_least(text, 1, "a positive number of lists a query scans, or all (every list: the same results "
+    return int_at_least(text, 1, "a positive number of lists a query scans, or all (every list: the same results "
                                   "as the flat scan)", "all")
 
 
@@ -191,9 +163,9 @@ def cmd_index(a) -> None:
             print(f"index {index}: {ix.store.count()} detections in {len(ix.store.sources())} sources")
     except KeyboardInterrupt:
         if ix is None or ix.last_stored is None:
-            raise _Interrupted(f"interrupted before any frame was stored in {index}: nothing changed") from None
+            raise Interrupted(f"interrupted before any frame was stored in {index}: nothing changed") from None
         uri, frame = ix.last_stored
-        raise _Interrupted(f"interrupted: {ix.stored_detections} detections stored by this run, {Path(uri).name} up to "
+        raise Interrupted(f"interrupted: {ix.stored_detections} detections stored by this run, {Path(uri).name} up to "
                            f"frame {frame}; re-run the same command to resume after it (stored frames are skipped)"
                            ) from None
 
@@ -258,16 +230,6 @@ def cmd_export(a) -> None:
     print(f"exported: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-def cmd_edge(a) -> None:
-    from .edge.runner import EdgeModel, run
-
-    model = EdgeModel(a.model, threads=a.threads)
-    counts = run(model, a.sources, a.out, stride=a.stride, batch=a.batch, progress=not a.quiet)
-    per = counts["bytes"] / counts["detections"] if counts["detections"] else 0
-    print(f"edge: {counts['frames']} frames, {counts['detections']} detections, {per:.0f} B of codes per detection "
-          f"-> {a.out}")
-
-
 def cmd_ingest(a) -> None:
     from .edge.ingest import ingest
 
@@ -279,7 +241,7 @@ def _detect_args(s: argparse.ArgumentParser, conf: float = 0.25) -> None:
     s.add_argument("--model", default=None,
                    help="YOLO weights (.pt, loaded with pickle: trusted files only) or architecture (.yaml); "
                         "default: the offline yolo11n-pose.pt")
-    s.add_argument("--imgsz", type=_positive, default=640, help="inference size in pixels (default 640)")
+    s.add_argument("--imgsz", type=positive, default=640, help="inference size in pixels (default 640)")
     s.add_argument("--conf", type=float, default=conf, help=f"detection confidence threshold (default {conf})")
     s.add_argument("--device", default=None, help="torch device, e.g. cpu or 0 (default: Ultralytics' choice)")
 
@@ -297,14 +259,14 @@ def _add_fit(sub: Any) -> None:
     f.add_argument("--out", required=True, help="codebook path stem (writes .safetensors + .json)")
     f.add_argument("--recipe", default=DEFAULT_RECIPE,
                    help=f"embedding recipe preset or .yaml (default {DEFAULT_RECIPE})")
-    f.add_argument("--bytes", type=_positive, default=32, help="bytes per detection (PQ sub-spaces; default 32)")
-    f.add_argument("--codebook-size", type=_positive, default=256,
+    f.add_argument("--bytes", type=positive, default=32, help="bytes per detection (PQ sub-spaces; default 32)")
+    f.add_argument("--codebook-size", type=positive, default=256,
                    help="centroids per sub-space, at most 256 (default 256; lowered with a warning when the video "
                         "has too few detections)")
     f.add_argument("--rotation", default="auto", choices=["auto", "random", "none"],
                    help="auto: rotate within the recipe's parts (see docs/benchmarks.md); random: all dims; none")
-    f.add_argument("--stride", type=_positive, default=1, help="use every N-th frame (default 1)")
-    f.add_argument("--max-frames", type=_positive, default=None, help="read at most this many frames per source")
+    f.add_argument("--stride", type=positive, default=1, help="use every N-th frame (default 1)")
+    f.add_argument("--max-frames", type=positive, default=None, help="read at most this many frames per source")
     _lists_args(f)
     _classes_arg(f)
     _detect_args(f)
@@ -315,7 +277,7 @@ def _lists_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lists", type=_lists, default="auto", metavar="N|auto|0",
                    help="search lists (partitioned search) trained with it: a count, auto (4 sqrt(n) as the sample "
                         "supports, the default) or 0 for none")
-    p.add_argument("--coarse-dim", type=_positive, default=64,
+    p.add_argument("--coarse-dim", type=positive, default=64,
                    help="dimensions the lists partition (PCA of the embedding; default 64)")
 
 
@@ -341,15 +303,15 @@ def _add_index(sub: Any) -> None:
     i.add_argument("--index", required=True, help="the index directory (created if missing)")
     i.add_argument("--codebook", default=None,
                    help="trained codebook (a new index keeps a copy); default: the index's own, or fit one")
-    i.add_argument("--fit-frames", type=_positive, default=250,
+    i.add_argument("--fit-frames", type=positive, default=250,
                    help="frames of the first source to fit on when no codebook exists (default 250)")
-    i.add_argument("--bytes", type=_positive, default=32, help="bytes per detection of a fitted codebook (default 32)")
-    i.add_argument("--codebook-size", type=_positive, default=256,
+    i.add_argument("--bytes", type=positive, default=32, help="bytes per detection of a fitted codebook (default 32)")
+    i.add_argument("--codebook-size", type=positive, default=256,
                    help="centroids per sub-space of a fitted codebook (default 256; lowered if the data is short)")
     i.add_argument("--recipe", default=DEFAULT_RECIPE, help="embedding recipe; must be the codebook's")
     i.add_argument("--track", action="store_true", help="run the tracker and store track ids")
-    i.add_argument("--stride", type=_positive, default=1, help="index every N-th frame (default 1)")
-    i.add_argument("--batch", type=_positive, default=8, help="frames per inference call (default 8)")
+    i.add_argument("--stride", type=positive, default=1, help="index every N-th frame (default 1)")
+    i.add_argument("--batch", type=positive, default=8, help="frames per inference call (default 8)")
     _classes_arg(i)
     i.add_argument("--thumbs", type=int, nargs="?", const=1, default=None, metavar="N",
                    help="store a small JPEG crop of every N-th detection of each track (always the first; every "
@@ -411,25 +373,13 @@ def _add_export(sub: Any) -> None:
                         "server)")
     e.add_argument("--conf", type=float, default=0.25, help="confidence threshold in the graph (default 0.25)")
     e.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold in the graph (default 0.7)")
-    e.add_argument("--max-det", type=_positive, default=300, help="most detections per frame (default 300)")
-    e.add_argument("--opset", type=_positive, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    e.add_argument("--batch", type=_positive, default=None, help="fixed batch size (default: dynamic)")
+    e.add_argument("--max-det", type=positive, default=300, help="most detections per frame (default 300)")
+    e.add_argument("--opset", type=positive, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    e.add_argument("--batch", type=positive, default=None, help="fixed batch size (default: dynamic)")
     e.add_argument("--half", action="store_true", help="fp16 weights (needs a CUDA export)")
     e.add_argument("--embeddings", action="store_true", help="also output the float embeddings")
     e.add_argument("--nms", action="store_true", help="end-to-end models: NMS on the one-to-many head instead")
     e.set_defaults(fn=cmd_export)
-
-
-def _add_edge(sub: Any) -> None:
-    g = sub.add_parser("edge", help="run an exported graph on video with onnxruntime only (no torch)")
-    g.add_argument("model", help="the .onnx written by `yolo-vq export`")
-    g.add_argument("sources", nargs="+", help="video files, image folders, webcam indices or stream URLs")
-    g.add_argument("--out", required=True, help="records file to write: .jsonl or .parquet")
-    g.add_argument("--stride", type=_positive, default=1, help="run on every N-th frame (default 1)")
-    g.add_argument("--batch", type=_positive, default=4, help="frames per graph call (default 4)")
-    g.add_argument("--threads", type=_positive, default=None, help="onnxruntime intra-op threads")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(fn=cmd_edge)
 
 
 def _add_ingest(sub: Any) -> None:
@@ -448,55 +398,19 @@ def _add_demo(sub: Any) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     """The ``yolo-vq`` parser: one ``_add_<command>`` per sub-command."""
-    p = _Parser(prog="yolo-vq", description=DESCRIPTION)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_fit, _add_index, _add_search, _add_upgrade, _add_info, _add_export, _add_edge, _add_ingest,
+    p = Parser(prog="yolo-vq", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=Parser)
+    for add in (_add_fit, _add_index, _add_search, _add_upgrade, _add_info, _add_export, add_edge, _add_ingest,
                 _add_demo):
         add(sub)
     return p
 
-def _one_line(e: BaseException) -> str:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
-    return " ".join(str(msg).split()) or type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .errors import YoloVQError
-
     a = _parser().parse_args(argv)
     if getattr(a, "k", 1) <= 0:
         print(f"error: -k must be a positive number of results, got {a.k}", file=sys.stderr)
         return 2
-    def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = one_line_warning
-            a.fn(a)
-    except (YoloVQError, ValueError, KeyError, OSError) as e:  # user errors: files, options, indexes, codebooks
-        if isinstance(e, OSError) and e.filename is not None and e.strerror:
-            msg = f"{e.filename}: {e.strerror}"
-        else:
-            msg = _one_line(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except ImportError as e:  # an optional package that this command needs
-        print(f"error: a package this command needs is missing: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except _Interrupted as e:
-        print(e, file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: one line unless asked for the traceback
-        if os.environ.get("YOLO_VQ_DEBUG"):
-            raise
-        print(f"error: internal error ({type(e).__name__}: {_one_line(e)[:300]}); this is a bug in yolo_vq: "
-              f"re-run with YOLO_VQ_DEBUG=1 for the traceback and report it", file=sys.stderr)
-        return 70
-    return 0
+    return call(a.fn, a)
 
 
 if __name__ == "__main__":

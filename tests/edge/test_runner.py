@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ import pytest
 from yolo_vq import assets
 from yolo_vq.edge.export import export
 from yolo_vq.edge.ingest import ingest
-from yolo_vq.edge.records import RecordError
+from yolo_vq.edge.records import RecordError, read_records
 from yolo_vq.errors import CodebookError
 from yolo_vq.index.store import open_store
 
@@ -172,3 +176,81 @@ def test_parquet_records_ingest_like_json_lines(edge_run, tmp_path):
     junk.write_bytes(b"PAR1 not really")
     with pytest.raises(RecordError, match="not a readable Parquet file"):
         ingest(junk, tmp_path / "x")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_device_lines() -> list[str]:
+    """The README's device lines (between the <!-- device --> markers): what a user types on the device."""
+    block = re.search(r"<!-- device -->\n```bash\n(.*?)```\n<!-- /device -->", (ROOT / "README.md").read_text(),
+                      flags=re.DOTALL)
+    assert block, "README.md has no device lines between <!-- device --> markers"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_device_lines_install_the_runner_without_torch(edge_run, tmp_path):
+    """A fresh venv with the README's device install only: `yolo-vq edge` works, torch and Ultralytics are not
+    there, other commands say what to install; the server ingests the records and finds them."""
+    from yolo_vq import Memory
+
+    tmp, _, cb, _ = edge_run
+    install, run_line = readme_device_lines()
+    venv = tmp_path / "device"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv),
+           "YOLO_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    def sh(line: str, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                              check=False)
+
+    done = sh(install, ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    absent = sh(f"{venv / 'bin' / 'python'} -c \"import importlib.util as u; print([m for m in ('torch', "
+                f"'torchvision', 'ultralytics', 'yolo_vq') if u.find_spec(m)])\"", tmp_path)
+    assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr
+    work = tmp_path / "camera"
+    work.mkdir()
+    (work / "model_vq.onnx").symlink_to(tmp / "bikes_vq.onnx")
+    (work / "video.mp4").symlink_to(assets.bikes_video())
+    ran = sh(run_line + " --quiet", work)
+    assert ran.returncode == 0 and "edge: 250 frames" in ran.stdout, ran.stdout + ran.stderr
+    header, records = read_records(work / "detections.jsonl")
+    frames = [r for _, r in records if r["type"] == "frame"]
+    assert header["code_size"] == 32 and [f["frame"] for f in frames] == list(range(250))
+    assert all(len(c) == 32 for f in frames for c in f["codes"])
+    other = sh("yolo-vq index video.mp4 --index idx", work)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "pip install yolo-vq" in other.stderr
+    assert not (work / "idx").exists()
+    summary = ingest(work / "detections.jsonl", tmp_path / "server", codebook=cb)  # the parent (server) environment
+    assert summary["frames"] == 250 and summary["detections"] == sum(len(f["codes"]) for f in frames)
+    with Memory(tmp_path / "server") as m:
+        hits = m.search(m.vectors_of([1]), k=5)[0]
+        assert int(hits.data["id"][0]) == 1 and len(hits) == 5
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_ctrl_c_keeps_a_complete_records_file(edge_run, tmp_path, suffix):
+    tmp, _, _, _ = edge_run
+    out = tmp_path / f"d{suffix}"
+    video = str(assets.bikes_video())
+    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, "edge", str(tmp / "bikes_vq.onnx"), video, video, video,
+                             "--out", str(out), "--batch", "2", "--quiet"], env={**os.environ, "YOLO_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    # JSON lines are on disk after each batch; Parquet only at the end, so give it a few seconds of frames
+    while (not out.exists() or (suffix == ".jsonl" and out.read_text().count('"frame"') < 6)) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    if suffix == ".parquet":
+        time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    kept = int(re.search(r"interrupted: (\d+) frames, \d+ detections kept in", err).group(1))
+    assert "Traceback" not in err and err.count("\n") == 1
+    _, records = read_records(out)
+    frames = [r for _, r in records if r["type"] == "frame"]
+    assert 0 < len(frames) == kept < 750

@@ -3,20 +3,7 @@ runner that ships codes (:mod:`.runner`), the records files it writes (:mod:`.re
 index (:mod:`.ingest`).
 
 ``from yolo_vq.edge import EdgeModel, run`` imports numpy, onnxruntime and OpenCV only, never torch or
-ultralytics: the names load lazily (PEP 562).
+ultralytics: the names load lazily (PEP 562). The torch-free modules live in :mod:`yolo_vq_edge`.
 """
 
-from __future__ import annotations
-
-from importlib import import_module
-from typing import Any
-
-__all__ = ["EdgeModel", "RecordWriter", "read_records", "run"]
-
-_EXPORTS = {"EdgeModel": "runner", "run": "runner", "RecordWriter": "records", "read_records": "records"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+from yolo_vq_edge import __all__, __getattr__  # noqa: F401  the same lazy names (EdgeModel, run, records)
