@@ -154,3 +154,9 @@ def test_product_retrieval_smoke(clip, cache, tmp_path):
 
 def test_onnx_latency_smoke(cache):
     assert "ours" in small("onnx_latency.py", cache, "--reps", 1).stdout.lower()
+
+
+def test_edge_throughput_smoke():
+    out = bench("edge_throughput.py", "--reps", "1", "--stride", "25", "--no-venv")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ratio ours / Ultralytics ONNX predict" in out.stdout and "full environment" in out.stdout
