@@ -48,6 +48,13 @@ def _track(text: str) -> tuple[int, int]:
     return int(src), int(tid)
 
 
+def _port(text: str) -> int:
+    port = int_at_least(text, 0, "a TCP port in 0..65535 (0: any free one)")
+    if port > 65535:  # type: ignore[operator]
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a TCP port in 0..65535 (0: any free one)")
+    return port  # type: ignore[return-value]
+
+
 def _lists(text: str) -> int | str:
     """``--lists``: a count of lists, ``auto`` (what the sample supports) or 0 (none)."""
     return int_at_least(text, 0, "a number of lists (e.g. 1024), auto, or 0 for none", "auto")
@@ -198,6 +205,35 @@ def cmd_search(a) -> None:
 
             write_image(a.sheet, mem.contact_sheet(results, query.picture, prefer=a.sheet_from))
             print(f"contact sheet: {a.sheet}")
+
+
+def cmd_serve(a) -> None:
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as e:
+        raise ImportError(f"{e.name or e}; `yolo-vq serve` needs the serve extra: pip install 'yolo-vq[serve]'"
+                          ) from None
+    app = create_app(a.index, model=a.model, imgsz=a.imgsz, max_upload=a.max_upload_mb * 1024 * 1024)
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {a.host}: anyone who can reach this machine can search {a.index} and see its "
+              f"pictures (there is no login); use --host 127.0.0.1 unless that is what you want", file=sys.stderr)
+    import socket
+
+    family = socket.getaddrinfo(a.host, a.port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((a.host, a.port))  # here, not in uvicorn: a port in use is one error line, port 0 gets printed
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {a.host}:{a.port}: {e.strerror}; pick another --port") from None
+    host, port = sock.getsockname()[:2]
+    ix = app.state.index
+    print(f"serving {a.index} ({ix.call(len, ix.memory)} detections) at "
+          f"http://{'[' + host + ']' if ':' in host else host}:{port}/ (API: /docs; Ctrl-C stops)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 def cmd_demo(a) -> None:
@@ -396,12 +432,24 @@ def _add_demo(sub: Any) -> None:
     d.set_defaults(fn=cmd_demo)
 
 
+def _add_serve(sub: Any) -> None:
+    v = sub.add_parser("serve", help="a search page in the browser over an index (needs the serve extra)")
+    v.add_argument("--index", required=True, help="the index directory (opened read-only)")
+    v.add_argument("--model", default=None, help="YOLO model of image queries: the one the index was built with "
+                                                 "(default: the offline yolo11n-pose.pt)")
+    v.add_argument("--imgsz", type=positive, default=640, help="inference size of image queries (default 640)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free one)")
+    v.add_argument("--max-upload-mb", type=positive, default=10, help="largest query image in MB (default 10)")
+    v.set_defaults(fn=cmd_serve)
+
+
 def _parser() -> argparse.ArgumentParser:
     """The ``yolo-vq`` parser: one ``_add_<command>`` per sub-command."""
     p = Parser(prog="yolo-vq", description=DESCRIPTION)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=Parser)
     for add in (_add_fit, _add_index, _add_search, _add_upgrade, _add_info, _add_export, add_edge, _add_ingest,
-                _add_demo):
+                _add_serve, _add_demo):
         add(sub)
     return p
 

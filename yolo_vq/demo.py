@@ -42,4 +42,6 @@ def run_demo(out: str | Path = "yolo_vq_demo", *, log: Callable[[str], None] = p
         log(format_rows(rows))
         write_image(out / "results.jpg", mem.contact_sheet(results, query.picture))
     log(f"contact sheet: {out / 'results.jpg'}")
+    log(f"next: `yolo-vq serve --index {out / 'index'}` and open http://127.0.0.1:8000/ to search it in the browser "
+        f"(needs the serve extra: pip install -e '.[serve]')")
     return rows

@@ -24,7 +24,7 @@ __all__ = ["FULL_COMMANDS", "Interrupted", "Parser", "add_edge", "call", "int_at
 FULL_COMMANDS = {
     "fit": "torch and Ultralytics", "index": "torch and Ultralytics", "search": "torch, Ultralytics and FAISS",
     "upgrade": "FAISS", "info": "the index code", "export": "torch, Ultralytics and onnx",
-    "ingest": "the index code", "demo": "torch, Ultralytics and the demo assets",
+    "ingest": "the index code", "serve": "the index code and FastAPI", "demo": "torch, Ultralytics and the demo assets",
 }
 EDGE_DESCRIPTION = ("yolo-vq on a device (the yolo-vq-edge install): `yolo-vq edge` runs a graph written by "
                     "`yolo-vq export` on cameras and video files with onnxruntime and writes the detections' codes "

@@ -23,7 +23,7 @@ from ..viz import crop, decode_jpeg, encode_jpeg, placeholder, thumbnail
 from . import PREFER
 from .store import Source, Store
 
-__all__ = ["PREFER", "THUMB_LONGEST", "Thumbnailer", "pictures"]
+__all__ = ["PREFER", "THUMB_LONGEST", "SourceFrames", "Thumbnailer", "pictures"]
 
 THUMB_LONGEST = 96
 """Longest side of a stored thumbnail, in pixels (smaller boxes are kept at their own size)."""
@@ -66,7 +66,7 @@ class Thumbnailer:
         return out
 
 
-class _Frames:
+class SourceFrames:
     """Frames of one stored source by index, or None when the source cannot be read back as it was indexed."""
 
     def __init__(self, source: Source):
@@ -117,11 +117,11 @@ def pictures(store: Store, detections: Detections, *, prefer: str = "video",
     out: list[np.ndarray | None] = [None] * n
     src, frame = detections.data["source_id"].tolist(), detections.data["frame"].tolist()
     if prefer == "video":
-        readers: dict[int, _Frames] = {}
+        readers: dict[int, SourceFrames] = {}
         try:
             for i in sorted(range(n), key=lambda i: (src[i], frame[i])):
                 if src[i] not in readers:
-                    readers[src[i]] = _Frames(store.source(src[i]))
+                    readers[src[i]] = SourceFrames(store.source(src[i]))
                 image = readers[src[i]].read(frame[i])
                 if image is not None:
                     out[i] = crop(image, detections.xyxy[i], size=size)
