@@ -123,6 +123,8 @@ BAD = [  # (method, path, form, files, status, words the message must contain)
     ("post", "/search", {"detection": 1, "time_from": 9, "time_to": 2}, None, 400, ["time"]),
     ("post", "/search", {"box": "5,5,1,1"}, "jpg", 422, ["box '5,5,1,1'"]),
     ("post", "/search", {}, "text", 415, ["not an image", "JPEG or PNG"]),
+    ("post", "/search", {}, "blank", 400, ["no detections in the query image", "box"]),
+    ("post", "/search", {"box": "900,10,950,60"}, "jpg", 400, ["lies outside the 640x272 query image"]),
     ("post", "/search", {}, "huge", 413, ["2 MB limit"]),
     ("post", "/detect", {}, "text", 415, ["not an image"]),
     ("get", "/detections/424242", None, None, 404, ["no stored detection with id 424242"]),
@@ -141,7 +143,9 @@ BAD = [  # (method, path, form, files, status, words the message must contain)
                                                                           enumerate(BAD)])
 def test_bad_input_is_one_readable_json_error(client, frame_jpg, method, path, form, files, status, words):
     payload = {"jpg": upload(frame_jpg), "text": {"image": ("notes.txt", b"hello, not a picture", "text/plain")},
-               "huge": {"image": ("big.png", b"\x89PNG" + bytes(3 * 1024 * 1024), "image/png")}}.get(files)
+               "huge": {"image": ("big.png", b"\x89PNG" + bytes(3 * 1024 * 1024), "image/png")},
+               "blank": {"image": ("grey.png", cv2.imencode(".png", np.full((272, 640, 3), 127, np.uint8))[1].tobytes(),
+                                   "image/png")}}.get(files)
     r = client.request(method.upper(), path, data=form, files=payload)
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
@@ -192,3 +196,21 @@ def test_pictures_fall_back_to_thumbnails_when_the_video_is_gone(served, pose_vq
             assert gone.status_code == 404 and "video is gone" in gone.json()["detail"]
         finally:
             moved.rename(video)
+
+
+def test_serve_cli_bad_input_is_one_line(served, tmp_path, capsys):
+    import socket
+
+    index, _, _ = served
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--index", str(index), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+    assert main(["serve", "--index", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--index", str(index), "--port", "70000"])
+    assert e.value.code == 2 and "'70000': expected a TCP port" in capsys.readouterr().err

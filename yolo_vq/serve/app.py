@@ -37,7 +37,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..detections import FRAME, ID, SOURCE_ID, Detections
-from ..errors import YoloVQError
 from ..index.memory import Memory
 from ..index.query import Query, result_rows
 from ..index.thumbs import PREFER, SourceFrames
@@ -179,8 +178,8 @@ def create_app(index: str | Path, *, model: Any = None, imgsz: int = 640, max_up
             detail = f"{request.method} {request.url.path}: {detail.lower()} here; the API's endpoints are listed at /docs"
         return JSONResponse({"detail": detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    @app.exception_handler(YoloVQError)
-    def _bad(request: Request, e: YoloVQError) -> JSONResponse:
+    @app.exception_handler(ValueError)  # YoloVQError too: a query the library refuses (no detection in the image,
+    def _bad(request: Request, e: ValueError) -> JSONResponse:  # a box outside it, another model, a bad filter)
         return JSONResponse({"detail": " ".join(str(e).split())}, status_code=400)
 
     for route, (name, media) in _STATIC.items():
