@@ -13,6 +13,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +161,15 @@ def test_edge_throughput_smoke():
     out = bench("edge_throughput.py", "--reps", "1", "--stride", "25", "--no-venv")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ratio ours / Ultralytics ONNX predict" in out.stdout and "full environment" in out.stdout
+
+
+def test_identity_head_smoke(tmp_path):
+    """The head benchmark on a pass of synthetic identities (the real one reads vtest.avi's retrieval pass)."""
+    from tests.features.test_head import identities
+
+    x, track, frame = identities(0, n_ids=12, per=30)
+    np.savez(tmp_path / "pass.npz", **{"s4-8stripes-colour-center": x.astype(np.float32), "track": track,
+                                       "frame": frame})
+    out = bench("identity_head.py", "--data", tmp_path / "pass.npz", "--split", int(np.median(frame)), "--gap", 3)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("| head: tracks |") == 2 and "held-out time" in out.stdout

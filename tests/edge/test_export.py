@@ -240,3 +240,75 @@ def test_export_cli_writes_a_checked_graph_and_fails_in_one_line(pose_vq, tmp_pa
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "e.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def headed_codebook(pose_vq, tmp_path_factory, bus, zidane, bikes_frames):
+    """A 16-byte codebook of the real yolo11n-pose whose vectors pass through an identity head first (whitening of
+    the recipe's vectors to 64 dims): the head is saved in the codebook's files."""
+    from yolo_vq.features.head import fit_whitening
+
+    model, _ = pose_vq
+    emb = Embedder(model)
+    with emb:
+        x = np.concatenate([r.vq_embeddings for r in model.predict([bus, zidane, *bikes_frames], verbose=False,
+                                                                  conf=0.05)])
+    head = fit_whitening(x, 64, shrink=1.0)
+    rng = np.random.default_rng(0)
+    y = head.project(np.concatenate([x + rng.normal(0, 0.02, x.shape).astype(np.float32) for _ in range(10)]))
+    pq = ProductQuantizer(dim=64, m=16, iters=8).fit(torch.from_numpy(y))
+    pq.head = head
+    path = tmp_path_factory.mktemp("headed") / "cb"
+    emb.save_codebook(pq, path)
+    return path
+
+
+def test_a_codebook_with_a_head_round_trips_and_is_refused_when_tampered(pose_vq, headed_codebook, tmp_path):
+    from yolo_vq.quant import load_codebook
+    from yolo_vq.quant.io import codebook_paths
+
+    q = load_codebook(headed_codebook)
+    assert q.head is not None and (q.head.dim_in, q.head.dim, q.dim, q.input_dim) == (1088, 64, 64, 1088)
+    assert q.meta["head"]["kind"] == "whiten"
+    emb = Embedder(pose_vq[0], codebook=headed_codebook)
+    assert (emb.recipe_dim, emb.dim) == (1088, 64)
+    with pytest.raises(ValueError, match="takes dim=1088 vectors"):
+        Embedder(pose_vq[0], "s4-stripes", codebook=q)  # another recipe's vectors
+    st, js = codebook_paths(headed_codebook)
+    for name, damage in (("proj", lambda t: t.update({"head.proj": t["head.proj"][:, :32].contiguous()})),
+                         ("gone", lambda t: t.pop("head.mean"))):
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(st))
+        damage(t)
+        bad = tmp_path / name
+        save_file(t, str(bad) + ".safetensors")
+        meta = json.loads(js.read_text())
+        meta["tensors"]["sha256"] = None  # so the tensors, not the checksum, are what is judged
+        Path(str(bad) + ".json").write_text(json.dumps(meta))
+        with pytest.raises(CodebookError, match="head"):
+            load_codebook(bad)
+    tampered = tmp_path / "tampered"
+    data = bytearray(st.read_bytes())
+    data[-5] ^= 0xFF  # a byte of the last tensor
+    Path(str(tampered) + ".safetensors").write_bytes(bytes(data))
+    Path(str(tampered) + ".json").write_text(js.read_text())
+    with pytest.raises(CodebookError, match="checksum"):
+        load_codebook(tampered)
+
+
+def test_the_head_runs_inside_the_exported_graph_with_identical_codes(pose_vq, headed_codebook, tmp_path, bus,
+                                                                      zidane):
+    model, _ = pose_vq
+    path, check = export(model, headed_codebook, tmp_path / "headed.onnx", embeddings=True)
+    edges = EdgeModel(path)([bus, zidane])
+    with Embedder(model, codebook=headed_codebook):
+        results = model.predict([bus, zidane], imgsz=640, rect=False, verbose=False)
+    rate, n = _code_agreement(edges, results)
+    for e, r in zip(edges, results):
+        a, b = _pairs(e, r)
+        assert e["embeddings"].shape[-1] == r.vq_embeddings.shape[1] == 64
+        np.testing.assert_allclose(e["embeddings"][a], r.vq_embeddings[b], atol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(r.vq_embeddings, axis=1), 1, atol=1e-5)
+    print(f"headed codebook: {check.line()}; {rate:.2%} of {n} code bytes equal edge vs server")
+    assert rate == 1.0 and n >= 5 * 16

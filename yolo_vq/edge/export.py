@@ -123,9 +123,10 @@ def _recorded_recipe(codebook: str | Path | Any) -> Any:
 def _load_codebook(codebook: str | Path | Any, emb: Embedder) -> Any:
     """The quantizer, checked to encode this recipe on this model (a path: loaded once, by the Embedder's checks)."""
     quantizer = emb.load_codebook(codebook) if isinstance(codebook, str | Path) else codebook
-    if getattr(quantizer, "dim", None) != emb.dim:
-        raise ExportError(f"codebook encodes dim={getattr(quantizer, 'dim', None)} vectors, recipe "
-                          f"{emb.config.name!r} on this model gives dim={emb.dim}")
+    wanted = getattr(quantizer, "input_dim", getattr(quantizer, "dim", None))
+    if wanted != emb.recipe_dim:
+        raise ExportError(f"codebook takes dim={wanted} vectors, recipe {emb.config.name!r} on this model gives "
+                          f"dim={emb.recipe_dim}")
     return quantizer
 
 

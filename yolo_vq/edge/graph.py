@@ -97,7 +97,9 @@ class VQGraph(nn.Module):
         boxes, scores, classes, valid = self._select(y)
         lo, hi = regions[:, None, :2].repeat(1, 1, 2), regions[:, None, 2:].repeat(1, 1, 2)  # (B, 1, 4) each
         boxes = torch.minimum(torch.maximum(boxes, lo), hi)  # Ultralytics clips to the frame
-        n, m, d = int(scores.shape[1]), self.quantizer.code_len, self.box.dim  # static: the batch is the only free size
+        head = getattr(self.quantizer, "head", None)  # the identity head: a MatMul and a normalisation before encoding
+        n, m = int(scores.shape[1]), self.quantizer.code_len  # static: the batch is the only free size
+        d = self.box.dim if head is None else head.dim
         b = images.shape[0]
         image_of = torch.arange(b, device=images.device, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, 1)
         rows = valid.reshape(-1).nonzero()  # (kept, 1): pool and encode the kept rows only, not the padding
@@ -107,6 +109,8 @@ class VQGraph(nn.Module):
         at_emb = rows.expand(-1, d) if self.with_embeddings else None
         rois = torch.cat([image_of, boxes], dim=2).reshape(-1, 5)[rows.squeeze(1)]
         emb = self.box(images, maps, rois)  # (kept, D)
+        if head is not None:
+            emb = head(emb)  # (kept, d)
         codes = codes.scatter(0, at_codes, self.quantizer.encode(emb))  # static widths: exact output shapes
         out = (boxes, scores, classes, codes.reshape(-1, n, m), valid)
         if not self.with_embeddings:

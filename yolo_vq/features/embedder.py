@@ -90,10 +90,13 @@ class Embedder:
         self._seen: list[_Seen] = []
         self._callbacks: dict[str, Any] = {}
         self.codebook = self.load_codebook(codebook) if isinstance(codebook, str | Path) else codebook
-        if self.codebook is not None and getattr(self.codebook, "dim", None) != self.dim:
+        # a codebook with an identity head: the embeddings are the head's outputs (what the codes encode)
+        self.head = getattr(self.codebook, "head", None)
+        wanted = getattr(self.codebook, "input_dim", getattr(self.codebook, "dim", None))
+        if self.codebook is not None and wanted != self.recipe_dim:
             raise ValueError(
-                f"codebook encodes dim={getattr(self.codebook, 'dim', None)} vectors, but recipe "
-                f"{self.config.name!r} on this model gives dim={self.dim}: train a codebook on these embeddings"
+                f"codebook takes dim={wanted} vectors, but recipe {self.config.name!r} on this model gives "
+                f"dim={self.recipe_dim}: train a codebook on these embeddings"
             )
 
     @property
@@ -102,11 +105,20 @@ class Embedder:
         return self.tap.info
 
     @property
-    def dim(self) -> int:
-        """Per-detection embedding length D."""
+    def recipe_dim(self) -> int:
+        """Length of the recipe's pooled vector (the identity head's input)."""
         if self._box is not None:
             return self._box.dim
         return min(t.channels for t in self.tap.info)
+
+    @property
+    def dim(self) -> int:
+        """Per-detection embedding length D: the identity head's output where the codebook has one, else the
+        recipe's."""
+        return self.recipe_dim if self.head is None else self.head.dim
+
+    def _headed(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb if self.head is None else self.head.to(emb.device)(emb.float())
 
     @property
     def fingerprint(self) -> str:
@@ -137,14 +149,15 @@ class Embedder:
             images, maps = tap.pop()
             xyxy = letterbox.to_input(torch.from_numpy(boxes).to(images.device), (h, w), tuple(images.shape[2:]))
             rois = torch.cat([xyxy.new_zeros((len(xyxy), 1)), xyxy], dim=1)
-            return self._box(images, maps, rois).float().cpu().numpy()
+            return self._headed(self._box(images, maps, rois)).float().cpu().numpy()
 
     def save_codebook(self, quantizer: Any, path: str | Path) -> tuple[Path, Path]:
         """Save a quantizer trained on these embeddings, recording this model's fingerprint and recipe."""
         from ..quant import save_codebook
 
-        if quantizer.dim != self.dim:
-            raise ValueError(f"quantizer encodes dim={quantizer.dim} vectors, these embeddings have dim={self.dim}")
+        if quantizer.input_dim != self.recipe_dim:
+            raise ValueError(f"quantizer takes dim={quantizer.input_dim} vectors, these embeddings have dim="
+                             f"{self.recipe_dim}")
         return save_codebook(quantizer, path, embedding=self.describe(), model_fingerprint=self.fingerprint)
 
     def load_codebook(self, path: str | Path, *, allow_mismatch: bool = False) -> Any:
@@ -156,7 +169,7 @@ class Embedder:
         """
         from ..quant import load_codebook
 
-        return load_codebook(path, expect_dim=self.dim, expect_fingerprint=self.fingerprint,
+        return load_codebook(path, expect_dim=self.recipe_dim, expect_fingerprint=self.fingerprint,
                              allow_mismatch=allow_mismatch, device=next(self.tap._module.parameters()).device)
 
     def describe(self) -> dict[str, Any]:
@@ -167,7 +180,7 @@ class Embedder:
             "mode": self.config.mode,
             "layers": [t.layer for t in self.taps],
             "strides": [t.stride for t in self.taps],
-            "dim": self.dim,
+            "dim": self.recipe_dim,
             "model": f"{type(self.tap._module).__name__} {Path(str(yaml_file)).stem}".strip(),
             "config": self.config.to_dict(),
         }
@@ -230,6 +243,7 @@ class Embedder:
         else:
             emb = self._anchor_embeddings(head_out, maps, results, input_hw, geoms)
             img = image_embedding(maps)
+        emb = self._headed(emb)
         emb_np = emb.float().cpu().numpy()  # one device->host copy per batch
         img_np = img.float().cpu().numpy()
         codes_np = None

@@ -177,6 +177,9 @@ class Quantizer(nn.Module, abc.ABC):
         self.stats: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self.coarse: Any = None  # the attached CoarseQuantizer (IVF lists), set by load_codebook when the file has one
+        # the identity head (yolo_vq.features.head.Head) whose outputs this codebook encodes, or None: attached as a
+        # sub-module, so its tensors travel with the codebook's (state_dict, .to(device), the file's checksum)
+        self.head: Any = None
         self._fitted = False
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_fitted", True))
 
@@ -189,6 +192,12 @@ class Quantizer(nn.Module, abc.ABC):
     def code_size(self) -> int:
         """Bytes per encoded vector."""
         return self.code_len * (1 if self.codebook_size <= 256 else 2)
+
+    @property
+    def input_dim(self) -> int:
+        """Length of the vectors the embedder hands this codebook: the head's input where it has one, else ``dim``
+        (the head maps them to the ``dim`` this quantizer encodes)."""
+        return self.dim if self.head is None else self.head.dim_in
 
     @property
     def device(self) -> torch.device:

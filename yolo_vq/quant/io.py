@@ -126,6 +126,9 @@ def save_codebook(
         "yolo_vq_version": _version(),
         "tensors": {"file": st_path.name, "sha256": _sha256(st_path)},
     }
+    if quantizer.head is not None:  # its tensors are in the file (head.mean, head.proj): part of the checksum
+        h = quantizer.head
+        meta["head"] = {"kind": h.kind, "dim_in": h.dim_in, "dim": h.dim, "stats": h.stats}
     tmp = js_path.with_name(js_path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, js_path)
@@ -200,6 +203,7 @@ def load_codebook(
         tensors = load_file(str(st_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or corrupt header/data
         raise CodebookError(f"{st_path}: unreadable safetensors file ({type(e).__name__}: {_one_line(e)})") from None
+    head = _load_head(tensors, meta, js_path, st_path)  # takes the head.* tensors out of ``tensors``
     cls, params = _QUANTIZERS[qtype], q.get("params", {})
     try:
         with torch.device("meta"):  # shapes only: a damaged dim or m allocates nothing (dim 10**12 asked for TBs)
@@ -212,14 +216,18 @@ def load_codebook(
         raise CodebookError(f"{st_path}: tensors do not match the {qtype} in {js_path.name} ({_one_line(e)})") from None
     quantizer = cls(**params)  # as large as the file's tensors now
     quantizer.load_state_dict(tensors, strict=True)
+    quantizer.head = head
     quantizer.to(device)
     quantizer.stats = dict(meta["stats"]) if isinstance(meta.get("stats"), dict) else {}
     quantizer.meta = meta
     quantizer.coarse = load_coarse(path, meta)  # None unless the JSON lists one; CodebookError when it is damaged
 
+    if head is not None and head.dim != quantizer.dim:
+        raise CodebookError(f"{st_path}: its head outputs dim={head.dim} vectors, its {qtype} encodes dim="
+                            f"{quantizer.dim}; the file is inconsistent: fit the codebook again")
     problems = []
-    if expect_dim is not None and quantizer.dim != expect_dim:
-        problems.append(f"it encodes dim={quantizer.dim} vectors, got expect_dim={expect_dim}")
+    if expect_dim is not None and quantizer.input_dim != expect_dim:
+        problems.append(f"it takes dim={quantizer.input_dim} vectors, got expect_dim={expect_dim}")
     if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
         problems.append(
             f"it was made for model fingerprint {meta.get('model_fingerprint')!r}, got {expect_fingerprint!r}"
@@ -234,6 +242,27 @@ def load_codebook(
             raise CodebookError(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return quantizer
+
+
+def _load_head(tensors: dict[str, Tensor], meta: Mapping[str, Any], js_path: Path, st_path: Path) -> Any:
+    """The identity head stored in a codebook (``head.mean``, ``head.proj`` tensors + the JSON's ``"head"``), or
+    None; removes its tensors from ``tensors``. CodebookError where the two disagree."""
+    from ..features.head import Head
+
+    listed = meta.get("head")
+    found = {k.removeprefix("head."): tensors.pop(k) for k in [k for k in tensors if k.startswith("head.")]}
+    if listed is None and not found:
+        return None
+    if not isinstance(listed, Mapping) or set(found) != {"mean", "proj"}:
+        raise CodebookError(f"{js_path}: the identity head is half there (JSON {'lists' if listed else 'lacks'} it, "
+                            f"the tensor file holds {sorted(found) or 'none of'} its tensors); fit the codebook "
+                            f"again")
+    try:
+        head = Head(found["mean"], found["proj"], str(listed.get("kind")))
+    except ValueError as e:
+        raise CodebookError(f"{st_path}: bad identity head ({_one_line(e)})") from None
+    head.stats = dict(listed.get("stats") or {}) if isinstance(listed.get("stats"), Mapping) else {}
+    return head
 
 
 def fingerprint_module(*items: nn.Module | Tensor | Mapping[str, Tensor], length: int = 16) -> str:
