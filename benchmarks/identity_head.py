@@ -18,7 +18,6 @@ Reads the pass that ``benchmarks/retrieval.py`` saves (run it first; ``--recipe`
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import time
 from pathlib import Path
@@ -40,31 +39,10 @@ def scores(x, track, frame, gap, queries=2000):
     return retrieval_scores(cosine_scores(x, q), q, track, frame, gap), q
 
 
-def fit(kind, x, track, frame, dim, shrink):
-    from yolo_vq.features.head import fit_from_tracks, fit_whitening, track_pairs
-
-    if kind == "whiten":
-        return fit_whitening(x, dim, shrink=shrink)
-    return fit_from_tracks(x, track_pairs(track, frame), dim, shrink=shrink)
-
-
-def choose(kind, x, track, frame, gap):
-    """Settings by validation inside the training frames: fit on their first 2/3, score mAP on the last 1/3."""
-    cut = np.quantile(frame, 2 / 3)
-    a, b = frame < cut, frame >= cut
-    best = None
-    for frac, shrink in itertools.product(DIMS, SHRINKS):
-        dim = max(1, round(frac * x.shape[1]))
-        head = fit(kind, x[a], track[a], frame[a], dim, shrink)
-        s, _ = scores(head.project(x[b]), track[b], frame[b], gap)
-        if best is None or s.mAP > best[0]:
-            best = (s.mAP, dim, shrink)
-    return best
-
-
 def main() -> None:
     from yolo_vq import assets
     from yolo_vq.config import DEFAULT_RECIPE
+    from yolo_vq.features.head import choose_head
     from yolo_vq.metrics import bootstrap_map
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -102,15 +80,18 @@ def main() -> None:
               f"{raw.recall10:.3f} | |")
         for kind in ("whiten", "tracks"):
             t0 = time.perf_counter()
-            val, dim, shrink = choose(kind, x[fit_on], track[fit_on], frame[fit_on], args.gap)
-            head = fit(kind, x[fit_on], track[fit_on], frame[fit_on], dim, shrink)
+            dims = sorted({max(1, round(f * x.shape[1])) for f in DIMS})
+            head, rep = choose_head(x[fit_on], track[fit_on], frame[fit_on], kinds=(kind,), dims=dims,
+                                    shrinks=SHRINKS, gap=args.gap)
             took = time.perf_counter() - t0
             s, q2 = scores(head.project(x[eval_on]), track[eval_on], frame[eval_on], args.gap)
             assert np.array_equal(q, q2)
             lo, hi = bootstrap_map(s.ap, qt)
             d_lo, d_hi = bootstrap_map(s.ap, qt, baseline=raw.ap)
-            print(f"| head: {kind} | {dim} | shrink {shrink} (validation mAP {val:.3f}) | {s.mAP:.3f} | "
-                  f"{lo:.3f}..{hi:.3f} | {d_lo:+.3f}..{d_hi:+.3f} | {s.rank1:.3f} | {s.recall10:.3f} | {took:.1f} |")
+            c = rep["chosen"]
+            print(f"| head: {kind} | {c['dim']} | shrink {c['shrink']} (validation mAP {rep['validation_map']:.3f}) | "
+                  f"{s.mAP:.3f} | {lo:.3f}..{hi:.3f} | {d_lo:+.3f}..{d_hi:+.3f} | {s.rank1:.3f} | {s.recall10:.3f} | "
+                  f"{took:.1f} |")
         print()
 
 

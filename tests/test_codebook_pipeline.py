@@ -55,7 +55,7 @@ def test_codebook_of_another_recipe_is_refused(trained, pose_model_path):
     path, _, _ = trained
     with pytest.raises(CodebookError, match=r"dim=1088 vectors, got expect_dim=448"):
         Embedder(yolo(pose_model_path), "head-avg", codebook=path)
-    with pytest.raises(ValueError, match=r"codebook encodes dim=1088 vectors, but recipe 'head-avg'"):
+    with pytest.raises(ValueError, match=r"codebook takes dim=1088 vectors, but recipe 'head-avg'"):
         Embedder(yolo(pose_model_path), "head-avg", codebook=ProductQuantizer(dim=1088, m=8))
 
 

@@ -72,3 +72,71 @@ def test_too_few_detections_raise_with_the_counts(model, tmp_path, max_frames, c
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert not (tmp_path / "cb.json").exists()
+
+
+def test_fit_with_a_head_learns_it_from_tracks_and_the_codebook_carries_it(model, tmp_path, monkeypatch):
+    """fit --head auto on tracked detections of seeded synthetic identities (the tracker's output replaced): the head
+    from tracks wins the held-out measurement, the codebook is trained on its outputs and saved with it, and the
+    embedder then hands out the head's vectors."""
+    import numpy as np
+
+    from tests.features.test_head import identities
+    from yolo_vq import Embedder
+    from yolo_vq.quant import load_codebook
+
+    dim = Embedder(model).recipe_dim
+    x, track, frame = identities(0, n_ids=40, per=25, dim=dim)
+    monkeypatch.setattr("yolo_vq.fit.tracked_embeddings", lambda *a, **k: (x.astype(np.float32), track, frame))
+    lines: list[str] = []
+    pq, seen = fit_codebook(model, ["tracked.mp4"], tmp_path / "cb", code_bytes=8, codebook_size=16, lists=0,
+                            head="auto", log=lines.append)
+    assert seen == len(x) and pq.head is not None and pq.head.kind == "tracks" and pq.dim == pq.head.dim
+    assert pq.dim % 8 == 0 and pq.input_dim == dim
+    chose = next(line for line in lines if line.startswith("head: tracks"))
+    assert "none 0." in chose and "whiten 0." in chose and "tracks 0." in chose  # the figures it chose by
+    q = load_codebook(tmp_path / "cb")
+    assert q.head.kind == "tracks" and q.meta["head"]["stats"]["chosen"]["kind"] == "tracks"
+    assert Embedder(model, codebook=tmp_path / "cb").dim == q.dim
+    with pytest.raises(ValueError, match="head must be one of"):
+        fit_codebook(model, ["tracked.mp4"], tmp_path / "x", head="lda")
+
+
+def test_an_index_of_a_headed_codebook_searches_in_the_heads_space(model, tmp_path, monkeypatch, frames_folder, bus):
+    """index (kept vectors), search by detection with exact re-ranking, and by an image region, through a codebook
+    whose head maps the recipe's 1088 dims to fewer: every vector on the way is in the head's space."""
+    import contextlib
+    import io
+
+    import cv2
+    import numpy as np
+
+    from tests.features.test_head import identities
+    from yolo_vq import Embedder, Indexer, Memory
+    from yolo_vq.cli import main
+
+    x, track, frame = identities(0, n_ids=40, per=25, dim=Embedder(model).recipe_dim)
+    monkeypatch.setattr("yolo_vq.fit.tracked_embeddings", lambda *a, **k: (x.astype(np.float32), track, frame))
+    pq, _ = fit_codebook(model, ["tracked.mp4"], tmp_path / "cb", code_bytes=8, codebook_size=16, lists=0,
+                         head="tracks", log=lambda line: None)
+    with Indexer(model, tmp_path / "idx", codebook=tmp_path / "cb", conf=0.1, keep_vectors=True) as ix:
+        ix.index_source(frames_folder, progress=False)
+    with Memory(tmp_path / "idx") as m:
+        assert m.store.vector_dim == pq.dim < 1088
+        hits = m.search(m.vectors_of([1]), k=3, rerank=10)[0]
+        assert int(hits.data["id"][0]) == 1 and hits.data["score"][0] == pytest.approx(1, abs=1e-3)
+    cv2.imwrite(str(tmp_path / "bus.jpg"), bus)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["search", "--index", str(tmp_path / "idx"), "--image", str(tmp_path / "bus.jpg"), "--crop",
+                     "50,400,250,900", "--model", str(assets.pose_weights()), "-k", "3", "--json"]) == 0
+    assert len(json.loads(out.getvalue())) == 3
+
+
+def test_fit_track_on_a_clip_without_returning_people_says_so_and_uses_no_head(model, tmp_path, capsys):
+    from yolo_vq.cli import main
+
+    assert main(["fit", str(assets.bikes_video()), "--track", "--out", str(tmp_path / "cb"), "--stride", "2",
+                 "--codebook-size", "16", "--model", str(assets.pose_weights())]) == 0
+    out = capsys.readouterr().out
+    assert "head: none (" in out and "too few tracks come back" in out
+    assert json.loads((tmp_path / "cb.json").read_text()).get("head") is None

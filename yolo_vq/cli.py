@@ -107,7 +107,7 @@ def cmd_fit(a) -> None:
     pq, n = fit_codebook(model, a.sources, a.out, recipe=a.recipe, code_bytes=a.bytes,
                          codebook_size=a.codebook_size, rotation=None if a.rotation == "none" else a.rotation,
                          stride=a.stride, max_frames=a.max_frames, lists=a.lists, coarse_dim=a.coarse_dim,
-                         **_predict_args(a, model))
+                         head=a.head or ("auto" if a.track else "none"), **_predict_args(a, model))
     coarse = pq_lists(a.out)
     print(f"codebook: {n} detections sampled, {pq.stats.get('n_train')} used, {pq.code_size} B per detection "
           f"({pq.codebook_size} centroids per sub-space), "
@@ -303,6 +303,13 @@ def _add_fit(sub: Any) -> None:
                    help="auto: rotate within the recipe's parts (see docs/benchmarks.md); random: all dims; none")
     f.add_argument("--stride", type=positive, default=1, help="use every N-th frame (default 1)")
     f.add_argument("--max-frames", type=positive, default=None, help="read at most this many frames per source")
+    f.add_argument("--track", action="store_true",
+                   help="track the sources and learn an identity head from their tracks (same person, same track; "
+                        "two people in one frame, two identities): with --head auto unless told otherwise")
+    f.add_argument("--head", default=None, choices=["none", "auto", "whiten", "tracks"],
+                   help="identity head before the codebook: auto (with --track: chosen by same-track mAP on the "
+                        "last third of the frames), whiten (label-free), tracks (learned from tracks), none "
+                        "(default without --track)")
     _lists_args(f)
     _classes_arg(f)
     _detect_args(f)

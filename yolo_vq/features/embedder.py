@@ -90,8 +90,6 @@ class Embedder:
         self._seen: list[_Seen] = []
         self._callbacks: dict[str, Any] = {}
         self.codebook = self.load_codebook(codebook) if isinstance(codebook, str | Path) else codebook
-        # a codebook with an identity head: the embeddings are the head's outputs (what the codes encode)
-        self.head = getattr(self.codebook, "head", None)
         wanted = getattr(self.codebook, "input_dim", getattr(self.codebook, "dim", None))
         if self.codebook is not None and wanted != self.recipe_dim:
             raise ValueError(
@@ -103,6 +101,17 @@ class Embedder:
     def taps(self) -> list[TapInfo]:
         """The tapped layers (index, module, channels, stride)."""
         return self.tap.info
+
+    @property
+    def codebook(self) -> Any:
+        """The quantizer each batch's embeddings are encoded with (None: none). Setting one with an identity head
+        makes the embeddings the head's outputs (what its codes encode)."""
+        return self._codebook
+
+    @codebook.setter
+    def codebook(self, quantizer: Any) -> None:
+        self._codebook = quantizer
+        self.head = getattr(quantizer, "head", None)
 
     @property
     def recipe_dim(self) -> int:

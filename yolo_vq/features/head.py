@@ -19,13 +19,16 @@ exported ONNX graph and the server apply exactly the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Head", "Pairs", "fit_from_tracks", "fit_whitening", "track_pairs"]
+__all__ = ["HEADS", "Head", "Pairs", "choose_head", "fit_from_tracks", "fit_whitening", "track_pairs"]
+
+HEADS = ("none", "whiten", "tracks")  # what `fit --head` offers besides auto (choose by measurement)
 
 
 class Head(nn.Module):
@@ -141,6 +144,65 @@ def fit_from_tracks(x: np.ndarray, pairs: Pairs, dim: int | None = None, *, shri
     evals, evecs = np.linalg.eigh(dn.T @ dn / len(dn))
     u = evecs[:, np.argsort(evals)[::-1][:dim]]
     return Head(x.mean(0), w @ u, "tracks")
+
+
+def _fit(kind: str, x: np.ndarray, track: np.ndarray, frame: np.ndarray, dim: int, shrink: float) -> Head:
+    if kind == "whiten":
+        return fit_whitening(x, dim, shrink=shrink)
+    return fit_from_tracks(x, track_pairs(track, frame), dim, shrink=shrink)
+
+
+def choose_head(x: np.ndarray, track: np.ndarray, frame: np.ndarray, *, kinds: Sequence[str] = HEADS,
+                dims: Sequence[int], shrinks: Sequence[float] = (0.01, 0.1, 1.0), gap: int = 30,
+                queries: int = 2000) -> tuple[Head | None, dict]:
+    """Choose a head by measurement on the user's own tracks: every candidate (``kinds`` x ``dims`` x ``shrinks``;
+    ``"none"``: the raw embedding) is fitted on the first two thirds of the frames and scored (same-track mAP, the
+    ``benchmarks/retrieval.py`` protocol with +-``gap`` frames) on the last third; the best is refitted on all.
+
+    Returns ``(head or None, report)``; ``report`` has ``chosen`` (kind, dim, shrink), ``validation_map`` of the
+    chosen one, ``candidates`` (each one's validation mAP, or why it could not be fitted), ``queries`` and, where
+    nothing could be measured (too few tracks that come back), ``fallback`` with the reason (then no head).
+    """
+    from ..metrics import cosine_scores, retrieval_scores, valid_queries
+
+    x, track, frame = np.asarray(x, dtype=np.float64), np.asarray(track), np.asarray(frame)
+    cut = np.quantile(frame, 2 / 3)
+    a, b = frame < cut, frame >= cut
+    q = valid_queries(track[b], frame[b], gap)
+    if len(q) > queries:
+        q = np.sort(np.random.default_rng(0).choice(q, queries, replace=False))
+    report: dict = {"kinds": list(kinds), "queries": len(q), "candidates": [], "fit_rows": int(a.sum()),
+                    "validation_rows": int(b.sum())}
+    if len(q) < 10:
+        report.update(chosen={"kind": "none"}, fallback=(
+            f"{len(q)} detections in the last third of the frames have a same-track detection more than {gap} "
+            f"frames away (10 needed): too few tracks come back to measure a head, so none is used (track a longer "
+            f"video with people who reappear)"))
+        return None, report
+
+    def score(y: np.ndarray) -> float:
+        return retrieval_scores(cosine_scores(y, q), q, track[b], frame[b], gap).mAP
+
+    best = None
+    for kind in kinds:
+        settings = [(x.shape[1], 0.0)] if kind == "none" else [(d, s) for d in dims for s in shrinks]
+        for dim, shrink in settings:
+            cand = {"kind": kind, "dim": int(dim), "shrink": shrink}
+            try:
+                y = x[b] if kind == "none" else _fit(kind, x[a], track[a], frame[a], dim, shrink).project(x[b])
+            except ValueError as e:  # too few pairs, a dim above the sample's
+                report["candidates"].append(cand | {"error": " ".join(str(e).split())})
+                continue
+            cand["validation_map"] = round(score(y), 4)
+            report["candidates"].append(cand)
+            if best is None or cand["validation_map"] > best["validation_map"]:
+                best = cand
+    report["chosen"], report["validation_map"] = best, best["validation_map"]
+    if best["kind"] == "none":
+        return None, report
+    head = _fit(best["kind"], x, track, frame, best["dim"], best["shrink"])
+    head.stats = {k: report[k] for k in ("chosen", "validation_map", "queries", "fit_rows", "validation_rows")}
+    return head, report
 
 
 def _check(x: np.ndarray, dim: int) -> None:

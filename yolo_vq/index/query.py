@@ -56,7 +56,7 @@ class Query:
         from ..viz import crop
 
         meta = memory.store.get_meta("embedding") or {}
-        emb = Embedder(model, meta.get("config"))
+        emb = Embedder(model, meta.get("config"), codebook=memory.codebook)  # its identity head, if any
         if emb.fingerprint != memory.store.get_meta("model_fingerprint"):
             raise ValueError(f"the query model is not the model this index was built with ({meta.get('model')}): "
                              f"pass that model (--model)")
