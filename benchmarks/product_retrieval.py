@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, nargs="+", default=None, metavar="K",
                     help="shortlist sizes to re-rank exactly with kept float16 vectors (indexes with --keep-vectors)")
     ap.add_argument("--video", type=Path, default=None, help="a video or image folder (default: vtest.avi)")
+    ap.add_argument("--head", default="none", choices=["none", "auto", "whiten", "tracks"],
+                    help="fit's identity head, learned from the first half's tracks (default none)")
     args = ap.parse_args()
     video = args.video or assets.vtest_video()
     out = args.out or Path(tempfile.mkdtemp(prefix="yolo_vq_product_"))
@@ -53,14 +55,16 @@ def main() -> None:
         half = (src.frame_count or 794) // 2  # the codebook sees the first half of the frames only
         src.close()
         fit_codebook(model, [video], out / "cb", code_bytes=args.bytes, max_frames=half, imgsz=args.imgsz,
-                     rotation=None if args.rotation == "none" else args.rotation)
+                     rotation=None if args.rotation == "none" else args.rotation, head=args.head)
     with Indexer(model, out / "idx", codebook=out / "cb", track=True, imgsz=args.imgsz,
                  keep_vectors=bool(args.rerank)) as ix:
         print(ix.index_source(video).line())
     print(f"fit + index: {time.perf_counter() - t0:.0f} s")
     with Memory(out / "idx", mode="flat") as mem:  # mem.scan below: every code in RAM
         params = mem.codebook.meta.get("quantizer", {}).get("params", {})
-        print(f"codebook: {mem.codebook.code_size} B, rotation {params.get('rotation')}")
+        head = mem.codebook.head
+        print(f"codebook: {mem.codebook.code_size} B, rotation {params.get('rotation')}, head "
+              f"{'none' if head is None else f'{head.kind} ({head.dim_in} -> {head.dim} dims)'}")
         ids, _ = mem.store.codes()
         det = mem.store.get(ids)
         track, frame = det.track_id, det.data["frame"]
@@ -78,7 +82,17 @@ def main() -> None:
             took = "" if seconds is None else f" ({seconds / len(q) * 1e3:.2f} ms per query)"
             print(f"{name}: mAP {m.mAP:.3f}, Rank-1 {m.rank1:.3f}, R@10 {m.recall10:.3f}{took}")
 
-        report("codes, query decoded from its codes, ADC", adc(mem.vectors_of(ids, stored=False)[q]))
+        decoded = adc(mem.vectors_of(ids, stored=False)[q])
+        report("codes, query decoded from its codes, ADC", decoded)
+        src = open_source(video)
+        half = (src.frame_count or 794) // 2
+        src.close()
+        late = frame >= half  # held-out time: queries and gallery from the frames the codebook never saw
+        q2 = valid_queries(np.where(late, track, -1), frame, args.gap)
+        m = retrieval_scores(np.where(late[None, :], decoded[np.searchsorted(q, q2)], -np.inf), q2,
+                             np.where(late, track, -1), frame, args.gap)
+        print(f"held-out time (frames >= {half} only, {len(q2)} queries): codes, query decoded, ADC: mAP {m.mAP:.3f}, "
+              f"Rank-1 {m.rank1:.3f}, R@10 {m.recall10:.3f}")
         if args.rerank:
             vecs = mem.vectors_of(ids)[q]  # the stored float16 vectors
             base = adc(vecs)

@@ -195,7 +195,8 @@ def cmd_search(a) -> None:
             query = Query.image(mem, _model(a.model), image, box=a.crop, imgsz=a.imgsz)
         filters = {"classes": a.cls, "source": a.source, "time_from": a.time_from, "time_to": a.time_to,
                    "min_conf": a.min_conf}
-        results = mem.search(query.vectors[:1], a.k, exclude=query.exclude, rerank=a.rerank, **filters)[0]
+        results = mem.search(query.vectors[:1], a.k, exclude=query.exclude, rerank=a.rerank,
+                             per_track=a.per_track, **filters)[0]
         if not len(results):
             print(f"no results: {mem.why_empty(exclude=query.exclude, **filters)}", file=sys.stderr)
         rows = result_rows(mem, results)
@@ -389,6 +390,8 @@ def _add_search(sub: Any) -> None:
     s.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="re-rank the K best by ADC with exact cosine on the kept float16 vectors (index "
                         "--keep-vectors)")
+    s.add_argument("--per-track", type=positive, default=None, metavar="N",
+                   help="results by appearance: at most N hits per track, each with the track's time span")
     s.add_argument("--engine", default=ENGINES[0], choices=ENGINES,
                    help="code scan engine (default auto: FAISS when installed)")
     s.add_argument("--nprobe", type=_nprobe, default=None, metavar="N|all",

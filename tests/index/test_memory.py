@@ -105,3 +105,40 @@ def test_cli_keep_vectors_and_rerank(small_codebook, bikes_frames, tmp_path, cap
     assert [r["id"] for r in rows] == want.data["id"].tolist() and 3 not in [r["id"] for r in rows]
     assert main(["search", "--index", idx, "--detection", "3", "-k", "5", "--rerank", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: rerank must be an int >= k (5)")
+
+
+def test_per_track_gives_appearances_with_their_time_spans(small_index):
+    """search(per_track=N): at most N hits per track, the same best hit first as the plain search, every kept
+    track's time span; an untracked detection counts as an appearance of its own."""
+    from yolo_vq import Memory
+
+    with Memory(small_index) as m:
+        q = m.vectors_of([1])
+        plain = m.search(q, k=len(m))[0]
+        one = m.search(q, k=5, per_track=1)[0]
+        keys = [(s, t) if t >= 0 else (-1, i) for s, t, i in zip(one.data["source_id"].tolist(), one.track_id.tolist(),
+                                                               one.data["id"].tolist())]
+        assert len(keys) == len(set(keys)) == min(5, len({(s, t) if t >= 0 else (-1, i) for s, t, i in zip(
+            plain.data["source_id"].tolist(), plain.track_id.tolist(), plain.data["id"].tolist())}))
+        assert int(one.data["id"][0]) == int(plain.data["id"][0])
+        for s, t, a, b in zip(one.data["source_id"].tolist(), one.track_id.tolist(), one.data["track_start"].tolist(),
+                              one.data["track_end"].tolist()):
+            if t >= 0:
+                times = m.store.get(m.store.track_ids(s, t)).data["time"]
+                assert (a, b) == (float(times.min()), float(times.max()))
+        two = m.search(q, k=50, per_track=2)[0]
+        counts = np.unique([t for t in two.track_id.tolist() if t >= 0], return_counts=True)[1]
+        assert counts.max() <= 2
+        with pytest.raises(ValueError, match="per_track must be a positive int"):
+            m.search(q, per_track=0)
+
+
+def test_search_cli_per_track_rows_and_sheet(small_index, tmp_path, capsys):
+    import json
+
+    assert main(["search", "--index", str(small_index), "--detection", "1", "--per-track", "1", "-k", "4", "--json",
+                 "--sheet", str(tmp_path / "s.jpg"), "--sheet-from", "thumbs"]) == 0
+    rows = json.loads(capsys.readouterr().out.split("\ncontact sheet:")[0])
+    assert rows and all(r["track_start"] <= r["time"] <= r["track_end"] for r in rows)
+    tracked = [(r["source"], r["track"]) for r in rows if r["track"] >= 0]
+    assert len(tracked) == len(set(tracked)) and (tmp_path / "s.jpg").is_file()

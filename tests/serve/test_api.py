@@ -108,6 +108,9 @@ def test_search_equals_the_cli(client, served, frame_jpg, pose_model_path):
     by_track = client.post("/search", data={"track": f"1:{track}", "rerank": 50, "k": 5}).json()
     assert by_track["results"] == cli_json("--index", str(index), "--track", f"1:{track}", "--rerank", "50",
                                            "-k", "5")
+    appearances = client.post("/search", data={"detection": 3, "per_track": 1, "k": 5}).json()["results"]
+    assert appearances == cli_json("--index", str(index), "--detection", "3", "--per-track", "1", "-k", "5")
+    assert all("track_start" in r for r in appearances)
 
 
 BAD = [  # (method, path, form, files, status, words the message must contain)

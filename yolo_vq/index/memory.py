@@ -386,6 +386,39 @@ class Memory:
         v = self.vectors_of(ids).mean(0, keepdims=True)
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
+    def _per_track(self, query: np.ndarray, k: int, per: int, exclude: Sequence[int], rerank: int | None,
+                   nprobe: int | None, filters: dict) -> Detections:
+        """:meth:`search` with at most ``per`` hits per track: asks for 4x more results until ``k`` appearances
+        are found or everything stored was ranked."""
+        fetch = 4 * k
+        while True:
+            hits = self.search(query[None], fetch, exclude=exclude, rerank=None if rerank is None else max(rerank, fetch),
+                               nprobe=nprobe, **filters)[0]
+            seen: dict[tuple[int, int], int] = {}
+            keep = []
+            for i, (src, tid, did) in enumerate(zip(hits.data["source_id"].tolist(), hits.track_id.tolist(),
+                                                    hits.data["id"].tolist())):
+                key = (src, tid) if tid >= 0 else (-1, did)
+                if seen.get(key, 0) < per:
+                    seen[key] = seen.get(key, 0) + 1
+                    keep.append(i)
+                    if len(keep) == k:
+                        break
+            if len(keep) == k or len(hits) < fetch or fetch >= len(self):
+                break
+            fetch *= 4
+        out = hits[np.asarray(keep, dtype=np.int64)]
+        start, end = out.data["time"].astype(np.float64), out.data["time"].astype(np.float64)
+        spans: dict[tuple[int, int], tuple[float, float]] = {}
+        for i, (src, tid) in enumerate(zip(out.data["source_id"].tolist(), out.track_id.tolist())):
+            if tid < 0:
+                continue
+            if (src, tid) not in spans:
+                t = self.store.get(self.store.track_ids(src, tid)).data["time"]
+                spans[(src, tid)] = (float(t.min()), float(t.max()))
+            start[i], end[i] = spans[(src, tid)]
+        return out.with_data(track_start=start, track_end=end)
+
     # -- pictures --------------------------------------------------------------------------------------------------
     def pictures(self, detections: Detections, *, prefer: str = "video",
                  size: tuple[int, int] = (96, 192)) -> list[np.ndarray]:
@@ -411,17 +444,26 @@ class Memory:
         """
         from ..viz import Tile, contact_sheet, placeholder
 
-        tiles = [Tile(img, f"t={t:.1f}s f={f} #{k}", float(s)) for img, t, f, k, s in zip(
-            self.pictures(results, prefer=prefer), results.data["time"].tolist(), results.data["frame"].tolist(),
-            results.track_id.tolist(), results.data["score"].tolist())]
+        spans = (zip(results.data["track_start"].tolist(), results.data["track_end"].tolist())
+                 if "track_start" in results.data else [None] * len(results))  # results by appearance
+        tiles = [Tile(img, f"t={t:.1f}s f={f} #{k}" if span is None or k < 0 else
+                      f"#{k} {span[0]:.1f}-{span[1]:.1f}s", float(s))
+                 for img, t, f, k, s, span in zip(self.pictures(results, prefer=prefer), results.data["time"].tolist(),
+                                                  results.data["frame"].tolist(), results.track_id.tolist(),
+                                                  results.data["score"].tolist(), spans)]
         if isinstance(query, Detections):
             query = self.pictures(query[:1], prefer=prefer)[0]
         q = Tile(placeholder(text="query: not shown") if query is None else query, "query")
         return contact_sheet(q, tiles, columns=columns, title=f"top {len(tiles)} of {len(self)}")
 
     def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), rerank: int | None = None,
-               nprobe: int | None = None, **filters) -> list[Detections]:
+               nprobe: int | None = None, per_track: int | None = None, **filters) -> list[Detections]:
         """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``.
+
+        ``per_track=N``: results by appearance, not by frame: at most N hits of each track (an untracked detection
+        is an appearance of its own), so the top ``k`` shows up to ``k`` different appearances instead of
+        neighbouring frames of one walk; each hit then has ``data['track_start']`` / ``data['track_end']``, the
+        first and last time (s) its track was stored.
 
         Scores are cosine similarities estimated by ADC over the codes; with ``rerank=K`` (K >= k) the ADC
         shortlist of the K best is re-ranked by exact cosine similarity to the kept float16 vectors (the index
@@ -441,6 +483,11 @@ class Memory:
                 raise StoreError(f"{self.index} keeps no float vectors to re-rank with: index it with --keep-vectors "
                                  "(Indexer(keep_vectors=True)), or search without rerank")
         _check_nprobe(nprobe)  # a bad value is an error in flat mode too, where it changes nothing
+        if per_track is not None:
+            if isinstance(per_track, bool) or not isinstance(per_track, int | np.integer) or per_track < 1:
+                raise ValueError(f"per_track must be a positive int (hits per track), got {per_track!r}")
+            queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
+            return [self._per_track(q, k, int(per_track), exclude, rerank, nprobe, filters) for q in queries]
         where = self.where(**filters)
         exclude = np.unique(np.asarray(exclude, dtype=np.int64))
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)

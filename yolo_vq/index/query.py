@@ -79,7 +79,8 @@ class Query:
 
 def result_rows(memory: Memory, results: Detections) -> list[dict[str, Any]]:
     """Search results as JSON-ready rows, best first: id, score, source (its path or URL), time, frame, class (name),
-    track, confidence, box (x1, y1, x2, y2 in original pixels): what ``yolo-vq search --json`` prints."""
+    track, confidence, box (x1, y1, x2, y2 in original pixels), and for results by appearance (``per_track``) the
+    track's ``track_start`` / ``track_end`` (s): what ``yolo-vq search --json`` prints."""
     sources = {s.id: s.uri for s in memory.store.sources()}
     rows = []
     for i in range(len(results)):
@@ -91,6 +92,9 @@ def result_rows(memory: Memory, results: Detections) -> list[dict[str, Any]]:
             "track": int(results.track_id[i]), "confidence": round(float(results.confidence[i]), 3),
             "box": [round(float(v), 1) for v in results.xyxy[i]],
         })
+        if "track_start" in results.data:  # results by appearance: the track's time span
+            rows[-1].update(track_start=round(float(results.data["track_start"][i]), 3),
+                            track_end=round(float(results.data["track_end"][i]), 3))
     return rows
 
 
@@ -101,6 +105,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
     lines = [f"{'rank':>4} {'score':>6} {'time':>8} {'frame':>6} {'class':>10} {'track':>5} {'conf':>5}  box  source"]
     for n, r in enumerate(rows, 1):
+        span = f"  (track {r['track_start']:.2f}-{r['track_end']:.2f} s)" if "track_start" in r else ""
         lines.append(f"{n:>4} {r['score']:6.3f} {r['time']:8.2f} {r['frame']:6d} {r['class']:>10} {r['track']:5d} "
-                     f"{r['confidence']:5.2f}  {r['box']}  {Path(r['source']).name}")
+                     f"{r['confidence']:5.2f}  {r['box']}  {Path(r['source']).name}{span}")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ Endpoints (OpenAPI page at ``/docs``):
 - ``POST /search`` (form): one query, ``image`` (an uploaded JPEG/PNG; ``box`` = "x1,y1,x2,y2" pixels in it, else its
   first detection) or ``detection`` (a stored id) or ``track`` ("SOURCE:TRACK"); filters ``classes`` (names, comma
   separated), ``source`` (id), ``time_from``/``time_to`` (s), ``min_conf``; ``k``; ``rerank`` (exact re-ranking of
-  that many). Results are the rows of ``yolo-vq search --json`` for the same query.
+  that many), ``per_track`` (results by appearance). Results are the rows of ``yolo-vq search --json`` for the same
+  query.
 - ``POST /detect`` (form, ``image``): the detections the index's model finds in an uploaded image, to click on.
 - ``GET /detections/{id}`` (row), ``/detections/{id}/crop.jpg``, ``/detections/{id}/frame.jpg`` (its frame with the
   boxes drawn, from the video while it is still there, else its stored thumbnail), ``GET /tracks/{source}/{track}``,
@@ -214,7 +215,9 @@ def create_app(index: str | Path, *, model: Any = None, imgsz: int = 640, max_up
                time_from: Annotated[float | None, Form()] = None, time_to: Annotated[float | None, Form()] = None,
                min_conf: Annotated[float | None, Form(ge=0, le=1)] = None,
                k: Annotated[int, Form(ge=1, le=1000)] = 10,
-               rerank: Annotated[int | None, Form(ge=1)] = None) -> dict[str, Any]:
+               rerank: Annotated[int | None, Form(ge=1)] = None,
+               per_track: Annotated[int | None, Form(ge=1, description="at most this many hits per track")] = None,
+               ) -> dict[str, Any]:
         """Top-k stored detections like the query; the rows of `yolo-vq search --json`."""
         given = [n for n, v in (("image", image), ("detection", detection), ("track", track)) if v is not None]
         if len(given) != 1:
@@ -239,7 +242,8 @@ def create_app(index: str | Path, *, model: Any = None, imgsz: int = 640, max_up
         filters = {"classes": [c.strip() for c in classes.split(",") if c.strip()] if classes else None,
                    "source": source, "time_from": time_from, "time_to": time_to, "min_conf": min_conf}
         try:
-            found = mem.search(query.vectors[:1], k, exclude=query.exclude, rerank=rerank, **filters)[0]
+            found = mem.search(query.vectors[:1], k, exclude=query.exclude, rerank=rerank, per_track=per_track,
+                               **filters)[0]
         except ValueError as e:  # an unknown class, a bad time range, rerank without kept vectors
             raise HTTPException(400, " ".join(str(e).split())) from None
         rows = result_rows(mem, found)

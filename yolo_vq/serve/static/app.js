@@ -133,7 +133,7 @@ function dragBox() {
 function filters(form) {
   const classes = [...$("#classes").selectedOptions].map((o) => o.value);
   if (classes.length) form.append("classes", classes.join(","));
-  for (const id of ["source", "time_from", "time_to", "min_conf", "k", "rerank"]) {
+  for (const id of ["source", "time_from", "time_to", "min_conf", "k", "rerank", "per_track"]) {
     const v = $("#" + id).value.trim();
     if (v !== "") form.append(id, v);
   }
@@ -201,7 +201,9 @@ function tile(r, rank) {
     el("img", { src: `/detections/${r.id}/crop.jpg`, alt: `detection ${r.id}`, loading: "lazy" }),
     el("div", {}, el("span", { class: "score" }, `#${rank}  ${r.score.toFixed(3)}`), `  ${r.class}`),
     el("div", {}, `${r.time.toFixed(2)} s · frame ${r.frame}`),
-    el("div", {}, `${name} · track ${r.track >= 0 ? r.track : "–"}`));
+    el("div", {}, `${name} · track ${r.track >= 0 ? r.track : "–"}`),
+    ...(r.track_start !== undefined && r.track >= 0
+      ? [el("div", {}, `seen ${r.track_start.toFixed(1)}–${r.track_end.toFixed(1)} s`)] : []));
 }
 
 // -- the frame viewer: the detection's frame, neighbouring frames, search again from it ----------------------------
