@@ -140,3 +140,17 @@ def test_fit_track_on_a_clip_without_returning_people_says_so_and_uses_no_head(m
     out = capsys.readouterr().out
     assert "head: none (" in out and "too few tracks come back" in out
     assert json.loads((tmp_path / "cb.json").read_text()).get("head") is None
+
+
+def test_a_recipe_whose_dims_do_not_split_into_the_bytes_is_projected_and_says_so(model, tmp_path, bus):
+    """The colour preset (432 dims) at 32 bytes: PQ needs D divisible by its sub-spaces, so the codebook projects
+    onto the top 416 principal axes first and says so; it then encodes the recipe's vectors to 32 bytes."""
+    from yolo_vq import Embedder
+
+    with pytest.warns(UserWarning, match=r"432 dims, not a multiple of 32 bytes: .* top 416 principal axes"):
+        pq, _ = fit_codebook(model, [assets.bikes_video()], tmp_path / "cb", recipe="colour", code_bytes=32,
+                             lists=0, stride=2, progress=False)
+    assert (pq.dim, pq.dim_out, pq.code_size) == (432, 416, 32) and 0.9 < pq.stats["pca_energy_kept"] <= 1 + 1e-6
+    with Embedder(model, "colour", codebook=tmp_path / "cb"):
+        r = model.predict(bus, verbose=False)[0]
+    assert r.vq_codes.shape == (len(r.boxes), 32)

@@ -222,10 +222,20 @@ def fit_codebook(
     if rotation == "auto":
         rotation, blocks = ("random", part_blocks(emb)) if emb.config.mode == "roi" else (None, None)
 
-    dim = emb.dim
+    dim, pca = emb.dim, None
+    if isinstance(code_bytes, int) and code_bytes >= 1 and dim % code_bytes and head == "none":
+        # e.g. the colour preset's 432 dims at 32 bytes: PQ splits D into code_bytes equal sub-spaces, so project
+        # onto the top principal axes that fit (a few low-variance dims dropped), said in a warning and the stats
+        pca = dim // code_bytes * code_bytes
+        if pca == 0:
+            raise ValueError(f"--bytes {code_bytes} is more than the recipe's {dim} dims: at most {dim} bytes")
+        rotation, blocks = ("random" if rotation else None), None  # the recipe's parts do not survive PCA
+        warnings.warn(f"recipe {emb.config.name!r} gives {dim} dims, not a multiple of {code_bytes} bytes: the codebook "
+                      f"first projects onto the top {pca} principal axes (PCA; the energy kept is in its stats as "
+                      f"pca_energy_kept)", UserWarning, stacklevel=2)
 
     def quantizer(k: int) -> Any:
-        return ProductQuantizer(dim=dim, m=code_bytes, codebook_size=k, rotation=rotation,
+        return ProductQuantizer(dim=dim, m=code_bytes, codebook_size=k, rotation=rotation, pca_dim=pca,
                                 rotation_blocks=blocks, max_train=max_train, seed=seed)
 
     if head not in ("none", "auto", *HEADS):
