@@ -58,6 +58,7 @@ def test_the_page_and_its_files_are_served(client):
     assert 'src="/app.js"' in page.text and 'href="/style.css"' in page.text and "http" not in page.text.lower()
     assert "fetch(" in client.get("/app.js").text and ".tile" in client.get("/style.css").text
     assert "/search" in client.get("/openapi.json").json()["paths"] and client.get("/docs").status_code == 200
+    assert client.get("/", params={"name": "../app.py", "media": "text/plain"}).text == page.text  # no file by name
 
 
 def test_info_sources_detection_track_and_pictures(client, served):

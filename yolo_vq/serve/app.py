@@ -143,6 +143,16 @@ def _jpeg(image: np.ndarray, picture: str) -> Response:
                     headers={"X-Picture": picture, "Cache-Control": "no-store"})
 
 
+def _static(name: str, media: str) -> Callable[[], Response]:
+    """A handler with no parameters (FastAPI would read any parameter from the request) serving one packaged file."""
+    text = (resources.files(__package__) / "static" / name).read_text()
+
+    def page() -> Response:
+        return HTMLResponse(text, media_type=media)
+
+    return page
+
+
 def create_app(index: str | Path, *, model: Any = None, imgsz: int = 640, max_upload: int = MAX_UPLOAD) -> FastAPI:
     """The FastAPI app serving ``index`` (read-only). ``model``: the YOLO model of image queries (a loaded one, a
     path or name, or None: the offline yolo11n-pose), loaded on the first image query; it must be the model the
@@ -150,6 +160,7 @@ def create_app(index: str | Path, *, model: Any = None, imgsz: int = 640, max_up
     from .. import __version__
 
     ix = _Index(index, model, imgsz)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -183,10 +194,8 @@ def create_app(index: str | Path, *, model: Any = None, imgsz: int = 640, max_up
     def _bad(request: Request, e: ValueError) -> JSONResponse:  # a box outside it, another model, a bad filter)
         return JSONResponse({"detail": " ".join(str(e).split())}, status_code=400)
 
-    for route, (name, media) in _STATIC.items():
-        def page(name: str = name, media: str = media) -> Response:
-            return HTMLResponse((resources.files(__package__) / "static" / name).read_text(), media_type=media)
-        app.get(route, include_in_schema=False)(page)
+    for route, (name, media) in _STATIC.items():  # three fixed files: nothing of the request names a file
+        app.get(route, include_in_schema=False)(_static(name, media))
 
     @app.get("/info")
     @on_index
