@@ -181,10 +181,11 @@ class Detections:
         """A copy with extra per-row ``data`` (scalars broadcast)."""
         n = len(self)
         merged: Mapping[str, Any] = {**self.data, **{k: np.full(n, v) if np.ndim(v) == 0 else v for k, v in data.items()}}
-        out = self[np.arange(n)]
-        out.data = dict(merged)
-        out.__post_init__()
-        return out
+        copy = {k: None if v is None else v.copy() for k, v in
+                (("codes", self.codes), ("embeddings", self.embeddings))}
+        return Detections(self.xyxy.copy(), confidence=self.confidence.copy(), class_id=self.class_id.copy(),
+                          track_id=self.track_id.copy(), **copy,
+                          data={k: np.array(v, copy=True) for k, v in merged.items()})
 
     def __repr__(self) -> str:
         codes = "none" if self.codes is None else f"{self.codes.shape[1]}B {self.codes.dtype}"

@@ -90,6 +90,17 @@ def test_every_list_probed_equals_the_flat_scan(index, data, engine):
         same(ivf.search(data[1], 10, nprobe=10 * LISTS), flat.search(data[1], 10))
 
 
+@pytest.mark.parametrize("filters", [{}, {"classes": ["car"]}, {"min_conf": 0.5}], ids=lambda f: ",".join(f) or "none")
+@pytest.mark.parametrize("nprobe", [1, 4, LISTS - 1])
+def test_faiss_scans_the_probed_lists_in_place_as_the_numpy_engine_scans_them_gathered(index, data, nprobe, filters):
+    # faiss: IndexIVFPQ's list scanner over the memory-mapped list slices (unfiltered) or the gathered matching
+    # rows; numpy: the rows of the same probed lists gathered and scanned with the quantizer's own tables
+    with Memory(index, mode="ivf", engine="faiss") as a, Memory(index, mode="ivf", engine="numpy") as b:
+        assert a.lists._scanner is not None and b.lists._scanner is None
+        same(a.search(data[1], 10, nprobe=nprobe, **filters), b.search(data[1], 10, nprobe=nprobe, **filters))
+        same(a.search(data[1], 3000, nprobe=nprobe, **filters), b.search(data[1], 3000, nprobe=nprobe, **filters))
+
+
 def test_recall_rises_with_nprobe(index, data):
     with Memory(index, mode="ivf") as ivf, Memory(index, mode="flat") as flat:
         truth = [set(r.data["id"].tolist()) for r in flat.search(data[1], 10)]

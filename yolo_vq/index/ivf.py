@@ -1,11 +1,12 @@
 """Partitioned (IVF) search over the on-disk lists: probe the nearest lists, gather their rows, scan them by ADC.
 
 A query is projected by the coarse quantizer and compared with every list centroid (:meth:`CoarseQuantizer.probe`);
-the rows of its ``nprobe`` nearest lists are gathered from every segment's memory map (``codes`` (n, code_size)
-uint8 and ``id`` (n,) int64, plus the columns a filter reads) and scanned with the product quantizer's own ADC
-kernel (:meth:`CodeScan.search_codes`: FAISS' ``ProductQuantizer.search``, the kernel of ``IndexIVFPQ`` with
-``by_residual = False``). Distances are therefore exactly those of the flat scan; only the set of rows scanned
-differs, and with ``nprobe >= lists`` it is every row (same results as the flat scan).
+the rows of its ``nprobe`` nearest lists are scanned by ADC over our PQ codes. With FAISS (the default engine) each
+probed list's slice of every segment's memory map (``codes`` (n, code_size) uint8, ``id`` (n,) int64) is scanned
+where it lies by FAISS' own inverted-list kernel (:class:`~yolo_vq.index.scan.ListScanner`: ``IndexIVFPQ``'s scanner,
+``by_residual = False``, on our centroids); with numpy the rows are gathered and scanned with the quantizer's tables
+(:meth:`CodeScan.search_codes`). Distances are those of the flat scan (up to float32 summation order); only the set
+of rows scanned differs, and with ``nprobe >= lists`` it is every row (same results as the flat scan).
 
 A filter (:class:`~yolo_vq.index.filters.RowFilter`) is tested on the gathered columns before the scan, so a filtered
 search returns exactly what a filtered flat scan over the same lists would. A filter that keeps a fraction ``f`` of
@@ -74,6 +75,7 @@ class ListSearch:
 
     def __init__(self, lists: Lists, coarse: Any, scan: Any) -> None:
         self.lists, self.coarse, self.scan = lists, coarse, scan
+        self._scanner = scan.list_scanner()  # FAISS' IVF-PQ list kernel, in place on the maps; None: numpy engine
 
     @property
     def rows(self) -> int:
@@ -94,6 +96,13 @@ class ListSearch:
         probed = self.coarse.probe(queries, nprobe)
         for i, q in enumerate(queries):
             p, lists = nprobe, probed[i]
+            if where is None and self._scanner is not None:
+                (d, found), seen = self._in_place(q, lists, k)
+                while seen < k and p < n_lists:  # fewer rows than asked for: probe more
+                    p = min(n_lists, 2 * p)
+                    (d, found), seen = self._in_place(q, self.coarse.probe(q[None], p)[0], k)
+                dist[i : i + 1], ids[i : i + 1] = d, found
+                continue
             codes, row_ids, kept, seen = self._gather(lists, where)
             if where is not None and seen and kept < seen:
                 # A filter keeps a fraction of the rows: the nearest matching rows lie as far out as the nearest
@@ -106,8 +115,28 @@ class ListSearch:
             while kept < k and p < n_lists:  # still fewer matching rows than asked for: probe more
                 p = min(n_lists, 2 * p)
                 codes, row_ids, kept, seen = self._gather(self.coarse.probe(q[None], p)[0], where)
-            dist[i : i + 1], ids[i : i + 1] = self.scan.search_codes(q[None], codes, row_ids, k)
+            if self._scanner is None:
+                dist[i : i + 1], ids[i : i + 1] = self.scan.search_codes(q[None], codes, row_ids, k)
+            else:
+                self._scanner.start(q, k)
+                self._scanner.scan_arrays(codes, row_ids)
+                dist[i : i + 1], ids[i : i + 1] = self._scanner.result()
         return dist, ids
+
+    def _in_place(self, q: np.ndarray, lists: np.ndarray, k: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+        """Unfiltered: each probed list's rows scanned where they lie in every segment's map (no copy). Returns the
+        ``(dist, ids)`` of :meth:`search` for ``q`` and how many rows were scanned."""
+        sc, cs = self._scanner, self.scan.quantizer.code_size
+        lists = np.sort(lists)  # ascending offsets: the maps are read front to back
+        sc.start(q, k)
+        seen = 0
+        for seg in self.lists.segments:
+            codes_at, ids_at = seg.codes.ctypes.data, seg.ids.ctypes.data
+            for a, b in zip(seg.offsets[lists].tolist(), seg.offsets[lists + 1].tolist()):
+                if b > a:
+                    sc.scan(b - a, codes_at + a * cs, ids_at + a * 8)
+                    seen += b - a
+        return sc.result(), seen
 
     def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Codes and ids of the rows of ``lists`` in every segment that pass ``where`` (filter columns are read first,

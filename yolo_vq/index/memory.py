@@ -489,7 +489,7 @@ class Memory:
             queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
             return [self._per_track(q, k, int(per_track), exclude, rerank, nprobe, filters) for q in queries]
         where = self.where(**filters)
-        exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+        exclude = np.unique(np.asarray(exclude, dtype=np.int64)) if len(exclude) else np.zeros(0, np.int64)
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
         # the query's own ids are not a filter: ask for as many more results as are excluded, and drop them
         extra = len(exclude)
@@ -504,13 +504,16 @@ class Memory:
         else:
             from .ivf import merge_topk
 
-            d1, i1 = self.lists.search(queries, want + extra, nprobe=self.effective_nprobe(nprobe), where=where)
-            d2, i2 = self.scan.search(queries, want + extra, allowed=allowed)
-            dist, ids = merge_topk(d1, i1, d2, i2, want + extra)
+            dist, ids = self.lists.search(queries, want + extra, nprobe=self.effective_nprobe(nprobe), where=where)
+            if len(self.scan):  # the tail: stored since the lists were last synced
+                d2, i2 = self.scan.search(queries, want + extra, allowed=allowed)
+                dist, ids = merge_topk(dist, ids, d2, i2, want + extra)
         out = []
         for q, d, i in zip(queries, dist, ids):
-            keep = (i >= 0) & ~np.isin(i, exclude) if extra else i >= 0
-            keep &= np.cumsum(keep) <= want
+            keep = i >= 0
+            if extra:  # the query's own ids dropped, the rest cut to want
+                keep &= ~np.isin(i, exclude)
+                keep &= np.cumsum(keep) <= want
             if rerank is None:
                 out.append(self.store.get(i[keep]).with_data(score=(1.0 - d[keep] / 2.0).astype(np.float32)))
                 continue

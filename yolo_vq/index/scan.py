@@ -27,7 +27,7 @@ from ..quant.base import Quantizer
 from ..quant.pq import ProductQuantizer
 from . import ENGINES
 
-__all__ = ["ENGINES", "CodeScan"]
+__all__ = ["ENGINES", "CodeScan", "ListScanner"]
 
 _CHUNK_ROWS = 16384  # code rows per gather in the numpy engine (fits the tables and the chunk in cache) ...
 _CHUNK_CELLS = 1 << 20  # ... and at most this many (query, row) distances per chunk, so memory stays bounded
@@ -177,11 +177,67 @@ class _FaissEngine:
                 faiss.omp_set_num_threads(threads)
         return dist, pos
 
+    def list_scanner(self) -> ListScanner:
+        return ListScanner(self)
+
     def _whole(self, x: np.ndarray, yn: np.ndarray, dist: np.ndarray) -> np.ndarray:
         if self.drops_energy:  # as ProductQuantizer.distance_tables: the energy PCA leaves out is part of ||q - x||
             outside = ((x - self.mean) ** 2).sum(1) - (yn.astype(np.float64) ** 2).sum(1)
             dist += np.maximum(outside, 0).astype(np.float32)[:, None]
         return dist
+
+
+class ListScanner:
+    """One query at a time over blocks of stored rows, scanned where they lie (memory-mapped list slices, or rows
+    gathered by a filter): FAISS' inverted-list scanner of ``IndexIVFPQ`` (``by_residual = False``; the kernel
+    ``search_preassigned`` runs on each probed list) on our PQ centroids.
+
+    :meth:`start` computes the query's distance table once; :meth:`scan` runs the kernel over ``n`` rows at raw
+    addresses (codes ``n * code_size`` bytes, ids ``n`` int64), keeping the ``k`` best of every block so far in one
+    heap; :meth:`result` returns them sorted by (distance, id), as :meth:`CodeScan.search_codes` would over the same
+    rows (distances equal up to the summation order of float32 table entries). Not thread-safe: one per thread.
+    """
+
+    def __init__(self, engine: _FaissEngine) -> None:
+        faiss = engine.faiss
+        pq = engine.index.pq
+        self.engine, self.code_size = engine, pq.code_size
+        self._coarse = faiss.IndexFlatL2(pq.d)  # never searched: the scanner only needs an IVF index around it
+        self._ivf = faiss.IndexIVFPQ(self._coarse, pq.d, 1, pq.M, pq.nbits)
+        self._ivf.by_residual = False
+        self._ivf.pq = pq
+        self._ivf.is_trained = True
+        self._scanner = self._ivf.get_InvertedListScanner(False, None, None)
+        self._u8, self._i64, self._ptr = faiss.cast_integer_to_uint8_ptr, faiss.cast_integer_to_idx_t_ptr, faiss.swig_ptr
+        self._x = self._y = None
+
+    def start(self, query: np.ndarray, k: int) -> None:
+        """Begin a search for ``query`` (D,) float32 keeping the ``k`` best."""
+        self._x = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+        e = self.engine
+        self._y = self._x if e.project is None else e.project.apply(self._x)
+        self._d = np.full(k, np.inf, np.float32)
+        self._i = np.full(k, -1, np.int64)
+        self._pd, self._pi = self._ptr(self._d), self._ptr(self._i)
+        self._scanner.set_query(self._ptr(self._y))
+        self._scanner.set_list(0, 0.0)
+
+    def scan(self, n: int, codes_at: int, ids_at: int) -> None:
+        """Scan ``n`` rows whose codes start at address ``codes_at`` and ids at ``ids_at`` (``ndarray.ctypes.data``
+        plus a byte offset; the arrays must stay alive during the call)."""
+        if n > 0:
+            self._scanner.scan_codes(n, self._u8(codes_at), self._i64(ids_at), self._pd, self._pi, len(self._d))
+
+    def scan_arrays(self, codes: np.ndarray, ids: np.ndarray) -> None:
+        """Scan rows given as arrays: ``codes`` (n, code_size) uint8, ``ids`` (n,) int64."""
+        codes, ids = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(ids, np.int64)
+        self.scan(len(ids), codes.ctypes.data, ids.ctypes.data)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(dist, ids)``, each ``(1, k)``, ascending by (distance, id), padded with ``inf`` / ``-1``."""
+        order = np.lexsort((np.where(self._i >= 0, self._i, np.iinfo(np.int64).max), self._d))
+        d, i = self._d[order][None], self._i[order][None]
+        return self.engine._whole(self._x, self._y, np.where(i >= 0, d, np.inf).astype(np.float32)), i
 
 
 class CodeScan:
@@ -362,6 +418,11 @@ class CodeScan:
         dist[:, :kk] = np.where(found, d, np.inf)
         out[:, :kk] = np.where(found, ids[np.maximum(pos, 0)], -1)
         return dist, out
+
+    def list_scanner(self) -> ListScanner | None:
+        """A :class:`ListScanner` for scanning stored rows in place (the faiss engine), else None (numpy: gather the
+        rows and call :meth:`search_codes`)."""
+        return self._engine.list_scanner() if self._engine.name == "faiss" else None
 
     def _positions(self, allowed: np.ndarray) -> np.ndarray:
         """Sorted unique row positions of the ``allowed`` ids that are in the index."""
