@@ -76,6 +76,8 @@ class ListSearch:
     def __init__(self, lists: Lists, coarse: Any, scan: Any) -> None:
         self.lists, self.coarse, self.scan = lists, coarse, scan
         self._scanner = scan.list_scanner()  # FAISS' IVF-PQ list kernel, in place on the maps; None: numpy engine
+        # each segment's list offsets and the addresses of its codes and ids in the map (segments never change)
+        self._maps = [(seg.offsets, seg.codes.ctypes.data, seg.ids.ctypes.data) for seg in lists.segments]
 
     @property
     def rows(self) -> int:
@@ -130,9 +132,8 @@ class ListSearch:
         lists = np.sort(lists)  # ascending offsets: the maps are read front to back
         sc.start(q, k)
         seen = 0
-        for seg in self.lists.segments:
-            codes_at, ids_at = seg.codes.ctypes.data, seg.ids.ctypes.data
-            for a, b in zip(seg.offsets[lists].tolist(), seg.offsets[lists + 1].tolist()):
+        for offsets, codes_at, ids_at in self._maps:
+            for a, b in zip(offsets[lists].tolist(), offsets[lists + 1].tolist()):
                 if b > a:
                     sc.scan(b - a, codes_at + a * cs, ids_at + a * 8)
                     seen += b - a
