@@ -142,3 +142,34 @@ def test_search_cli_per_track_rows_and_sheet(small_index, tmp_path, capsys):
     assert rows and all(r["track_start"] <= r["time"] <= r["track_end"] for r in rows)
     tracked = [(r["source"], r["track"]) for r in rows if r["track"] >= 0]
     assert len(tracked) == len(set(tracked)) and (tmp_path / "s.jpg").is_file()
+
+
+def test_a_stored_detection_queries_with_its_tracks_codes_around_it(small_index, kept):
+    """Without kept vectors, search --detection queries with the normalised mean of the decoded codes of its track's
+    detections within TRACK_WINDOW frames (itself included); window 0 or an untracked detection: its own codes; with
+    kept vectors: its kept vector."""
+    from yolo_vq.index.memory import TRACK_WINDOW
+    from yolo_vq.index.query import Query
+
+    with Memory(small_index) as m:
+        det = m.store.get(m.store.codes()[0])
+        tracked = np.flatnonzero(det.track_id >= 0)
+        i = int(tracked[len(tracked) // 2])
+        same = (det.track_id == det.track_id[i]) & (np.abs(det.data["frame"] - det.data["frame"][i]) <= TRACK_WINDOW)
+        assert same.sum() > 1  # the test means something: the track has neighbours within the window
+        want = m.vectors_of(det.data["id"][same]).mean(0)
+        want /= np.linalg.norm(want)
+        got = m.detection_vector(int(det.data["id"][i]))
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(Query.detection(m, int(det.data["id"][i])).vectors, got)
+        own = m.vectors_of([int(det.data["id"][i])])
+        np.testing.assert_array_equal(m.detection_vector(int(det.data["id"][i]), window=0), own)
+        assert not np.allclose(got, own)
+        if (det.track_id < 0).any():
+            j = int(det.data["id"][np.flatnonzero(det.track_id < 0)[0]])
+            np.testing.assert_array_equal(m.detection_vector(j), m.vectors_of([j]))
+        with pytest.raises(KeyError):
+            m.detection_vector(10**9)
+    idx, emb = kept
+    with Memory(idx) as m:
+        np.testing.assert_array_equal(m.detection_vector(3), m.vectors_of([3]))

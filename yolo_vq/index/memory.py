@@ -18,7 +18,7 @@ from .store import StoreError, open_store
 if TYPE_CHECKING:
     from .ivf import ListSearch
 
-__all__ = ["FLAT_BELOW", "MODES", "Memory"]
+__all__ = ["FLAT_BELOW", "MODES", "TRACK_WINDOW", "Memory"]
 
 
 _DTYPES = {"id": np.int64, "class_id": np.int64, "source_id": np.int64, "time": np.float64, "confidence": np.float32,
@@ -57,6 +57,9 @@ MODES = ("auto", "flat", "ivf")
 # scan takes 1.7 ms at 100k (exact) against 0.5 ms for the lists (recall 0.96), 15 ms at 1M against 0.6 ms: flat
 # (exact) while it costs a few ms, lists above
 FLAT_BELOW = 200_000
+# a stored detection searched from codes alone (no kept vectors) is queried with its track's decoded codes within
+# this many frames of it: measured in benchmarks/product_retrieval.py (docs/benchmarks.md)
+TRACK_WINDOW = 15
 
 
 class Memory:
@@ -377,6 +380,23 @@ class Memory:
             raise StoreError(f"{self.index}: detection(s) {list(ids)[:5]} have no codes stored (a damaged index): "
                              f"query with another detection, or re-index into a new directory")
         return decode_codes(self.codebook, codes)
+
+    def detection_vector(self, detection_id: int, *, window: int = TRACK_WINDOW) -> np.ndarray:
+        """(1, D) query vector of a stored detection: its kept float16 vector where the index keeps vectors; else,
+        for a tracked detection, the L2-normalised mean of the decoded codes of its track's detections within
+        ``window`` frames of it (itself included: the codes' error and one frame's appearance noise average out);
+        else its decoded codes. ``window=0``: its own vector only.
+
+        Raises:
+            KeyError: an id the index does not hold."""
+        det = self.store.get([int(detection_id)])
+        if self.store.vector_dim is not None or window <= 0 or int(det.track_id[0]) < 0:
+            return self.vectors_of([int(detection_id)])
+        ids = self.store.track_ids(int(det.data["source_id"][0]), int(det.track_id[0]))
+        near = self.store.get(ids)
+        ids = ids[np.abs(near.data["frame"] - int(det.data["frame"][0])) <= window]
+        v = self._decoded(ids).mean(0, keepdims=True)
+        return v / max(float(np.linalg.norm(v)), 1e-12)
 
     def track_vector(self, source_id: int, track_id: int) -> np.ndarray:
         """(1, D) mean decoded embedding of a stored track, L2-normalised."""

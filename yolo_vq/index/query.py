@@ -34,8 +34,10 @@ class Query:
 
     @classmethod
     def detection(cls, memory: Memory, detection_id: int) -> Query:
-        """A stored detection: its kept float16 vector (or its decoded codes); it is not one of its results."""
-        return cls(memory.vectors_of([int(detection_id)]), (int(detection_id),), memory.store.get([int(detection_id)]))
+        """A stored detection: its kept float16 vector, else its track's decoded codes around it, else its own
+        (:meth:`Memory.detection_vector`); it is not one of its results."""
+        return cls(memory.detection_vector(int(detection_id)), (int(detection_id),),
+                   memory.store.get([int(detection_id)]))
 
     @classmethod
     def track(cls, memory: Memory, source_id: int, track_id: int) -> Query:
