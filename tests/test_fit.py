@@ -154,3 +154,42 @@ def test_a_recipe_whose_dims_do_not_split_into_the_bytes_is_projected_and_says_s
     with Embedder(model, "colour", codebook=tmp_path / "cb"):
         r = model.predict(bus, verbose=False)[0]
     assert r.vq_codes.shape == (len(r.boxes), 32)
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolo11n.yaml"])
+def test_architecture_only_models_fit_with_a_head_index_search_and_export_end_to_end(cfg, tmp_path):
+    """fit --head auto on an architecture-only model (random weights: quality is meaningless) runs end to end and
+    picks something by measurement, says what; the codebook then indexes, searches and exports with parity."""
+    from tests.edge.test_export import scrambled
+    from yolo_vq import Indexer, Memory
+    from yolo_vq.edge.export import export
+
+    model = scrambled(cfg)  # random, with a few confident anchors per image (fresh YAML models score all alike)
+    lines: list[str] = []
+    pq, seen = fit_codebook(model, [assets.bikes_video()], tmp_path / "cb", code_bytes=8, codebook_size=16,
+                            head="auto", log=lines.append, conf=0.05, imgsz=320, max_frames=40, progress=False)
+    chose = [line for line in lines if line.startswith("head: ") and " tracks (" not in line]
+    assert chose and seen > 0, lines  # a choice, said with its reason
+    kind = "none" if pq.head is None else pq.head.kind
+    assert chose[0].startswith(f"head: {kind}")
+    with Indexer(model, tmp_path / "idx", codebook=tmp_path / "cb", conf=0.05, imgsz=320, track=True) as ix:
+        ix.index_source(assets.bikes_video(), stride=25, progress=False)
+    with Memory(tmp_path / "idx") as mem:
+        assert len(mem) > 5
+        hits = mem.search(mem.detection_vector(1), 5, exclude=[1])[0]
+        assert len(hits) == 5 and 1 not in hits.data["id"].tolist()
+    _, check = export(model, tmp_path / "cb", tmp_path / "m.onnx", conf=0.05, imgsz=320)
+    assert check.code_bytes_equal == 1.0, check
+
+
+def test_fit_track_trains_on_untracked_detections_when_the_tracker_keeps_too_few(model, tmp_path, capsys):
+    """The tracker drops boxes below its own score thresholds: with no head chosen and too few tracked detections
+    for the codebook, fit trains it on every detection (as without --track) and says so."""
+    from yolo_vq.cli import main
+
+    assert main(["fit", str(assets.bikes_video()), "--track", "--out", str(tmp_path / "cb"), "--stride", "2",
+                 "--conf", "0.02", "--codebook-size", "256", "--model", str(assets.pose_weights())]) == 0
+    out = capsys.readouterr().out
+    tracked = int(out.split("head: the tracker kept ")[1].split()[0])
+    meta = json.loads((tmp_path / "cb.json").read_text())
+    assert meta.get("head") is None and meta["stats"]["n_seen"] > tracked

@@ -244,6 +244,18 @@ def fit_codebook(
     if lists is not None and lists != 0:
         supported_lists(2, lists)  # checks the option before any video is read
     pq = quantizer(codebook_size)  # checks the options before any video is read
+
+    def plain() -> tuple[np.ndarray | None, int]:
+        # the bounded uniform sample ProductQuantizer.fit keeps (at most max_train rows, seeded), drawn here so the
+        # codebook size can follow it; fit() on it keeps every row in order, so the codebook is what fit(stream)
+        # gives
+        try:
+            return sample_training(batches(), dim=emb.dim, max_train=max_train, seed=seed)
+        except ValueError:
+            if seen or not read_all:  # a bad batch or option, not an empty stream
+                raise
+            return None, seen
+
     learned = None
     if head != "none":
         learned, x, seen = _learn_head(model, sources, recipe, head, code_bytes, max_train, seed, log or print,
@@ -251,16 +263,15 @@ def fit_codebook(
         if learned is not None:
             dim, rotation, blocks = learned.dim, "random", None  # the head's dims are no longer the recipe's parts
             pq = quantizer(codebook_size)
+        elif _supported_size(0 if x is None else len(x), codebook_size, min_codebook_size) != codebook_size:
+            # no head, and the tracker (which drops boxes below its own score thresholds) kept too few detections
+            # for the codebook asked for: train it on every detection, as without --track
+            (log or print)(f"head: the tracker kept {0 if x is None else len(x)} detections, too few for "
+                           f"--codebook-size {codebook_size}: the codebook is trained on the untracked detections")
+            seen = 0
+            x, seen = plain()
     else:
-        # the bounded uniform sample ProductQuantizer.fit keeps (at most max_train rows, seeded), drawn here so the
-        # codebook size can follow it; fit() on it keeps every row in order, so the codebook is what fit(stream)
-        # gives
-        try:
-            x, seen = sample_training(batches(), dim=emb.dim, max_train=max_train, seed=seed)
-        except ValueError:
-            if seen or not read_all:  # a bad batch or option, not an empty stream
-                raise
-            x = None
+        x, seen = plain()
     n = 0 if x is None else int(x.shape[0])
     size = _supported_size(n, codebook_size, min_codebook_size)
     if size is None:
