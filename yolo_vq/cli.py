@@ -375,7 +375,9 @@ def _add_search(sub: Any) -> None:
     s.add_argument("--index", required=True, help="the index directory (opened read-only)")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", help="query image: its first detection (or --crop) is the query")
-    q.add_argument("--detection", type=int, help="a stored detection id (not itself a result)")
+    q.add_argument("--detection", type=int,
+                   help="a stored detection id (not itself a result); the query is its kept vector, else its track's "
+                        "decoded codes within 15 frames, else its own codes")
     q.add_argument("--track", type=_track, metavar="SOURCE:TRACK",
                    help="a stored track: SOURCE_ID:TRACK_ID (or TRACK_ID in source 1); its mean vector is the query "
                         "and its own detections are not results")
