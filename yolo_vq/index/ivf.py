@@ -186,7 +186,7 @@ class ListSearch:
         return best_d, best_i
 
 
-def calibrate(search: ListSearch, decode: Any, *, k: int = 10, target: float = CALIBRATION_TARGET, queries: int = 64,
+def calibrate(search: ListSearch, decode: Any, *, k: int = 10, target: float = CALIBRATION_TARGET, queries: int = 256,
               seed: int = 0) -> dict[str, Any]:
     """The smallest ``nprobe`` (1, 2, 4, ... lists) whose top-``k`` reaches recall ``target`` against the exact flat
     scan (every list), measured with ``queries`` stored detections (a seeded sample, each searched by its decoded

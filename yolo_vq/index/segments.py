@@ -5,7 +5,7 @@ Layout::
     ivf/manifest.json      what is searchable: segments, lists, high_water (the last detection id they cover),
                            index_uuid, codebook + coarse sha256; replaced atomically (temp file, fsync, rename)
     ivf/seg-<n>.ivf        one immutable segment: a JSON header, then column arrays in list order
-    ivf/lock               flock'ed by the one process writing (sync, merge, rebuild)
+    ivf/lock               locked by the one process writing (sync, merge, rebuild)
 
 A segment holds the detections ``first_id..last_id`` (those with codes) sorted by coarse list, then by id:
 ``offsets`` (lists + 1,) int64 (list ``l`` is rows ``offsets[l]:offsets[l + 1]``), then per row ``id`` int64,
@@ -29,7 +29,6 @@ before it, the two are merged (list by list, streaming from the memory maps). Se
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import uuid
@@ -300,13 +299,14 @@ def _save_manifest(folder: Path, m: dict[str, Any]) -> None:
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
+    """The one writer of ``folder`` (blocks while another process or thread holds it): an OS file lock on
+    ``folder/lock`` (``filelock``: flock on POSIX, LockFileEx on Windows), released when the holder ends, even by
+    kill -9."""
+    from filelock import FileLock
+
     folder.mkdir(exist_ok=True)
-    with open(folder / "lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with FileLock(folder / "lock", thread_local=False):
+        yield
 
 
 def _cleanup(folder: Path, m: dict[str, Any]) -> None:
@@ -354,7 +354,7 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
     problem)``: ``problem`` says why an existing structure was rebuilt (None when it was extended or new).
 
     ``assign(codes)``: the coarse list of rows stored without one (from their decoded codes). Safe against a
-    concurrent writer (flock) and concurrent readers (immutable segments, atomic manifest)."""
+    concurrent writer (a file lock) and concurrent readers (immutable segments, atomic manifest)."""
     folder = Path(store.directory) / DIR_NAME
     if store.get_meta("index_uuid") is None:
         store.set_meta("index_uuid", uuid.uuid4().hex)

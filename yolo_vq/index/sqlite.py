@@ -444,7 +444,8 @@ class SQLiteStore(Store):
     def _own_codebook_problem(self, sha: str) -> str | None:
         """What is wrong with the index's copy of the codebook of checksum ``sha`` (None: nothing)."""
         from ..quant.coarse import load_coarse
-        from ..quant.io import _sha256, codebook_checksum
+        from ..quant.files import file_sha256
+        from ..quant.io import codebook_checksum
 
         st, js = (self.directory / f"{CODEBOOK_STEM}{x}" for x in (".safetensors", ".json"))
         if missing := [p.name for p in (st, js) if not p.is_file()]:
@@ -452,7 +453,7 @@ class SQLiteStore(Store):
         if (recorded := codebook_checksum(js)) != sha:
             return f"{js.name} is unreadable" if recorded is None else \
                 f"{js.name} describes codebook {recorded[:16]}..., not the index's"
-        if _sha256(st) != sha:
+        if file_sha256(st) != sha:
             return f"{st.name} is damaged (its sha256 differs)"
         try:  # the search lists' coarse quantizer, where the JSON lists one
             load_coarse(self.directory / CODEBOOK_STEM)

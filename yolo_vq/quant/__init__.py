@@ -6,8 +6,16 @@ All share :class:`Quantizer`: ``fit``, ``encode`` -> uint8/uint16 codes, ``decod
 """
 
 from .base import Quantizer, sample_training
-from .coarse import CoarseQuantizer, load_coarse, save_coarse
-from .io import CodebookError, codebook_checksum, codebook_paths, fingerprint_module, load_codebook, save_codebook
+from .coarse import CoarseQuantizer, load_coarse
+from .io import (
+    CodebookError,
+    codebook_checksum,
+    codebook_paths,
+    fingerprint_module,
+    load_codebook,
+    save_coarse,
+    save_codebook,
+)
 from .kmeans import KMeansResult, assign, kmeans
 from .pq import ProductQuantizer
 from .rq import ResidualQuantizer

@@ -20,24 +20,23 @@ checksum (what indexes and exported graphs identify the codebook by) are unchang
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CodebookError
+from .files import bytes_sha256, coarse_path, codebook_paths
 
-__all__ = ["HNSW_ABOVE", "CoarseQuantizer", "coarse_path", "load_coarse", "save_coarse", "supported_lists"]
+__all__ = ["HNSW_ABOVE", "CoarseQuantizer", "coarse_path", "load_coarse", "supported_lists"]
 
 HNSW_ABOVE = 4096  # lists above which assign() searches an HNSW graph of the centroids instead of all of them
 # efSearch of that graph: on 16,384 lists of the search_scale benchmark's vectors, 16 agreed with the exact nearest
 # list for 99.6% of 20k vectors at 7.6 us each (64: 99.96% at 20.8 us; 8: 98.9% at 3.9 us; exact: 36 us)
 HNSW_EF_SEARCH = 16
 MIN_PER_LIST = 16  # training vectors per list at least: k-means with fewer leaves lists empty or degenerate
-_FORMAT = 1
+FORMAT = 1
 
 
 def supported_lists(n_train: int, requested: int | str = "auto") -> int:
@@ -190,49 +189,8 @@ def _faiss() -> Any:
 
 
 # -- files -----------------------------------------------------------------------------------------------------------
-def coarse_path(codebook: str | os.PathLike) -> Path:
-    """``<stem>.coarse.safetensors`` of a codebook (its stem or either of its two files)."""
-    from .io import codebook_paths
-
-    st, _ = codebook_paths(codebook)
-    return st.with_name(st.name[: -len(".safetensors")] + ".coarse.safetensors")
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def save_coarse(coarse: CoarseQuantizer, codebook: str | os.PathLike) -> Path:
-    """Attach ``coarse`` to a saved codebook: write ``<stem>.coarse.safetensors`` and list it (sha256, lists, dims,
-    training stats) under ``"coarse"`` in ``<stem>.json``; each file goes to a temporary name first and is renamed.
-    The codebook's own tensors and checksum are untouched. Returns the tensor file's path.
-
-    Raises:
-        CodebookError: the codebook is unreadable, or encodes another dim than ``coarse`` takes.
-    """
-    from safetensors.numpy import save
-
-    from .io import codebook_paths, load_codebook
-
-    q = load_codebook(codebook)  # verifies the codebook it is attached to
-    if q.dim != coarse.dim:
-        raise CodebookError(f"the coarse quantizer takes dim={coarse.dim} vectors, the codebook {codebook} encodes "
-                            f"dim={q.dim}: train it on this codebook's embeddings")
-    _, js = codebook_paths(codebook)
-    path = coarse_path(codebook)
-    data = save({"mean": coarse.mean, "proj": coarse.proj, "centroids": coarse.centroids},
-                metadata={"yolo_vq_coarse_format": str(_FORMAT)})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    meta = json.loads(js.read_text())
-    meta["coarse"] = {"file": path.name, "sha256": _sha256(data), "format": _FORMAT, "lists": coarse.lists,
-                      "dim": coarse.dim, "reduced_dim": coarse.reduced_dim, "stats": coarse.stats}
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, js)
-    coarse.sha256 = meta["coarse"]["sha256"]
-    return path
 
 
 def load_coarse(codebook: str | os.PathLike, meta: dict[str, Any] | None = None) -> CoarseQuantizer | None:
@@ -244,8 +202,6 @@ def load_coarse(codebook: str | os.PathLike, meta: dict[str, Any] | None = None)
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load
-
-    from .io import codebook_paths
 
     if meta is None:
         try:
@@ -265,7 +221,7 @@ def load_coarse(codebook: str | os.PathLike, meta: dict[str, Any] | None = None)
     except OSError as e:
         raise CodebookError(f"{path}: the coarse quantizer listed in the codebook's JSON is unreadable "
                             f"({type(e).__name__}): {fix}") from None
-    if _sha256(data) != entry["sha256"]:
+    if bytes_sha256(data) != entry["sha256"]:
         raise CodebookError(f"{path}: checksum does not match the codebook's JSON; the file is damaged or was "
                             f"replaced: {fix}")
     try:

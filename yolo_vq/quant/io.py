@@ -20,26 +20,27 @@ from torch import Tensor, nn
 
 from ..errors import CodebookError
 from .base import Quantizer
-from .coarse import load_coarse
+from .coarse import FORMAT as COARSE_FORMAT
+from .coarse import CoarseQuantizer, load_coarse
+from .files import bytes_sha256, coarse_path, codebook_paths, file_sha256
 from .pq import ProductQuantizer
 from .rq import ResidualQuantizer
 from .vq import VectorQuantizer
 
-__all__ = ["CodebookError", "codebook_checksum", "codebook_paths", "fingerprint_module", "load_codebook",
-           "save_codebook"]
+__all__ = [
+    "CodebookError",
+    "codebook_checksum",
+    "codebook_paths",
+    "fingerprint_module",
+    "load_codebook",
+    "save_coarse",
+    "save_codebook",
+]
 
 FORMAT_VERSION = 1
 _QUANTIZERS: dict[str, type[Quantizer]] = {
     c.__name__: c for c in (ProductQuantizer, ResidualQuantizer, VectorQuantizer)
 }
-
-
-def codebook_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``"cb"``, ``"cb.safetensors"`` or ``"cb.json"`` -> ``(cb.safetensors, cb.json)``."""
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
 def codebook_checksum(path: str | os.PathLike | Mapping[str, Any]) -> str | None:
@@ -64,14 +65,6 @@ def _version() -> str:
         return version("yolo-vq")
     except PackageNotFoundError:  # not installed: running from a checkout
         return "unknown"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_codebook(
@@ -124,7 +117,7 @@ def save_codebook(
         "stats": quantizer.stats,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "yolo_vq_version": _version(),
-        "tensors": {"file": st_path.name, "sha256": _sha256(st_path)},
+        "tensors": {"file": st_path.name, "sha256": file_sha256(st_path)},
     }
     if quantizer.head is not None:  # its tensors are in the file (head.mean, head.proj): part of the checksum
         h = quantizer.head
@@ -197,7 +190,7 @@ def load_codebook(
         raise CodebookError(f"{st_path}: codebook tensor file missing (its metadata {js_path.name} exists)")
     listed = meta.get("tensors")
     expected_sha = listed.get("sha256") if isinstance(listed, dict) else None
-    if expected_sha is not None and _sha256(st_path) != expected_sha:
+    if expected_sha is not None and file_sha256(st_path) != expected_sha:
         raise CodebookError(f"{st_path}: checksum does not match {js_path.name}; the file is corrupt or was replaced")
     try:
         tensors = load_file(str(st_path), device="cpu")
@@ -293,3 +286,33 @@ def fingerprint_module(*items: nn.Module | Tensor | Mapping[str, Tensor], length
             h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:length]
+
+def save_coarse(coarse: CoarseQuantizer, codebook: str | os.PathLike) -> Path:
+    """Attach ``coarse`` to a saved codebook: write ``<stem>.coarse.safetensors`` and list it (sha256, lists, dims,
+    training stats) under ``"coarse"`` in ``<stem>.json``; each file goes to a temporary name first and is renamed.
+    The codebook's own tensors and checksum are untouched. Returns the tensor file's path.
+
+    Raises:
+        CodebookError: the codebook is unreadable, or encodes another dim than ``coarse`` takes.
+    """
+    from safetensors.numpy import save
+
+    q = load_codebook(codebook)  # verifies the codebook it is attached to
+    if q.dim != coarse.dim:
+        raise CodebookError(f"the coarse quantizer takes dim={coarse.dim} vectors, the codebook {codebook} encodes "
+                            f"dim={q.dim}: train it on this codebook's embeddings")
+    _, js = codebook_paths(codebook)
+    path = coarse_path(codebook)
+    data = save({"mean": coarse.mean, "proj": coarse.proj, "centroids": coarse.centroids},
+                metadata={"yolo_vq_coarse_format": str(COARSE_FORMAT)})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    meta = json.loads(js.read_text())
+    meta["coarse"] = {"file": path.name, "sha256": bytes_sha256(data), "format": COARSE_FORMAT, "lists": coarse.lists,
+                      "dim": coarse.dim, "reduced_dim": coarse.reduced_dim, "stats": coarse.stats}
+    tmp = js.with_name(js.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, js)
+    coarse.sha256 = meta["coarse"]["sha256"]
+    return path
