@@ -68,21 +68,14 @@ def _nprobe(text: str) -> int | str:
 
 def _classes(model: Any, wanted: list[str] | None) -> list[int] | None:
     """``--classes`` as names or ids -> ids of ``model``'s classes; an unknown one lists the known."""
-    if not wanted:
-        return None
-    names = {int(k): v for k, v in (getattr(model, "names", None) or {}).items()}
-    by_name = {v: k for k, v in names.items()}
-    out = []
-    for w in wanted:
-        if w.isdigit() and (int(w) in names or not names):
-            out.append(int(w))
-        elif w in by_name:
-            out.append(by_name[w])
-        else:
-            known = ", ".join(f"{k} {v}" for k, v in list(names.items())[:20])
-            raise ValueError(f"--classes {w!r}: not a class of this model (it has {known}"
-                             f"{' ...' if len(names) > 20 else ''}): pass names or ids")
-    return out
+    from .classes import class_ids
+
+    def unknown(w: str | int, names: dict[int, str]) -> str:
+        known = ", ".join(f"{k} {v}" for k, v in list(names.items())[:20])
+        return (f"--classes {w!r}: not a class of this model (it has {known}{' ...' if len(names) > 20 else ''}): "
+                "pass names or ids")
+
+    return class_ids(getattr(model, "names", None) or {}, wanted, unknown) if wanted else None
 
 
 def _model(name: str | None):

@@ -52,20 +52,31 @@ class RowFilter:
             out.append("track_id")
         return tuple(out)
 
+    def parts(self, cols: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """Each filter's own ``(n,)`` bool mask over ``cols``, named ``"classes"``, ``"source"``, ``"time"``,
+        ``"min_conf"``, ``"track"`` (those set, in that order): :meth:`mask` is their AND, and a search that finds
+        nothing names the first that leaves no row (``Memory.why_empty``)."""
+        out = []
+        if self.classes is not None:
+            out.append(("classes", np.isin(cols["class_id"], np.asarray(self.classes, np.int64))))
+        if self.sources is not None:
+            out.append(("source", np.isin(cols["source_id"], np.asarray(self.sources, np.int64))))
+        if self.time_from is not None or self.time_to is not None:
+            t = cols["time"]
+            m = t >= self.time_from if self.time_from is not None else np.ones(len(t), bool)
+            if self.time_to is not None:
+                m &= t <= self.time_to
+            out.append(("time", m))
+        if self.min_conf is not None:
+            out.append(("min_conf", cols["confidence"] >= self.min_conf))
+        if self.track is not None:
+            out.append(("track", (cols["source_id"] == self.track[0]) & (cols["track_id"] == self.track[1])))
+        return out
+
     def mask(self, cols: dict[str, np.ndarray]) -> np.ndarray:
         """``(n,)`` bool: the rows of ``cols`` (arrays of n rows holding at least :attr:`columns`) that pass."""
         n = len(next(iter(cols.values()))) if cols else 0
         keep = np.ones(n, bool)
-        if self.classes is not None:
-            keep &= np.isin(cols["class_id"], np.asarray(self.classes, np.int64))
-        if self.sources is not None:
-            keep &= np.isin(cols["source_id"], np.asarray(self.sources, np.int64))
-        if self.time_from is not None:
-            keep &= cols["time"] >= self.time_from
-        if self.time_to is not None:
-            keep &= cols["time"] <= self.time_to
-        if self.min_conf is not None:
-            keep &= cols["confidence"] >= self.min_conf
-        if self.track is not None:
-            keep &= (cols["source_id"] == self.track[0]) & (cols["track_id"] == self.track[1])
+        for _, m in self.parts(cols):
+            keep &= m
         return keep

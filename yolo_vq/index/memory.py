@@ -249,18 +249,15 @@ class Memory:
 
     # -- queries ---------------------------------------------------------------------------------------------------
     def class_ids(self, names: Sequence[str | int]) -> list[int]:
-        """Class names (or ids) -> ids; an unknown name is an error listing the known ones."""
-        by_name = {v: k for k, v in self.names.items()}
-        out = []
-        for n in names:
-            if isinstance(n, int) or str(n).isdigit():
-                out.append(int(n))
-            elif n in by_name:
-                out.append(by_name[n])
-            else:
-                known = ", ".join(sorted(by_name)[:20])
-                raise ValueError(f"unknown class {n!r}: this index knows {known}{' ...' if len(by_name) > 20 else ''}")
-        return out
+        """Class names (or ids) -> ids; an unknown name (or an id the index's model does not have) is an error
+        listing the known ones."""
+        from ..classes import class_ids
+
+        def unknown(n: str | int, have: dict[int, str]) -> str:
+            known = ", ".join(sorted(have.values())[:20])
+            return f"unknown class {n!r}: this index knows {known}{' ...' if len(have) > 20 else ''}"
+
+        return class_ids(self.names, names, unknown)
 
     def where(
         self, *, classes: Sequence[str | int] | None = None, source: int | str | None = None,
@@ -326,35 +323,31 @@ class Memory:
         keep = ~np.isin(c["id"], np.asarray(exclude, np.int64))
         if not keep.any():
             return "the index holds no detection besides the query's own"
-        steps = []
+        f = self.where(classes=classes, source=source, time_from=time_from, time_to=time_to, min_conf=min_conf,
+                       track=track)
+        context = {}  # each filter: how it reads, what the index holds instead
         if classes:
-            ids = self.class_ids(classes)
             have = sorted({self.names.get(int(k), str(int(k))) for k in np.unique(c["class_id"][keep])})
-            steps.append((np.isin(c["class_id"], ids), f"class {', '.join(map(str, classes))}",
-                          f"stored classes: {', '.join(have[:20])}"))
+            context["classes"] = (f"class {', '.join(map(str, classes))}", f"stored classes: {', '.join(have[:20])}")
         if source is not None:
             listed = ", ".join(f"{s.id} {Path(s.uri).name}" for s in self.store.sources()[:10])
-            steps.append((np.isin(c["source_id"], self.source_ids(source)), f"source {source!r}",
-                          f"sources: {listed}"))
+            context["source"] = (f"source {source!r}", f"sources: {listed}")
         if time_from is not None or time_to is not None:
-            t = c["time"]
-            m = (t >= (-np.inf if time_from is None else float(time_from))) & \
-                (t <= (np.inf if time_to is None else float(time_to)))
-            lo, hi = float(t[keep].min()), float(t[keep].max())
-            steps.append((m, f"time {'' if time_from is None else time_from}-{'' if time_to is None else time_to} s",
-                          f"stored times span {lo:.2f}-{hi:.2f} s"))
+            lo, hi = float(c["time"][keep].min()), float(c["time"][keep].max())
+            context["time"] = (f"time {'' if time_from is None else time_from}-{'' if time_to is None else time_to} s",
+                               f"stored times span {lo:.2f}-{hi:.2f} s")
         if min_conf is not None:
-            steps.append((c["confidence"] >= float(min_conf), f"min confidence {min_conf}",
-                          f"the highest stored confidence is {float(c['confidence'][keep].max()):.3f}"))
+            context["min_conf"] = (f"min confidence {min_conf}",
+                                   f"the highest stored confidence is {float(c['confidence'][keep].max()):.3f}")
         if track is not None:
             ts = c["track_id"][keep & (c["source_id"] == int(track[0]))]
-            steps.append(((c["source_id"] == int(track[0])) & (c["track_id"] == int(track[1])),
-                          f"track {track[0]}:{track[1]}",
-                          f"source {track[0]} has {len(np.unique(ts[ts >= 0]))} stored tracks"))
-        for m, what, context in steps:
+            context["track"] = (f"track {track[0]}:{track[1]}",
+                                f"source {track[0]} has {len(np.unique(ts[ts >= 0]))} stored tracks")
+        steps = [(m, *context[name]) for name, m in (f.parts(c) if f is not None else [])]
+        for m, what, hint in steps:
             if not (keep & m).any():
                 together = " together with the filters before it" if m.any() else ""
-                return f"the filter {what} leaves no detection{together} ({context})"
+                return f"the filter {what} leaves no detection{together} ({hint})"
             keep &= m
         return "no detection matches the filters"
 
