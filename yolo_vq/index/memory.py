@@ -365,10 +365,11 @@ class Memory:
             out[missing] = self._decoded(np.asarray(ids)[missing])
         return out
 
-    def _decoded(self, ids: Sequence[int]) -> np.ndarray:
+    def _decoded(self, ids: Sequence[int], *, rows: Detections | None = None) -> np.ndarray:
+        """Decoded codes of ``ids`` (``rows``: those detections, already read)."""
         from .ivf import decode_codes
 
-        codes = self.store.get(ids).codes
+        codes = (self.store.get(ids) if rows is None else rows).codes
         if codes is None:
             raise StoreError(f"{self.index}: detection(s) {list(ids)[:5]} have no codes stored (a damaged index): "
                              f"query with another detection, or re-index into a new directory")
@@ -385,10 +386,9 @@ class Memory:
         det = self.store.get([int(detection_id)])
         if self.store.vector_dim is not None or window <= 0 or int(det.track_id[0]) < 0:
             return self.vectors_of([int(detection_id)])
-        ids = self.store.track_ids(int(det.data["source_id"][0]), int(det.track_id[0]))
-        near = self.store.get(ids)
-        ids = ids[np.abs(near.data["frame"] - int(det.data["frame"][0])) <= window]
-        v = self._decoded(ids).mean(0, keepdims=True)
+        track = self.store.get(self.store.track_ids(int(det.data["source_id"][0]), int(det.track_id[0])))
+        near = track[np.abs(track.data["frame"] - int(det.data["frame"][0])) <= window]
+        v = self._decoded(near.data["id"], rows=near).mean(0, keepdims=True)
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
     def track_vector(self, source_id: int, track_id: int) -> np.ndarray:
