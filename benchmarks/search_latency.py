@@ -41,7 +41,8 @@ def real_embeddings() -> np.ndarray:
 
 def build(path: Path, pq, x: np.ndarray, n: int) -> None:
     from yolo_vq import Detections
-    from yolo_vq.index.store import CodebookBinding, Frame, open_store
+    from yolo_vq.index.registry import open_store
+    from yolo_vq.index.store import CodebookBinding, Frame
     from yolo_vq.quant import save_codebook
 
     codes = pq.encode(torch.from_numpy(x)).numpy()
@@ -83,6 +84,7 @@ def main() -> None:
     import faiss
 
     from yolo_vq import Memory
+    from yolo_vq.index.registry import store_exists
     from yolo_vq.quant import ProductQuantizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -95,7 +97,7 @@ def main() -> None:
     perm = rng.permutation(len(x))
     train, queries = x[perm[: len(x) * 3 // 4]], x[perm[len(x) * 3 // 4 :]]
     path = args.index or Path(tempfile.mkdtemp(prefix="yolo_vq_search_"))
-    if not (path / "index.db").is_file():
+    if not store_exists(path):
         t0 = time.perf_counter()
         pq = ProductQuantizer(dim=x.shape[1], m=32).fit(train)
         build(path, pq, train, args.n)
@@ -129,7 +131,7 @@ def main() -> None:
         interleaved(arms, 20)  # warm-up
         t = interleaved(arms, args.reps)
         anchor, ours, anchor_f, ours_f, own_t = t["bare"], t["ours"], t["bare_f"], t["ours_f"], t["own"]
-        disk = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith("index.db"))
+        disk = mem.store.stored_bytes()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, faiss {faiss.__version__}, {n:,} detections, "
           f"32 B codes, dim {x.shape[1]}, {args.reps} queries, top-10")

@@ -169,13 +169,14 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
 
     from yolo_vq import Detections
     from yolo_vq.detections import LIST_ID
-    from yolo_vq.index.store import CodebookBinding, Frame, open_store
+    from yolo_vq.index.registry import open_store, store_exists
+    from yolo_vq.index.store import CodebookBinding, Frame
     from yolo_vq.index.upkeep import ListKeeper
     from yolo_vq.quant import load_codebook
 
     path = root / label(rows)
     have = 0
-    if (path / "index.db").is_file():
+    if store_exists(path):
         with open_store(path, readonly=True) as st:
             have = st.max_id()
     if have % CHUNK and have != rows:

@@ -114,7 +114,7 @@ def frames_folder(bikes_frames, tmp_path_factory):
 def small_index(index_model, small_codebook, frames_folder, tmp_path_factory):
     """``frames_folder`` indexed with ``small_codebook`` at conf 0.1 (tracked): copy it before changing it."""
     from yolo_vq import Indexer
-    from yolo_vq.index.store import open_store
+    from yolo_vq.index.registry import open_store
 
     idx = tmp_path_factory.mktemp("small_index") / "idx"
     with Indexer(index_model, idx, codebook=small_codebook, conf=0.1, track=True) as ix:

@@ -17,7 +17,7 @@ import pytest
 from yolo_vq import assets
 from yolo_vq.cli import main
 from yolo_vq.index.memory import Memory
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 from yolo_vq.metrics import retrieval_scores, valid_queries
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from yolo_vq import assets
 from yolo_vq.cli import _parser, main
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 
 ENV = {**os.environ, "YOLO_OFFLINE": "1"}
 
@@ -196,7 +196,7 @@ _DISK_FULL = textwrap.dedent("""
     filler.write_bytes(b"\\0" * max(0, st.f_bavail * st.f_frsize - 24_000))  # ~24 kB left: less than B needs
     full = index(b)
     import sqlite3
-    from yolo_vq.index.store import open_store
+    from yolo_vq.index.registry import open_store
     with open_store(disk / "idx", readonly=True) as s:
         kept = {x.uri: s.frames_done(x.id).tolist() for x in s.sources()}, s.count()
         for mode in ("mode=ro", "immutable=1"):  # as the store reads it: immutable when the full disk has no -shm

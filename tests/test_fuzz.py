@@ -532,7 +532,7 @@ def edge_header(index_model, small_codebook) -> dict:
 @pytest.fixture(scope="module")
 def stored(small_index) -> tuple[str, set]:
     """small_index's source fingerprint and its stored (fingerprint, frame) pairs."""
-    from yolo_vq.index.store import open_store
+    from yolo_vq.index.registry import open_store
 
     with open_store(small_index, readonly=True) as s:
         (src,) = s.sources()

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from yolo_vq import assets
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 from yolo_vq.video import fingerprint_name
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -184,7 +184,7 @@ def test_cli_index_refuses_a_text_file_and_stores_nothing(tmp_path, capsys, smal
     line = _one_error_line(capsys)
     assert "notes.txt" in line and "text art" in line and "codec 'ansi'" in line
     if (idx / "index.db").exists():  # the index may be created before the source is opened: it must stay empty
-        from yolo_vq.index.store import open_store
+        from yolo_vq.index.registry import open_store
 
         with open_store(idx, readonly=True) as s:
             assert s.count() == 0 and s.sources() == []

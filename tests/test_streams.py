@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from yolo_vq import Indexer
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 from yolo_vq.video import open_source
 
 

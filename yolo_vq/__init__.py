@@ -20,7 +20,7 @@ _EXPORTS = {
     "YoloVQError": "errors",
     "Tap": "features.tap", "Embedder": "features.embedder",
     "fit_codebook": "fit",
-    "Indexer": "index.indexer", "Memory": "index.memory", "Store": "index.store", "open_store": "index.store",
+    "Indexer": "index.indexer", "Memory": "index.memory", "Store": "index.store", "open_store": "index.registry",
     "export": "edge.export", "EdgeModel": "edge.runner", "ingest": "edge.ingest",
 }
 # Submodules reachable as attributes after a bare ``import yolo_vq`` (the README's ``yolo_vq.assets.pose_weights()``).

@@ -145,7 +145,7 @@ def cmd_index(a) -> None:
         if not (str(s).isdigit() or "://" in str(s)):  # streams are opened once, when indexed
             open_source(s).close()
     model = _model(a.model)
-    index = Path(a.index)
+    index = a.index
     predict = _predict_args(a, model)
     fit = None
     if a.codebook is None and not Indexer.has_codebook(index):  # a damaged index is refused here, before fitting

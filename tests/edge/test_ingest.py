@@ -364,3 +364,22 @@ def test_read_records_yields_where_and_the_checked_record(header, tmp_path):
         list(records)
     assert (e.value.where, e.value.at) == (f"{path}:3", "line 3")
     assert e.value.problem == "frame -1: expected an int >= 0 (the frame's index in its source)"
+
+
+# -- the index location travels unchanged -----------------------------------------------------------------------------
+def test_a_location_with_a_scheme_travels_unchanged(header, small_codebook, tmp_path, monkeypatch, capsys):
+    from yolo_vq.cli import main
+    from yolo_vq.index.memory import Memory
+
+    monkeypatch.chdir(tmp_path)  # a location taken for a relative path would make a folder named "sqlite:" here
+    edge = write(tmp_path / "e.jsonl", [header, source()] + [line(i) for i in range(3)])
+    loc = f"sqlite:{tmp_path / 'idx'}"
+    with pytest.raises(StoreError, match="unknown store scheme 'nosuch:'"):
+        ingest(edge, f"nosuch:{tmp_path / 'idx'}", codebook=small_codebook)
+    assert ingest(edge, loc, codebook=small_codebook)["detections"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl", "idx"] and (tmp_path / "idx" / "index.db").is_file()
+    assert ingest(edge, loc)["skipped_frames"] == 3  # found through the scheme: no codebook needed, nothing twice
+    with Memory(loc) as a, Memory(tmp_path / "idx") as b:
+        assert len(a) == len(b) == 6 and a.info()["db_bytes"] > 0
+    assert main(["info", "--index", loc, "--json"]) in (0, None)
+    assert json.loads(capsys.readouterr().out)["detections"] == 6

@@ -20,7 +20,7 @@ from yolo_vq.edge.export import export
 from yolo_vq.edge.ingest import ingest
 from yolo_vq.edge.records import RecordError, read_records
 from yolo_vq.errors import CodebookError
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

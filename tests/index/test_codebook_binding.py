@@ -16,7 +16,7 @@ import pytest
 from yolo_vq import Embedder, Indexer, Memory
 from yolo_vq.cli import main
 from yolo_vq.errors import CodebookError
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 from yolo_vq.quant import ProductQuantizer, codebook_checksum
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from yolo_vq import Indexer, assets
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 
 FIRST, N = 28, 60  # bikes.mp4 frames 28-87: two tracks and ~30 untracked detections at conf 0.1
 

@@ -9,7 +9,8 @@ import torch
 from tests.quant._data import low_rank
 from yolo_vq import Detections, Memory
 from yolo_vq.detections import LIST_ID
-from yolo_vq.index.store import CodebookBinding, Frame, open_store
+from yolo_vq.index.registry import open_store
+from yolo_vq.index.store import CodebookBinding, Frame
 from yolo_vq.index.upkeep import sync_lists
 from yolo_vq.quant import CoarseQuantizer, ProductQuantizer, load_codebook, save_coarse, save_codebook
 

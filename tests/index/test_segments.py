@@ -12,8 +12,9 @@ import pytest
 from yolo_vq import Detections
 from yolo_vq.detections import LIST_ID
 from yolo_vq.index import segments
+from yolo_vq.index.registry import open_store
 from yolo_vq.index.segments import ListsProblem, open_lists, rebuild, sync
-from yolo_vq.index.store import Frame, open_store
+from yolo_vq.index.store import Frame
 
 LISTS = 8
 

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from tests.index.test_store import frame
-from yolo_vq.index.sqlite import SQLiteStore
-from yolo_vq.index.store import DB_NAME, StoreError, open_store
+from yolo_vq.index.registry import open_store
+from yolo_vq.index.sqlite import DB_NAME, SQLiteStore
+from yolo_vq.index.store import StoreError
 
 
 def test_missing_index_names_the_database(tmp_path):
@@ -48,7 +49,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     from tests.index.test_store import frame
-    from yolo_vq.index.store import open_store
+    from yolo_vq.index.registry import open_store
     s = open_store({idx!r}, create=True)
     src = s.add_source("clip", "fp")
     done = set(s.frames_done(src.id).tolist())
@@ -135,3 +136,21 @@ def test_reads_are_one_snapshot_when_the_writer_commits_between_statements(tmp_p
                 np.testing.assert_array_equal(codes, np.concatenate(expect))
         r._db.set_trace_callback(None)
         assert r.count() == 3 * len(written) > len(ids)  # later commits are visible once the snapshot ends
+
+
+def test_exists_for_what_sqlite_leaves_behind(tmp_path):
+    from yolo_vq.index.registry import store_exists
+
+    d = tmp_path / "idx"
+    d.mkdir()
+    assert not store_exists(d) and not store_exists(f"sqlite:{d}")
+    (d / DB_NAME).write_bytes(b"")  # a creation killed before its first write: nothing stored
+    assert not store_exists(d)
+    with open_store(d, create=True):  # and making the store there loses nothing
+        pass
+    assert store_exists(d) and store_exists(str(d)) and store_exists(f"sqlite:{d}")
+    (d / DB_NAME).unlink()
+    (d / "codebook.json").write_text("{}")  # an index's codebook without its database: opening refuses it
+    assert store_exists(d)
+    with pytest.raises(StoreError, match="holds an index codebook but no index.db"):
+        open_store(d)

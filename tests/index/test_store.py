@@ -16,8 +16,9 @@ import pytest
 
 from yolo_vq import Detections
 from yolo_vq.errors import CodebookError
+from yolo_vq.index.registry import open_store
 from yolo_vq.index.sqlite import SQLiteStore
-from yolo_vq.index.store import VECTOR_DTYPE, CodebookBinding, Frame, Source, Store, StoreError, open_store
+from yolo_vq.index.store import VECTOR_DTYPE, CodebookBinding, Frame, Source, Store, StoreError
 
 # implementation -> the location open_store takes for an index directory (the Lance store adds "lance": f"lance:{d}")
 LOCATIONS = {"sqlite": lambda d: d}
@@ -291,3 +292,29 @@ def test_the_interface_is_abstract():
     with pytest.raises(TypeError, match="abstract"):
         Store()
     assert issubclass(SQLiteStore, Store)
+
+
+def test_store_exists_says_whether_open_without_create_has_an_index(make_store, tmp_path):
+    from yolo_vq.index.registry import store_exists
+
+    loc = make_store.location()
+    assert not store_exists(loc)
+    with make_store(create=True) as s:
+        assert store_exists(loc) and s.stored_bytes() > 0
+        before = s.stored_bytes()
+        s.add_frames(s.add_source("a.mp4", "fp").id, [frame(i, n=50, code_size=32) for i in range(20)])
+        assert s.stored_bytes() > before
+    (tmp_path / "file").write_text("x")
+    assert store_exists(make_store.location("file"))  # open_store refuses it, with its reason
+    with pytest.raises(StoreError, match="unknown store scheme"):
+        store_exists("nosuch:x")
+
+
+def test_the_interface_imports_no_implementation():
+    import subprocess
+    import sys
+
+    code = ("import sys, yolo_vq.index.store, yolo_vq.index.registry; "
+            "print(sorted(m for m in sys.modules if 'sqlite' in m or m.endswith('.memory')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

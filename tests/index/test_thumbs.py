@@ -10,7 +10,8 @@ import pytest
 
 from yolo_vq import Detections, Indexer, Memory, assets
 from yolo_vq.cli import main
-from yolo_vq.index.store import Frame, open_store
+from yolo_vq.index.registry import open_store
+from yolo_vq.index.store import Frame
 from yolo_vq.index.thumbs import Thumbnailer, pictures
 from yolo_vq.video import fingerprint_file
 from yolo_vq.viz import CAPTION_H, MARGIN, TITLE_H, crop, decode_jpeg, placeholder, thumbnail

@@ -14,8 +14,8 @@ from tests.index.test_ivf import LISTS, D, build, data, same  # noqa: F401 - dat
 from yolo_vq import Indexer, Memory
 from yolo_vq.cli import main
 from yolo_vq.edge.ingest import ingest
+from yolo_vq.index.registry import open_store
 from yolo_vq.index.segments import open_lists
-from yolo_vq.index.store import open_store
 from yolo_vq.index.upkeep import ListKeeper, upgrade
 from yolo_vq.quant import CoarseQuantizer, load_codebook, save_coarse
 from yolo_vq.quant.io import codebook_checksum
@@ -179,7 +179,7 @@ SYNC_WRITER = """
 import sys, numpy as np, torch
 sys.path.insert(0, {root!r})
 from tests.index.test_ivf import fill
-from yolo_vq.index.store import open_store
+from yolo_vq.index.registry import open_store
 from yolo_vq.index.upkeep import ListKeeper
 from yolo_vq.quant import load_codebook
 x = np.load({vectors!r})

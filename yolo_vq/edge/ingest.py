@@ -16,7 +16,8 @@ import numpy as np
 
 from ..detections import LIST_ID, Detections
 from ..errors import CodebookError
-from ..index.store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Store, StoreError, open_store
+from ..index.registry import open_store, store_exists
+from ..index.store import CodebookBinding, Frame, Store, StoreError
 from ..index.upkeep import ListKeeper
 from ..quant.io import codebook_checksum, codebook_paths
 from ._format import Key
@@ -30,15 +31,14 @@ class _Index:
     :meth:`add`: a new index is made (and bound to its codebook), and each source registered, with its first stored
     frames, so a file refused before its first valid frame leaves no trace, not even a directory."""
 
-    def __init__(self, index: Path, header: dict[str, Any], codebook: str | Path | None):
+    def __init__(self, index: str | Path, header: dict[str, Any], codebook: str | Path | None):
         self.index, self.header = index, header
         want = header[Key.CODEBOOK_FINGERPRINT]
         self._store: Store | None = None
         self._bind: CodebookBinding | None = None  # the codebook to bind with the first stored frames
         self._ids: dict[str, int] = {}  # source fingerprint -> store id
         self._lists: ListKeeper | None = None  # the index's search lists (with the store's first write)
-        if (index.exists() and not index.is_dir()) or (index / DB_NAME).exists() \
-                or (index / f"{CODEBOOK_STEM}.json").exists():
+        if store_exists(index):
             self._store = open_store(index)  # reads only until add(); refuses a damaged index (its own error)
             try:
                 self._check(want, codebook)
@@ -57,7 +57,7 @@ class _Index:
                              f"codebook {have[:16]}...: ingest into an index built with the codebook the graph was "
                              f"exported with (or a new directory with --codebook)")
         else:
-            _check_code_size(self.index / f"{CODEBOOK_STEM}.json", self.header)
+            _check_code_size(codebook_paths(self._store.codebook_path())[1], self.header)
         stored = self._store.get_meta("code_size")
         if stored is not None and stored != self.header[Key.CODE_SIZE]:
             raise StoreError(f"the edge file holds {self.header[Key.CODE_SIZE]}-byte codes, index {self.index} stores "
@@ -116,7 +116,7 @@ class _Index:
             self._store.close()
 
 
-def _checked_codebook(index: Path, header: dict[str, Any], codebook: str | Path | None) -> str | Path:
+def _checked_codebook(index: str | Path, header: dict[str, Any], codebook: str | Path | None) -> str | Path:
     """``codebook`` for an index without one, checked to be the edge file's; writes nothing."""
     want = header[Key.CODEBOOK_FINGERPRINT]
     if codebook is None:
@@ -166,7 +166,7 @@ def ingest(path: str | Path, index: str | Path, *, codebook: str | Path | None =
         StoreError: codebook (or code size) mismatch, or a new index without ``codebook``: nothing is written
             then; or a fault while writing (the batches committed before it are kept).
     """
-    path, index = Path(path), Path(index)
+    path = Path(path)
     header, records = read_records(path)  # a bad header is refused here, before the index is looked at
     target = _Index(index, header, codebook)
     dtype = np.dtype(header[Key.CODE_DTYPE])

@@ -12,7 +12,7 @@ __all__ = ["ENGINES", "PREFER", "Indexer", "Memory", "Store", "open_store"]
 ENGINES = ("auto", "faiss", "numpy")  # code scan engines (:class:`.scan.CodeScan`); here so the CLI needs no torch
 PREFER = ("video", "thumbs")  # where result pictures come from (:func:`.thumbs.pictures`); here for the same reason
 
-_EXPORTS = {"Indexer": "indexer", "Memory": "memory", "Store": "store", "open_store": "store"}
+_EXPORTS = {"Indexer": "indexer", "Memory": "memory", "Store": "store", "open_store": "registry"}
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,8 @@ from ..config import DEFAULT_RECIPE, EmbedConfig
 from ..detections import LIST_ID, Detections
 from ..features.embedder import Embedder
 from ..video import VideoSource, chunks, fingerprint_name, open_source
-from .store import CODEBOOK_STEM, DB_NAME, CodebookBinding, Frame, Source, StoreError, open_store
+from .registry import open_store, store_exists
+from .store import CODEBOOK_STEM, CodebookBinding, Frame, Source, StoreError
 from .thumbs import Thumbnailer
 from .upkeep import ListKeeper
 
@@ -120,7 +121,7 @@ class Indexer:
         self.model, self.track, self.tracker = model, track, tracker
         self.batch, self.commit_every = batch, commit_every
         self.predict_args = {"verbose": False, **predict_args}
-        self.index = Path(index)
+        self.index = index  # the location, passed on unchanged (a directory, or scheme:PATH)
         self.embedder = Embedder(model, recipe)
         self.fitted: int | None = None  # detections the codebook was fitted on, when this run fitted it
         with tempfile.TemporaryDirectory(prefix="yolo_vq_fit_") as tmp:
@@ -134,7 +135,7 @@ class Indexer:
                 self.embedder.load_codebook(codebook)
                 binding = CodebookBinding(codebook, self.embedder.describe(), self.embedder.fingerprint,
                                           dict(getattr(model, "names", None) or {}), fitted=self.fitted is not None)
-            elif not (self.index / DB_NAME).is_file():
+            elif not store_exists(self.index):
                 raise _no_codebook(self.index)
             # a new index is made and bound to the codebook in one transaction; an existing one must hold it
             self.store = open_store(self.index, create=binding is not None, codebook=binding)
@@ -164,15 +165,11 @@ class Indexer:
 
     @staticmethod
     def has_codebook(index: str | Path) -> bool:
-        """Whether the index directory ``index`` has a codebook bound (reading it; a damaged index is a
+        """Whether the index at ``index`` has a codebook bound (reading it; a damaged index is a
         :class:`~yolo_vq.errors.StoreError`, a missing one False)."""
-        db = Path(index) / DB_NAME
-        if Path(index).exists() and not Path(index).is_dir():
-            open_store(Path(index), readonly=True)  # refuses a file given as the index directory, before any fitting
-        if not (Path(index) / f"{CODEBOOK_STEM}.json").exists() and (
-                not db.exists() or db.is_file() and db.stat().st_size == 0):
+        if not store_exists(index):
             return False  # a new index (or one whose creation was interrupted before anything was stored)
-        with open_store(Path(index), readonly=True) as st:  # refuses a damaged database, or a codebook without one
+        with open_store(index, readonly=True) as st:  # refuses a damaged index, or a codebook without its store
             return st.codebook_sha256 is not None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -427,7 +424,7 @@ class Indexer:
             raise ValueError(
                 f"results carry no {self.embedder.codes_attr}: run model.predict/model.track inside `with "
                 f"Indexer(model, {str(self.index)!r}) as ix:` (it attaches its Embedder with the index's codebook "
-                f"to model), or attach yolo_vq.Embedder(model, codebook={str(self.index / CODEBOOK_STEM)!r}) "
+                f"to model), or attach yolo_vq.Embedder(model, codebook={str(self.store.directory / CODEBOOK_STEM)!r}) "
                 f"yourself before predicting"
             )
         want = self.embedder.codebook.code_len
@@ -463,7 +460,7 @@ class Indexer:
         return n
 
 
-def _no_codebook(index: Path) -> StoreError:
+def _no_codebook(index: str | Path) -> StoreError:
     return StoreError(f"{index} has no codebook yet: pass one (train it with `yolo-vq fit`), or fit_on=[sources] to "
                       f"fit one as `yolo-vq index` does")
 

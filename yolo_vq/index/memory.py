@@ -12,8 +12,9 @@ import numpy as np
 
 from ..detections import Detections
 from .filters import RowFilter
+from .registry import open_store
 from .segments import COLUMNS
-from .store import StoreError, open_store
+from .store import StoreError
 
 if TYPE_CHECKING:
     from .ivf import ListSearch
@@ -96,7 +97,7 @@ class Memory:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.nprobe = _check_nprobe(nprobe)
-        self.index = Path(index)
+        self.index = index  # the location, passed on unchanged (a directory, or scheme:PATH)
         self.store = open_store(self.index, readonly=True)
         try:
             own = self.store.codebook_path()  # verified against index.db's record: CodebookError says how to recover
@@ -219,7 +220,7 @@ class Memory:
         # RAM for search: the flat scan (or the tail) holds codes + id + filter columns per row; the lists stay on
         # disk, memory-mapped (the page cache, not this process, holds what queries touch), plus their offsets
         ram = len(self.scan) * (self.codebook.code_size + 8 + sum(v.itemsize for v in self._cols.values()))
-        db = sum(p.stat().st_size for p in self.index.glob("index.db*"))
+        db = self.store.stored_bytes()
         lists_bytes = 0
         if self.lists is not None:
             lst = self.lists.lists

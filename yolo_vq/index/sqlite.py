@@ -1,6 +1,6 @@
 """The SQLite store: :class:`SQLiteStore`, one index directory holding ``index.db`` (SQLite in WAL mode) with sources,
 frames, detections and codes (the :class:`~yolo_vq.index.store.Store` interface; open it with
-:func:`~yolo_vq.index.store.open_store`).
+:func:`~yolo_vq.index.registry.open_store`).
 
 Writes go in batches, one transaction per batch, and each processed frame is recorded in ``frames`` in the same
 transaction as its detections: a crash loses at most the batch in flight, and re-running the same job skips every
@@ -39,9 +39,11 @@ import numpy as np
 
 from ..detections import LIST_ID, Detections
 from ..errors import CodebookError, StoreError
-from .store import CODEBOOK_STEM, DB_NAME, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
+from .store import CODEBOOK_STEM, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
 
-__all__ = ["SQLiteStore"]
+__all__ = ["DB_NAME", "SQLiteStore"]
+
+DB_NAME = "index.db"  # the database file in the index directory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -323,8 +325,23 @@ class SQLiteStore(Store):
             time.sleep(0.05)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        """An index is here when ``path`` is not a directory (opening refuses it), holds a non-empty ``index.db`` or
+        anything in its place, or the index's codebook (its database lost). An empty ``index.db`` alone is a creation
+        killed before its first write: nothing is stored."""
+        d = Path(path)
+        if d.exists() and not d.is_dir():
+            return True
+        db = d / DB_NAME
+        return (d / f"{CODEBOOK_STEM}.json").exists() or db.exists() and not (db.is_file() and db.stat().st_size == 0)
+
     def close(self) -> None:
         self._db.close()
+
+    def stored_bytes(self) -> int:
+        """``index.db`` and its WAL files."""
+        return sum(p.stat().st_size for p in self.directory.glob(f"{DB_NAME}*") if p.is_file())
 
     # -- metadata --------------------------------------------------------------------------------------------------
     @_guard("reading its metadata")

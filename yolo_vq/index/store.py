@@ -2,10 +2,8 @@
 vectors and JPEG thumbnails, metadata, the codebook binding) and the operations the indexer, the search
 (:class:`~yolo_vq.index.memory.Memory`), edge ingest and the thumbnail pictures use on it.
 
-:class:`Store` is the abstract base every implementation derives from; :func:`open_store` opens one from a location:
-
-* a directory path (``str`` or :class:`~pathlib.Path`), or ``sqlite:PATH``: :class:`yolo_vq.index.sqlite.SQLiteStore`,
-  ``index.db`` (SQLite in WAL mode) in that directory.
+:class:`Store` is the abstract base every implementation derives from (this module imports none of them);
+:func:`yolo_vq.index.registry.open_store` opens one from a location (a directory path, or ``scheme:PATH``).
 
 Every implementation keeps the same contract: writes go in batches, one transaction per batch, and each processed
 frame is recorded in the same transaction as its detections (a crash loses at most the batch in flight; re-running
@@ -18,9 +16,8 @@ are one :class:`StoreError` naming the file and what to do, and a failed write i
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +28,10 @@ import numpy as np
 from ..detections import Detections
 from ..errors import StoreError
 
-__all__ = ["CODEBOOK_STEM", "DB_NAME", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame", "Source", "Store",
-           "StoreError", "open_store"]
+__all__ = ["CODEBOOK_STEM", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame", "Source", "Store",
+           "StoreError"]
 
 SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
-DB_NAME = "index.db"  # the SQLite store's database file in the index directory (its presence marks an SQLite index)
 CODEBOOK_STEM = "codebook"  # <index>/codebook.safetensors + codebook.json: the codebook of every stored code
 VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
 
@@ -77,7 +73,7 @@ class CodebookBinding:
 class Store(ABC):
     """An open index: the abstract interface (see the module docstring for the contract every implementation keeps).
 
-    Open one with :func:`open_store`. Every store has the attributes ``directory`` (:class:`~pathlib.Path`, the index
+    Open one with :func:`~yolo_vq.index.registry.open_store`. Every store has the attributes ``directory`` (:class:`~pathlib.Path`, the index
     directory: it holds the codebook copy) and ``readonly`` (bool: opened for reading only; every write method then
     raises :class:`StoreError`). Detection ids are positive ints, increasing in the order detections were stored.
 
@@ -90,6 +86,12 @@ class Store(ABC):
     readonly: bool
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def exists(cls, path: str | Path) -> bool:
+        """Whether this implementation finds an index at ``path`` (or what is left of one, which opening without
+        ``create`` refuses with its reason); False where nothing is stored yet (making one there loses nothing)."""
+
     @abstractmethod
     def close(self) -> None:
         """Release the store (its connection, files); committed data stays. Other methods must not be called after."""
@@ -231,6 +233,10 @@ class Store(ABC):
         (the coarse list recorded when it was stored, -1 where none was)."""
 
     @abstractmethod
+    def stored_bytes(self) -> int:
+        """Bytes the store's own files take on disk (not the codebook copy or the search lists)."""
+
+    @abstractmethod
     def max_id(self) -> int:
         """The largest detection id stored (0 when none): a cheap check of what a derived structure covers."""
 
@@ -284,52 +290,3 @@ class Store(ABC):
     def longest_track(self) -> tuple[int, int, int] | None:
         """``(track_id, detections, first detection id)`` of the track (``track_id >= 0``, any source) with the most
         detections, or None when nothing is tracked."""
-
-
-# -- opening a store ---------------------------------------------------------------------------------------------
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)  # two letters at least: "C:\\..." is a path
-
-
-def _open_sqlite(path: str | Path, **kwargs: Any) -> Store:
-    from .sqlite import SQLiteStore
-
-    return SQLiteStore(path, **kwargs)
-
-
-# scheme -> opener(path, *, create, readonly, codebook, timeout). A new implementation adds its scheme here (e.g.
-# "lance": the Lance store, next to the SQLite one).
-_SCHEMES: dict[str, Callable[..., Store]] = {"sqlite": _open_sqlite}
-
-
-def open_store(location: str | Path, *, create: bool = False, readonly: bool = False,
-               codebook: CodebookBinding | None = None, timeout: float = 30.0) -> Store:
-    """Open (or with ``create=True`` make) the index at ``location``.
-
-    Args:
-        location: an index directory (a :class:`~pathlib.Path`, or a ``str`` without a scheme): the SQLite store
-            (``index.db`` inside); or ``"scheme:PATH"`` for a given implementation, ``sqlite:PATH`` the same SQLite
-            store. A :class:`~pathlib.Path` is always a directory (a directory whose name looks like ``a:b`` can be
-            given as a Path, ``./a:b`` or ``sqlite:a:b``).
-        create: make the directory and an empty store if missing.
-        readonly: open read-only (searchers); never blocks the writer, and works in a read-only folder.
-        codebook: bind this codebook in the same transaction that creates the schema; on an existing index it must
-            be the index's own (see :meth:`Store.bind_codebook`).
-        timeout: seconds to wait for another writer's lock.
-
-    Raises:
-        StoreError: an unknown scheme (the message names the supported ones); no store there (without ``create``), a
-            damaged, empty or foreign index, one of another schema version, a read-only index opened for writing;
-            nothing is modified.
-        CodebookError: ``codebook`` is not the index's own.
-    """
-    opener, path = _open_sqlite, location
-    if isinstance(location, str) and (m := _SCHEME.match(location)):
-        scheme, path = m.group(1).lower(), m.group(2)
-        if scheme not in _SCHEMES:
-            supported = ", ".join(f"{s}:PATH" for s in _SCHEMES)
-            raise StoreError(f"{location!r}: unknown store scheme {scheme + ':'!r}; supported: an index directory "
-                             f"path (SQLite), {supported} (a directory whose name has a colon: write it ./{location})")
-        if not path:
-            raise StoreError(f"{location!r}: no path after {scheme + ':'!r}: write {scheme}:PATH")
-        opener = _SCHEMES[scheme]
-    return opener(path, create=create, readonly=readonly, codebook=codebook, timeout=timeout)

@@ -114,10 +114,11 @@ def upgrade(index: str | Path, *, lists: int | str = "auto", reduced_dim: int = 
         ValueError: ``lists`` or ``reduced_dim`` malformed.
     """
     from ..quant import CoarseQuantizer, load_codebook, save_coarse
-    from .store import StoreError, open_store
+    from .registry import open_store
+    from .store import StoreError
 
     t0 = time.perf_counter()
-    with open_store(Path(index)) as st:
+    with open_store(index) as st:
         own = st.codebook_path()
         if own is None or st.max_id() == 0:
             raise StoreError(f"{index} holds no detections yet: index a video into it first (lists are trained on "
