@@ -422,6 +422,7 @@ def damaged_copy(small_index: Path, tmp: Path, damages: list[Mutation]) -> Path:
 @example(damages=[("meta", "code_size", '"8"')])
 @example(damages=[("meta", "code_size", "{")])
 @example(damages=[("meta", "code_size", "null")])  # was: exit 70, TypeError (reshape to None)
+@example(damages=[("cell", "detections", "frame", 0, "")])  # was: "error: invalid literal for int() ...", no file named
 @example(damages=[("splice", 3081, b"\x80")])  # was: "error: 'utf-8' codec can't decode byte 0x80 ...", no file named
 def test_search_on_a_damaged_index_db(small_index, work, damages):
     with scratch(work) as tmp:

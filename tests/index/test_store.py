@@ -318,3 +318,57 @@ def test_the_interface_imports_no_implementation():
             "print(sorted(m for m in sys.modules if 'sqlite' in m or m.endswith('.memory')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_shared_layer_needs_only_the_meta_primitives(tmp_path):
+    """What every implementation shares (metadata forms, the codebook binding, the batch checks) runs on a store that
+    provides nothing but ``_meta_text``, ``_put_meta_text``, ``_writing`` and ``snapshot``: a second implementation
+    does not copy it."""
+    from contextlib import contextmanager, nullcontext
+
+    class MetaOnly(Store):
+        def __init__(self, directory: Path):
+            self.directory, self.path, self.readonly, self.meta = directory, directory / "meta", False, {}
+            self.log: list[str] = []
+
+        def _meta_text(self, key):
+            return self.meta.get(key)
+
+        def _put_meta_text(self, key, text):
+            self.meta[key] = text
+
+        @contextmanager
+        def _writing(self, doing):
+            before = dict(self.meta)
+            try:
+                yield
+                self.log.append(f"committed {doing}")
+            except BaseException:
+                self.meta = before  # rolled back whole
+                raise
+
+        def snapshot(self):
+            return nullcontext(self)
+
+    def unused(*a, **k):
+        raise AssertionError("the shared layer called an implementation method it should not need")
+
+    rest = dict.fromkeys(MetaOnly.__abstractmethods__, unused)  # what the shared layer must not need
+    Impl = type("Impl", (MetaOnly,), rest)
+    (tmp_path / "idx").mkdir()
+    s = Impl(tmp_path / "idx")
+    cb, other = fake_codebook(tmp_path / "cbs"), fake_codebook(tmp_path / "other", seed=1)
+    assert s.codebook_sha256 is None and s.codebook_path() is None and s.vector_dim is None
+    assert s.bind_codebook(CodebookBinding(cb, {"dim": 4}, "fp", {0: "person"})) is True
+    assert s.log == ["committed binding its codebook"] and s.codebook_path() == tmp_path / "idx" / "codebook"
+    assert s.get_meta("names") == {"0": "person"}
+    with pytest.raises(CodebookError, match="is another one"):
+        s.bind_codebook(CodebookBinding(other, None, None, {}))
+    assert len(s.log) == 1 and json.loads(s.meta["codebook_sha256"]) == s.codebook_sha256  # nothing changed
+    s.meta["code_size"] = '"eight"'
+    with pytest.raises(StoreError, match=r"meta 'code_size' is '\"eight\"', not a positive int; restore it"):
+        s.get_meta("code_size")
+    s.meta["code_size"] = "8"
+    with pytest.raises(StoreError, match="codes of 4 bytes, this index stores 8-byte codes"):
+        s._code_size_after(frame(0, code_size=4).detections, 8)
+    assert s._vectors_after(frame(0, dim=6).detections, None) == {"dtype": "float16", "dim": 6} and s.vector_dim == 6

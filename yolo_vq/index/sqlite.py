@@ -11,11 +11,9 @@ embedding of each detection in a separate ``vectors`` table (for exact re-rankin
 the first batch that keeps vectors. Stores without that table are complete version-1 stores (older yolo_vq versions
 read stores with it and ignore it); ``meta['vectors']`` says whether, and with what dim, vectors are kept.
 
-The codebook binding: an index's codes belong to one codebook, copied into the directory (``codebook.safetensors`` +
-``codebook.json``) and identified by the sha256 of its tensors in ``meta['codebook_sha256']``. The binding is decided
-once, in the transaction that creates the schema (:meth:`SQLiteStore.bind_codebook`), so two processes creating one
-index cannot both win; the files are verified against the recorded checksum whenever the codebook is used, and a
-missing or damaged copy is an error (never a reason to fit a new one).
+The codebook binding (:mod:`yolo_vq.index.binding`), the metadata forms and the wording of faults
+(:mod:`yolo_vq.index.faults`) are shared by every store; this module holds the schema, the SQL and how SQLite's own
+errors map to those faults.
 
 Faults (a damaged or foreign file, a read-only folder, a full disk, a lock held too long) surface as one
 :class:`StoreError` naming the file and what to do; a failed write transaction is rolled back whole.
@@ -26,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,8 +35,10 @@ from urllib.request import pathname2url
 import numpy as np
 
 from ..detections import LIST_ID, Detections
-from ..errors import CodebookError, StoreError
-from .store import CODEBOOK_STEM, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
+from ..errors import StoreError
+from .binding import CODEBOOK_STEM, bind
+from .faults import RESTORE, Fault, damaged, fault, free_bytes
+from .store import SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
 
 __all__ = ["DB_NAME", "SQLiteStore"]
 
@@ -88,7 +87,6 @@ _COLUMNS = {
     "detections": {"id", "source_id", "frame", "time", "x1", "y1", "x2", "y2", "class_id", "confidence", "track_id",
                    "codes", "thumb"},
 }
-_RESTORE = "restore it from a backup, or index into a new directory"
 
 
 def _columns(path: Path, rows: list) -> dict[str, np.ndarray]:
@@ -99,11 +97,15 @@ def _columns(path: Path, rows: list) -> dict[str, np.ndarray]:
     try:
         a = np.array(rows, dtype=np.float64).reshape(-1, 6)
     except (ValueError, TypeError) as e:
-        raise StoreError(f"{path}: detection rows hold values that are no numbers ({e}): the database is damaged; "
-                         f"re-index into a new directory") from None
+        raise _no_numbers(path, e) from None
     return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
             "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32),
             "track_id": a[:, 5].astype(np.int64)}
+
+
+def _no_numbers(path: Path, e: Exception) -> StoreError:
+    return StoreError(f"{path}: detection rows hold values that are no numbers ({e}): the database is damaged; "
+                      f"re-index into a new directory")
 
 
 def _code_matrix(path: Path, blobs: list, code_size: Any) -> np.ndarray:
@@ -116,49 +118,22 @@ def _code_matrix(path: Path, blobs: list, code_size: Any) -> np.ndarray:
                          f"re-index into a new directory") from None
 
 
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-_NOT_JSON = object()
-# What the meta values the code reads must be (a key not set reads as the default): checked as they are read.
-_META_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "codebook_sha256": (lambda v: isinstance(v, str), "a sha256 hex string"),
-    "code_size": (_count, "a positive int"),
-    "names": (lambda v: isinstance(v, dict) and all(k.isascii() and k.isdigit() and isinstance(n, str)
-                                                    for k, n in v.items()), "a dict of class id -> name"),
-    "vectors": (lambda v: isinstance(v, dict) and _count(v.get("dim")), "a dict with the vectors' dim"),
-}
-
-
 def _sql_fault(path: Path, doing: str, e: sqlite3.Error) -> StoreError:
-    """One :class:`StoreError` line for an SQLite error while ``doing`` something with the store at ``path``."""
+    """SQLite's error while ``doing`` something with the store at ``path`` -> the fault it is (one line)."""
     msg = str(e)
     low = msg.lower()
-    if "disk is full" in low or "disk i/o error" in low and _free_bytes(path.parent) == 0:
-        return StoreError(f"{path}: the disk is full ({msg}) while {doing}: everything committed before is kept and "
-                          f"this batch was rolled back; free space on the disk of {path.parent} and re-run the same "
-                          f"command to resume")
     writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
-    if "readonly" in low or "read-only" in low or "unable to open" in low and not writable:
-        return StoreError(f"{path} is read-only ({msg}) while {doing}: make the index folder and its files writable, "
-                          f"or index into a writable directory (search works on a read-only index)")
-    if "locked" in low or "busy" in low:
-        return StoreError(f"{path}: another process held its write lock for too long ({msg}) while {doing}: wait for "
-                          f"it to finish (or stop it) and re-run")
-    if "unable to open" in low:
-        return StoreError(f"{path}: SQLite cannot open it ({msg}) while {doing}: check that the folder exists and is "
-                          f"readable")
-    return StoreError(f"{path} is damaged or not a yolo_vq index ({msg}) while {doing}: {_RESTORE} (nothing was "
-                      f"changed)")
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
+    if "disk is full" in low or "disk i/o error" in low and free_bytes(path.parent) == 0:
+        kind = Fault.DISK_FULL
+    elif "readonly" in low or "read-only" in low or "unable to open" in low and not writable:
+        kind = Fault.READ_ONLY
+    elif "locked" in low or "busy" in low:
+        kind = Fault.LOCKED
+    elif "unable to open" in low:
+        kind = Fault.UNOPENABLE
+    else:
+        kind = Fault.DAMAGED
+    return fault(kind, path, doing, msg)
 
 
 def _guard(doing: str) -> Callable[[F], F]:
@@ -221,10 +196,10 @@ class SQLiteStore(Store):
         own = self.directory / f"{CODEBOOK_STEM}.json"
         if not self.path.is_file():
             if self.path.exists():
-                raise StoreError(f"{self.path} is not a regular file: {_RESTORE}")
+                raise StoreError(f"{self.path} is not a regular file: {RESTORE}")
             if own.is_file():  # an index's codebook without its database: the database was lost
                 raise StoreError(f"{self.directory} holds an index codebook but no {DB_NAME}: the database was "
-                                 f"deleted or moved; {_RESTORE} (nothing was changed)")
+                                 f"deleted or moved; {RESTORE} (nothing was changed)")
             if not create:
                 raise StoreError(
                     f"no index at {self.directory} ({DB_NAME} missing): create one with `yolo-vq index VIDEO "
@@ -238,7 +213,7 @@ class SQLiteStore(Store):
             # truncated index, which must not be re-created over.
             if own.is_file() or not create:
                 raise StoreError(f"{self.path} is empty (0 bytes){' beside its codebook' if own.is_file() else ''}: "
-                                 f"the index database was truncated or never written; {_RESTORE} (nothing was "
+                                 f"the index database was truncated or never written; {RESTORE} (nothing was "
                                  f"changed)")
             return True
         return False
@@ -284,8 +259,7 @@ class SQLiteStore(Store):
         for table, want in _COLUMNS.items():
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if missing := sorted(want - have):
-                raise StoreError(f"{self.path} is damaged: table {table!r} lacks columns {missing}; {_RESTORE} "
-                                 f"(nothing was changed)")
+                raise damaged(self.path, f"table {table!r} lacks columns {missing}")
         self._db.execute("PRAGMA foreign_keys=ON")
         if not self.readonly:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
@@ -313,7 +287,7 @@ class SQLiteStore(Store):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                  (json.dumps(SCHEMA_VERSION),))
                 if codebook is not None:
-                    self._bind(codebook)
+                    bind(self, codebook)
                 self._db.execute("COMMIT")
                 return
             except sqlite3.OperationalError as e:
@@ -343,164 +317,29 @@ class SQLiteStore(Store):
         """``index.db`` and its WAL files."""
         return sum(p.stat().st_size for p in self.directory.glob(f"{DB_NAME}*") if p.is_file())
 
-    # -- metadata --------------------------------------------------------------------------------------------------
+    # -- metadata (the primitives under Store.get_meta / set_meta / bind_codebook) -------------------------------
     @_guard("reading its metadata")
-    def get_meta(self, key: str, default: Any = None) -> Any:
-        """A JSON value stored under ``key`` (schema version, codebook and model fingerprints, embedding config).
-
-        Raises:
-            StoreError: the value is not JSON, or not of the form its key has (a damaged index).
-        """
+    def _meta_text(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return default
+        return None if row is None else row[0]
+
+    @_guard("writing its metadata")
+    def _put_meta_text(self, key: str, text: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, text))
+
+    @contextmanager
+    def _writing(self, doing: str) -> Iterator[None]:
+        """One write transaction (under SQLite's write lock): committed when the block ends, rolled back whole when
+        it raises."""
         try:
-            value = json.loads(row[0])
-        except (TypeError, ValueError, RecursionError):
-            value = _NOT_JSON
-        if value is _NOT_JSON or key in _META_FORMS and not _META_FORMS[key][0](value):  # never stored as null
-            raise StoreError(f"{self.path} is damaged: its meta {key!r} is {str(row[0])[:40]!r}, not "
-                             f"{_META_FORMS.get(key, (None, 'JSON'))[1]}; {_RESTORE} (nothing was changed)")
-        return value
-
-    # -- the codebook binding -------------------------------------------------------------------------------------
-    @property
-    def codebook_sha256(self) -> str | None:
-        """The sha256 of the tensors of the codebook every stored code belongs to (``meta['codebook_sha256']``);
-        for an index written before it was recorded, its codebook file's own record. None: no codebook bound."""
-        have = self.get_meta("codebook_sha256")
-        if have is None and self.get_meta("embedding") is not None:  # bound by an older yolo_vq
-            from ..quant.io import codebook_checksum
-
-            have = codebook_checksum(self.directory / CODEBOOK_STEM)
-            if have is None:
-                raise CodebookError(f"{self.directory}: the index's own codebook ({CODEBOOK_STEM}.json) is missing "
-                                    f"or unreadable, and this index (made by an older yolo_vq) has no record of its "
-                                    f"checksum: restore the codebook the index was made with into it, or re-index "
-                                    f"into a new directory; nothing was changed")
-        return have
-
-    def bind_codebook(self, codebook: CodebookBinding) -> bool:
-        """Make ``codebook`` this index's own, once: in one write transaction, a new index copies it in (as
-        ``CODEBOOK_STEM`` in its directory) and records its checksum, embedding, model fingerprint and class names;
-        an index bound before must be bound to the same codebook (its copy is restored if missing or damaged).
-        Returns True when this call bound it.
-
-        Raises:
-            CodebookError: the index is bound to another codebook (the message names both, and says whether this
-                run fitted its codebook while another process bound one), or ``codebook`` is unreadable.
-            StoreError: the index has codes stored with no codebook recorded (they could belong to any).
-        """
-        if self.readonly:
-            raise StoreError(f"{self.path} was opened read-only")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")  # the binding is decided under the write lock
-            bound = self._bind(codebook)
+            self._db.execute("BEGIN IMMEDIATE")
+            yield
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
-            raise _sql_fault(self.path, "binding its codebook", e) from None
+            raise _sql_fault(self.path, doing, e) from None
         finally:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-        return bound
-
-    def _bind(self, codebook: CodebookBinding) -> bool:
-        from ..quant.coarse import coarse_path
-        from ..quant.io import codebook_checksum, codebook_paths
-
-        want = codebook_checksum(codebook.path)
-        if want is None:
-            raise CodebookError(f"codebook {codebook.path}: no readable codebook JSON with a tensor checksum there "
-                                f"(expected the .safetensors + .json written by `yolo-vq fit` / save_codebook)")
-        have = self.codebook_sha256
-        if have is None:
-            if self._db.execute("SELECT 1 FROM detections WHERE codes IS NOT NULL LIMIT 1").fetchone():
-                raise StoreError(f"{self.path} holds codes but records no codebook: they could belong to any; "
-                                 f"index into a new directory")
-        elif have != want:
-            if codebook.fitted:
-                raise CodebookError(
-                    f"while this run fitted a codebook ({want[:16]}...) for the new index {self.directory}, another "
-                    f"process created it with codebook {have[:16]}...: this run's codebook was not used and nothing "
-                    f"was stored; re-run the same command to index with the index's own codebook")
-            raise CodebookError(
-                f"{self.directory} is bound to codebook {have[:16]}... (its {CODEBOOK_STEM}.json, recorded in "
-                f"{DB_NAME}), and the codebook passed, {codebook.path} ({want[:16]}...), is another one: its codes "
-                f"could not be compared with the stored ones; omit --codebook to use the index's own, or index into "
-                f"a new directory")
-        elif self._own_codebook_problem(have) is None:
-            if self.get_meta("codebook_sha256") is None:
-                self.set_meta("codebook_sha256", have)  # an older index: record what its file says
-            return False
-        # copy (a first binding, or the same codebook restoring a missing or damaged copy); temp + rename per file,
-        # the coarse quantizer (IVF lists) first where the codebook has one, the JSON that lists it last
-        files = list(zip(codebook_paths(codebook.path), (".safetensors", ".json")))
-        if (coarse := coarse_path(codebook.path)).is_file():
-            files.insert(0, (coarse, ".coarse.safetensors"))
-        for src, suffix in files:
-            dst = self.directory / f"{CODEBOOK_STEM}{suffix}"
-            if dst.exists() and dst.samefile(src):
-                continue
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            except OSError as e:  # e.g. the disk is full: the transaction rolls back, no half file stays
-                tmp.unlink(missing_ok=True)
-                raise StoreError(f"{dst}: cannot copy the codebook into the index ({e.strerror or e}): nothing was "
-                                 f"stored; free space or fix permissions of {self.directory} and re-run") from None
-        if problem := self._own_codebook_problem(want):
-            raise CodebookError(f"codebook {codebook.path} does not match its own checksum once copied ({problem})")
-        if have is None:
-            self.set_meta("codebook_sha256", want)
-            self.set_meta("embedding", codebook.embedding)
-            self.set_meta("model_fingerprint", codebook.model_fingerprint)
-            self.set_meta("names", {int(k): v for k, v in codebook.names.items()})
-        return have is None
-
-    def _own_codebook_problem(self, sha: str) -> str | None:
-        """What is wrong with the index's copy of the codebook of checksum ``sha`` (None: nothing)."""
-        from ..quant.coarse import load_coarse
-        from ..quant.files import file_sha256
-        from ..quant.io import codebook_checksum
-
-        st, js = (self.directory / f"{CODEBOOK_STEM}{x}" for x in (".safetensors", ".json"))
-        if missing := [p.name for p in (st, js) if not p.is_file()]:
-            return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
-        if (recorded := codebook_checksum(js)) != sha:
-            return f"{js.name} is unreadable" if recorded is None else \
-                f"{js.name} describes codebook {recorded[:16]}..., not the index's"
-        if file_sha256(st) != sha:
-            return f"{st.name} is damaged (its sha256 differs)"
-        try:  # the search lists' coarse quantizer, where the JSON lists one
-            load_coarse(self.directory / CODEBOOK_STEM)
-        except CodebookError as e:
-            return str(e).split(": restore it")[0]
-        return None
-
-    def codebook_path(self) -> Path | None:
-        """The stem of the index's own codebook, verified against the checksum in ``index.db``; None when no codebook
-        is bound yet.
-
-        Raises:
-            CodebookError: the copy is missing, damaged or another codebook (with how to recover: restore the
-                codebook the index was made with, or re-index); nothing is changed.
-        """
-        with self.snapshot():
-            sha = self.codebook_sha256
-        if sha is None:
-            return None
-        if problem := self._own_codebook_problem(sha):
-            raise CodebookError(
-                f"{self.directory}: the index's own codebook is unusable: {problem}. {DB_NAME} records its checksum "
-                f"{sha[:16]}...: restore {CODEBOOK_STEM}.safetensors and {CODEBOOK_STEM}.json with that checksum "
-                f"(`yolo-vq index ... --codebook PATH` with the codebook the index was made with puts them back), or "
-                f"re-index into a new directory; nothing was changed")
-        return self.directory / CODEBOOK_STEM
-
-    @_guard("writing its metadata")
-    def set_meta(self, key: str, value: Any) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     # -- sources ---------------------------------------------------------------------------------------------------
     @_guard("registering a source")
@@ -546,8 +385,7 @@ class SQLiteStore(Store):
         ``vectors``, each detection's embedding (``detections.embeddings``, (n, D) float32) is also kept as float16
         in the ``vectors`` table (D fixed by the first vectors stored), for re-ranking.
         """
-        if self.readonly:
-            raise StoreError(f"{self.path} was opened read-only")
+        self._check_writable()
         inserted = 0
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
@@ -561,13 +399,7 @@ class SQLiteStore(Store):
                 cur.execute("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", (source_id, int(f.frame), len(d)))
                 if cur.rowcount == 0:
                     continue  # stored by an earlier run: idempotent
-                if d.codes is not None and len(d):
-                    if code_size is None:
-                        code_size = int(d.codes.shape[1]) * d.codes.itemsize
-                        self.set_meta("code_size", code_size)
-                    if d.codes.shape[1] * d.codes.itemsize != code_size:
-                        raise StoreError(f"codes of {d.codes.shape[1] * d.codes.itemsize} bytes, this index stores "
-                                         f"{code_size}-byte codes: use the index's codebook")
+                code_size = self._code_size_after(d, code_size)
                 thumbs = f.thumbs if f.thumbs is not None else [None] * len(d)
                 lists = d.data.get(LIST_ID)
                 n = len(d)
@@ -584,13 +416,7 @@ class SQLiteStore(Store):
                 if not (vectors and len(d)):
                     cur.executemany(sql, rows)
                 else:
-                    if d.dim == 0 or (kept is not None and d.dim != kept["dim"]):
-                        raise StoreError(f"detections carry embeddings of dim {d.dim}, this index keeps "
-                                         f"{kept['dim'] if kept else 'float'} vectors: keep the embeddings the "
-                                         "codes were encoded from (Detections.from_ultralytics of an Embedder's results)")
-                    if kept is None:
-                        kept = {"dtype": "float16", "dim": d.dim}
-                        self.set_meta("vectors", kept)
+                    kept = self._vectors_after(d, kept)
                     for row, v in zip(rows, d.embeddings.astype(VECTOR_DTYPE)):
                         cur.execute(sql, row)  # executemany does not report the ids
                         cur.execute("INSERT INTO vectors VALUES (?, ?)", (cur.lastrowid, v.tobytes()))
@@ -654,12 +480,6 @@ class SQLiteStore(Store):
         """``(track_id, detections, first detection id)`` of the track with the most detections, or None."""
         return self._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
                                 "GROUP BY source_id, track_id ORDER BY c DESC LIMIT 1").fetchone()
-
-    @property
-    def vector_dim(self) -> int | None:
-        """Dimension of the float16 vectors this index keeps, or None when it keeps none."""
-        kept = self.get_meta("vectors")
-        return None if kept is None else int(kept["dim"])
 
     @_guard("reading stored vectors")
     def vectors(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -763,11 +583,14 @@ class SQLiteStore(Store):
             raise KeyError(f"no detections with ids {missing[:5]} in {self.path}")
         r = [rows[i] for i in ids]
         codes = [x[11] for x in r]
+        try:  # source_id, frame, time, x1, y1, x2, y2, class_id, confidence, track_id
+            a = np.array([x[1:11] for x in r], np.float64)
+        except (ValueError, TypeError) as e:
+            raise _no_numbers(self.path, e) from None
         return Detections(
-            np.array([x[4:8] for x in r], np.float32),
-            confidence=np.array([x[9] for x in r]), class_id=np.array([x[8] for x in r]),
-            track_id=np.array([x[10] for x in r]),
+            a[:, 3:7].astype(np.float32), confidence=a[:, 8], class_id=a[:, 7].astype(np.int64),
+            track_id=a[:, 9].astype(np.int64),
             codes=None if any(c is None for c in codes) else np.frombuffer(b"".join(codes), np.uint8).reshape(len(r), -1),
-            data={"id": np.array(ids, np.int64), "source_id": np.array([x[1] for x in r], np.int64),
-                  "frame": np.array([x[2] for x in r], np.int64), "time": np.array([x[3] for x in r])},
+            data={"id": np.array(ids, np.int64), "source_id": a[:, 0].astype(np.int64),
+                  "frame": a[:, 1].astype(np.int64), "time": a[:, 2]},
         )

@@ -16,8 +16,9 @@ are one :class:`StoreError` naming the file and what to do, and a failed write i
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,29 @@ import numpy as np
 
 from ..detections import Detections
 from ..errors import StoreError
+from .binding import CODEBOOK_STEM, bind, recorded_sha256, verified_codebook
+from .faults import damaged
 
 __all__ = ["CODEBOOK_STEM", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame", "Source", "Store",
            "StoreError"]
 
 SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
-CODEBOOK_STEM = "codebook"  # <index>/codebook.safetensors + codebook.json: the codebook of every stored code
 VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# What the meta values the package reads must be (a key not set reads as the default): checked as they are read.
+META_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "codebook_sha256": (lambda v: isinstance(v, str), "a sha256 hex string"),
+    "code_size": (_count, "a positive int"),
+    "names": (lambda v: isinstance(v, dict) and all(k.isascii() and k.isdigit() and isinstance(n, str)
+                                                    for k, n in v.items()), "a dict of class id -> name"),
+    "vectors": (lambda v: isinstance(v, dict) and _count(v.get("dim")), "a dict with the vectors' dim"),
+}
+_NOT_JSON = object()
 
 
 @dataclass(frozen=True)
@@ -74,8 +91,13 @@ class Store(ABC):
     """An open index: the abstract interface (see the module docstring for the contract every implementation keeps).
 
     Open one with :func:`~yolo_vq.index.registry.open_store`. Every store has the attributes ``directory`` (:class:`~pathlib.Path`, the index
-    directory: it holds the codebook copy) and ``readonly`` (bool: opened for reading only; every write method then
-    raises :class:`StoreError`). Detection ids are positive ints, increasing in the order detections were stored.
+    directory: it holds the codebook copy), ``path`` (:class:`~pathlib.Path`, what its messages name: SQLite's
+    ``index.db``) and ``readonly`` (bool: opened for reading only; every write method then raises
+    :class:`StoreError`).
+
+    What an implementation provides is every abstract member; the metadata forms, the codebook binding and the checks
+    of a batch's codes and vectors are shared (``get_meta``/``set_meta`` over ``_meta_text``/``_put_meta_text``,
+    ``bind_codebook`` inside ``_writing``). Detection ids are positive ints, increasing in the order detections were stored.
 
     Every method may raise :class:`StoreError` for a fault of the underlying storage (damaged, read-only, full,
     locked), with what failed and the fix; the errors listed per method are those of its arguments or of the index's
@@ -83,6 +105,7 @@ class Store(ABC):
     """
 
     directory: Path
+    path: Path
     readonly: bool
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -102,8 +125,7 @@ class Store(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- metadata --------------------------------------------------------------------------------------------------
-    @abstractmethod
+    # -- metadata (shared: JSON values checked against META_FORMS) -----------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
         """The JSON value stored under ``key``, or ``default`` when the key is not set.
 
@@ -115,23 +137,46 @@ class Store(ABC):
         Raises:
             StoreError: the value is not JSON, or not of the form its key has (a damaged index).
         """
+        text = self._meta_text(key)
+        if text is None:
+            return default
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError, RecursionError):
+            value = _NOT_JSON
+        if value is _NOT_JSON or key in META_FORMS and not META_FORMS[key][0](value):  # never stored as null
+            raise damaged(self.path, f"its meta {key!r} is {str(text)[:40]!r}, not "
+                                     f"{META_FORMS.get(key, (None, 'JSON'))[1]}")
+        return value
 
-    @abstractmethod
     def set_meta(self, key: str, value: Any) -> None:
         """Store the JSON-serialisable ``value`` under ``key`` (replacing any), committed at once unless inside a
         write of this store."""
+        self._put_meta_text(key, json.dumps(value))
 
-    # -- the codebook binding -------------------------------------------------------------------------------------
-    @property
     @abstractmethod
+    def _meta_text(self, key: str) -> str | None:
+        """The text stored under ``key`` (None: not set)."""
+
+    @abstractmethod
+    def _put_meta_text(self, key: str, text: str) -> None:
+        """Store ``text`` under ``key`` (replacing any), committed at once unless inside a write of this store."""
+
+    @abstractmethod
+    def _writing(self, doing: str) -> AbstractContextManager[None]:
+        """One write transaction under the store's write lock (``doing`` words its faults): what the block writes
+        commits when it ends and is rolled back whole when it raises."""
+
+    # -- the codebook binding (shared: yolo_vq.index.binding) ---------------------------------------------------
+    @property
     def codebook_sha256(self) -> str | None:
         """The sha256 (hex) of the tensors of the codebook every stored code belongs to; None: no codebook bound.
 
         Raises:
             CodebookError: an older index records no checksum and its codebook file is unreadable.
         """
+        return recorded_sha256(self)
 
-    @abstractmethod
     def bind_codebook(self, codebook: CodebookBinding) -> bool:
         """Make ``codebook`` this index's own, once: in one write, a new index copies it into ``directory`` (as
         ``CODEBOOK_STEM``) and records its checksum, embedding, model fingerprint and class names; an index bound
@@ -143,8 +188,10 @@ class Store(ABC):
                 run fitted its codebook while another process bound one), or ``codebook`` is unreadable.
             StoreError: the store is read-only, or holds codes with no codebook recorded (they could belong to any).
         """
+        self._check_writable()
+        with self._writing("binding its codebook"):
+            return bind(self, codebook)
 
-    @abstractmethod
     def codebook_path(self) -> Path | None:
         """The stem of the index's own codebook (in ``directory``), verified against the recorded checksum; None
         when no codebook is bound yet.
@@ -152,6 +199,38 @@ class Store(ABC):
         Raises:
             CodebookError: the copy is missing, damaged or another codebook (with how to recover); nothing is changed.
         """
+        return verified_codebook(self)
+
+    # -- checks every implementation's writes make (shared) -----------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"{self.path} was opened read-only")
+
+    def _code_size_after(self, d: Detections, code_size: int | None) -> int | None:
+        """The store's code size once ``d``'s codes are stored (``code_size``: before; the first codes stored set
+        it, recorded in ``meta['code_size']`` in the same write). Raises StoreError for codes of another size."""
+        if d.codes is None or not len(d):
+            return code_size
+        size = int(d.codes.shape[1]) * d.codes.itemsize
+        if code_size is None:
+            self.set_meta("code_size", size)
+            return size
+        if size != code_size:
+            raise StoreError(f"codes of {size} bytes, this index stores {code_size}-byte codes: use the index's "
+                             f"codebook")
+        return code_size
+
+    def _vectors_after(self, d: Detections, kept: dict[str, Any] | None) -> dict[str, Any]:
+        """``meta['vectors']`` once ``d``'s embeddings are kept (``kept``: before; the first vectors kept set it, in
+        the same write). Raises StoreError for detections without embeddings or of another dim."""
+        if d.dim == 0 or (kept is not None and d.dim != kept["dim"]):
+            raise StoreError(f"detections carry embeddings of dim {d.dim}, this index keeps "
+                             f"{kept['dim'] if kept else 'float'} vectors: keep the embeddings the codes were "
+                             "encoded from (Detections.from_ultralytics of an Embedder's results)")
+        if kept is None:
+            kept = {"dtype": "float16", "dim": d.dim}
+            self.set_meta("vectors", kept)
+        return kept
 
     # -- sources ---------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -251,9 +330,10 @@ class Store(ABC):
         """
 
     @property
-    @abstractmethod
     def vector_dim(self) -> int | None:
-        """Dimension of the float vectors this index keeps, or None when it keeps none."""
+        """Dimension of the float vectors this index keeps (``meta['vectors']``), or None when it keeps none."""
+        kept = self.get_meta("vectors")
+        return None if kept is None else int(kept["dim"])
 
     @abstractmethod
     def vectors(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
