@@ -208,7 +208,7 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
                 lists = q.coarse.assign(x)
             else:  # replicate an encoded chunk: 2 sub-codes re-drawn per row, the list kept
                 g = np.random.default_rng([11, c])
-                rows_c = st.search_rows(after_id=(c % encoded_chunks) * CHUNK, limit=n)
+                rows_c = st.rows(after_id=(c % encoded_chunks) * CHUNK, limit=n, fields=("codes", "list_id"))
                 codes, lists = rows_c["codes"].copy(), rows_c["list_id"]
                 at = g.integers(0, codes.shape[1], (n, 2))
                 codes[np.arange(n)[:, None], at] = g.integers(0, q.codebook_size, (n, 2), dtype=np.uint8)

@@ -21,6 +21,7 @@ import pytest
 
 from yolo_vq import assets
 from yolo_vq.cli import _parser, main
+from yolo_vq.demo import longest_track
 from yolo_vq.index.registry import open_store
 
 ENV = {**os.environ, "YOLO_OFFLINE": "1"}
@@ -294,7 +295,7 @@ def test_search_by_track_leaves_the_track_out(idx, frames_folder, index_model, t
     from yolo_vq import Indexer
 
     with open_store(idx, readonly=True) as s:
-        track, size, _ = s.longest_track()
+        track, size, _ = longest_track(s)
         alone = s.count() == size
     assert main(["search", "--index", str(idx), "--track", f"1:{track}", "--json"]) == 0
     out = capsys.readouterr()

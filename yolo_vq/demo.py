@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_demo"]
+import numpy as np
+
+__all__ = ["longest_track", "run_demo"]
 
 
 def run_demo(out: str | Path = "yolo_vq_demo", *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -31,7 +33,7 @@ def run_demo(out: str | Path = "yolo_vq_demo", *, log: Callable[[str], None] = p
     with Indexer(model, out / "index", codebook=out / "codebook", track=True, conf=0.1) as ix:
         log("2/3 " + ix.index_source(video).line())
     with Memory(out / "index") as mem:
-        longest = mem.store.longest_track()
+        longest = longest_track(mem.store)
         if longest is None:
             raise ValueError("the demo found no tracked detection to query")
         track, size, first = longest
@@ -45,3 +47,16 @@ def run_demo(out: str | Path = "yolo_vq_demo", *, log: Callable[[str], None] = p
     log(f"next: `yolo-vq serve --index {out / 'index'}` and open http://127.0.0.1:8000/ to search it in the browser "
         f"(needs the serve extra: pip install -e '.[serve]')")
     return rows
+
+
+def longest_track(store: Any) -> tuple[int, int, int] | None:
+    """``(track_id, detections, first detection id)`` of the track (``track_id >= 0``, any source) with the most
+    detections in ``store`` (ties: the lowest source id, then track id), or None when nothing is tracked."""
+    r = store.rows(fields=("source_id", "track_id"))
+    tracked = r["track_id"] >= 0
+    if not tracked.any():
+        return None
+    keys, first, counts = np.unique(np.stack([r["source_id"][tracked], r["track_id"][tracked]], 1), axis=0,
+                                    return_index=True, return_counts=True)
+    best = int(np.argmax(counts))  # the first of the largest: keys are sorted by (source, track)
+    return int(keys[best, 1]), int(counts[best]), int(r["id"][tracked][first[best]])

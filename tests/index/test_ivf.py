@@ -167,7 +167,7 @@ def test_rows_stored_without_a_list_are_assigned_from_their_codes(data, tmp_path
     binding = CodebookBinding(codebook, embedding={"dim": D}, model_fingerprint=None, names=NAMES)
     with open_store(idx, create=True, codebook=binding) as st:
         fill(st, data[0], codebook, with_lists=False)  # e.g. ingested edge records, or an index made before lists
-        assert (st.search_rows()["list_id"] == -1).all()
+        assert (st.rows()["list_id"] == -1).all()
         sync_lists(st, load_codebook(st.codebook_path()))
     with Memory(idx, mode="ivf") as ivf, Memory(idx, mode="flat") as flat:
             same(ivf.search(data[1], 10, nprobe=LISTS), flat.search(data[1], 10))

@@ -56,7 +56,7 @@ def contents(lists) -> dict[int, tuple]:
 
 
 def expected(store) -> dict[int, tuple]:
-    r = store.search_rows()
+    r = store.rows()
     return {int(i): (int(assign(c[None])[0]), c.tobytes(), int(k)) for i, c, k in zip(r["id"], r["codes"],
                                                                                       r["class_id"])}
 
@@ -84,7 +84,7 @@ def test_sync_covers_every_stored_detection_once_and_grows(tmp_path):
 def test_rows_stored_without_a_list_are_assigned_from_their_codes(tmp_path):
     with open_store(tmp_path / "idx", create=True) as st:
         add(st, 0, 4, with_lists=False)
-        assert (st.search_rows()["list_id"] == -1).all()
+        assert (st.rows()["list_id"] == -1).all()
         lists, _, _ = sync(st, Coarse(), assign)
         assert contents(lists) == expected(st)
 
@@ -97,10 +97,10 @@ def test_an_index_made_before_lists_gains_the_column(tmp_path):
     db.commit()
     db.close()
     with open_store(tmp_path / "idx", readonly=True) as st:
-        assert (st.search_rows()["list_id"] == -1).all()  # read-only: no column, no list
+        assert (st.rows()["list_id"] == -1).all()  # read-only: no column, no list
     with open_store(tmp_path / "idx") as st:
         add(st, 2, 2)
-        lid = st.search_rows()["list_id"]
+        lid = st.rows()["list_id"]
         assert (lid[:10] == -1).all() and (lid[10:] >= 0).all()
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from yolo_vq import Detections
+from yolo_vq.demo import longest_track
 from yolo_vq.errors import CodebookError
 from yolo_vq.index.registry import open_store
 from yolo_vq.index.sqlite import SQLiteStore
@@ -125,12 +126,14 @@ def test_empty_store_reads(make_store):
     with make_store(create=True) as s:
         ids, codes = s.codes()
         assert ids.shape == (0,) and codes.shape == (0, 0) and ids.dtype == np.int64 and codes.dtype == np.uint8
-        cols = s.columns()
-        assert sorted(cols) == ["class_id", "confidence", "id", "source_id", "time", "track_id"]
-        assert all(len(v) == 0 for v in cols.values())
+        cols = s.rows()
+        assert sorted(cols) == ["class_id", "codes", "confidence", "id", "list_id", "source_id", "time", "track_id"]
+        assert all(len(v) == 0 for v in cols.values()) and cols["codes"].shape == (0, 0)
+        with pytest.raises(ValueError, match=r"unknown row fields \['frame'\]: expected some of \['class_id'"):
+            s.rows(fields=("frame",))
         got = s.get([])
         assert len(got) == 0 and sorted(got.data) == ["frame", "id", "source_id", "time"]
-        assert s.count() == 0 and s.thumbnails([]) == [] and s.longest_track() is None
+        assert s.count() == 0 and s.thumbnails([]) == [] and longest_track(s) is None
         assert s.vector_dim is None and s.codebook_sha256 is None and s.codebook_path() is None
         with pytest.raises(StoreError, match="keeps no float vectors"):
             s.vectors([1])
@@ -139,20 +142,21 @@ def test_empty_store_reads(make_store):
         assert s.codes(after_id=int(s.codes()[0][-1]))[1].shape == (0, 8)  # nothing newer: the store's code size
 
 
-def test_columns_are_the_rows_of_codes(make_store):
+def test_rows_are_columns_of_the_codes_rows(make_store):
     with make_store(create=True) as s:
         a, b = s.add_source("a", "fa"), s.add_source("b", "fb")
         s.add_frames(a.id, [frame(0), frame(1)])
         s.add_frames(b.id, [frame(2)])
         ids, _ = s.codes()
-        cols = s.columns()
+        cols = s.rows()
         assert cols["id"].tolist() == ids.tolist()
         assert {k: v.dtype for k, v in cols.items()} == {"id": np.int64, "class_id": np.int64, "source_id": np.int64,
                                                         "time": np.float64, "confidence": np.float32,
-                                                        "track_id": np.int64}
+                                                        "track_id": np.int64, "list_id": np.int32, "codes": np.uint8}
+        assert sorted(s.rows(fields=("time", "time"))) == ["id", "time"]
         assert cols["source_id"].tolist() == [a.id] * 6 + [b.id] * 3
         assert cols["track_id"].tolist() == [0, 1, 2, 10, 11, 12, 20, 21, 22]
-        rows = s.search_rows(after_id=ids[1], limit=4)  # what the partitioned search structure is built from
+        rows = s.rows(after_id=ids[1], limit=4)  # what the partitioned search structure is built from
         assert rows["id"].tolist() == ids[2:6].tolist() and (rows["list_id"] == -1).all()
         assert rows["codes"].tolist() == s.get(ids[2:6]).codes.tolist()
         assert s.max_id() == ids[-1]
@@ -160,7 +164,7 @@ def test_columns_are_the_rows_of_codes(make_store):
         np.testing.assert_allclose(cols["time"], np.repeat([0, 1 / 25, 2 / 25], 3))
         np.testing.assert_allclose(cols["confidence"], np.concatenate([frame(i).detections.confidence
                                                                        for i in range(3)]), rtol=1e-6)
-        tail = s.columns(after_id=int(ids[5]))
+        tail = s.rows(after_id=int(ids[5]), fields=("class_id",))
         assert tail["id"].tolist() == ids[6:].tolist()
 
 
@@ -212,7 +216,7 @@ def test_tracks(make_store):
         assert s.max_track_id(a.id) == 22 and s.max_track_id(b.id) == 7
         assert s.track_ids(b.id, 7).tolist() == ids[9:12].tolist() and s.track_ids(b.id, 7).dtype == np.int64
         assert s.track_ids(a.id, 7).tolist() == [] and s.track_ids(a.id, 11).tolist() == [int(ids[4])]
-        assert tuple(s.longest_track()) == (7, 3, int(ids[9]))
+        assert longest_track(s) == (7, 3, int(ids[9]))
         assert s.frame_ids(a.id, 1).tolist() == ids[3:6].tolist() and s.frame_ids(b.id, 0).tolist() == ids[9:].tolist()
         assert s.frame_ids(a.id, 5).tolist() == [] and s.frame_ids(a.id, 1).dtype == np.int64
 
@@ -227,7 +231,7 @@ def test_snapshot_sees_one_state_and_is_reentrant(make_store):
             w.add_frames(src.id, [frame(1)])  # committed while the reader's snapshot is open
             with r.snapshot():
                 assert r.count() == 3 and len(r.codes()[0]) == 3
-            assert len(r.columns()["id"]) == 3
+            assert len(r.rows(fields=())["id"]) == 3
         assert r.count() == 6 and len(r.codes()[0]) == 6  # visible once the snapshot ends
 
 

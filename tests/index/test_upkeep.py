@@ -51,7 +51,7 @@ def test_the_indexer_lists_each_detection_by_its_embedding_and_syncs_at_close(in
     with open_store(idx, readonly=True) as st:
         coarse = load_codebook(st.codebook_path()).coarse
         assert coarse is not None and coarse.lists == 4  # the index's copy keeps the coarse quantizer
-        rows = st.search_rows()
+        rows = st.rows()
         assert len(rows["id"]) == len(emb) > 12
         np.testing.assert_array_equal(rows["list_id"], coarse.assign(emb))  # from the float embedding
         lists = open_lists(st, coarse)
@@ -75,7 +75,7 @@ def test_ingested_edge_codes_are_listed_and_found(index_model, listed_codebook, 
     assert ingest(path, idx, codebook=listed_codebook)["detections"] == 60
     with open_store(idx, readonly=True) as st:
         q = load_codebook(st.codebook_path())
-        rows = st.search_rows()
+        rows = st.rows()
         lists = open_lists(st, q.coarse)
         assert lists.rows == 60
         np.testing.assert_array_equal(rows["list_id"], q.coarse.assign(q.decode(rows["codes"]).numpy()))

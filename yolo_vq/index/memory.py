@@ -14,7 +14,7 @@ from ..detections import Detections
 from .filters import RowFilter
 from .registry import open_store
 from .segments import COLUMNS
-from .store import StoreError
+from .store import FILTER_FIELDS, StoreError
 
 if TYPE_CHECKING:
     from .ivf import ListSearch
@@ -196,11 +196,9 @@ class Memory:
                 self._use(open_lists(self.store, self.codebook.coarse, check=False))
             except ListsProblem:
                 pass  # mid-rewrite by another process: keep the structure opened before, try again next refresh
-        with self.store.snapshot():  # codes and columns of the same rows, while another process indexes
-            ids, codes = self.store.codes(after_id=self._last)
-            cols = self.store.columns(after_id=self._last) if len(ids) else {}
+        cols = self.store.rows(after_id=self._last, fields=(*FILTER_FIELDS, "codes"))  # one state, while others write
+        ids, codes = cols["id"], cols.pop("codes")
         if len(ids):
-            assert np.array_equal(cols["id"], ids), "codes and columns of one snapshot list the same rows"
             self.scan.add(ids, codes)
             self._cols = {k: np.concatenate([self._cols[k], v]) for k, v in cols.items()} if self._cols else cols
             self._last = int(ids[-1])

@@ -135,7 +135,7 @@ def _views(buf: np.ndarray, head: dict[str, Any], data: int) -> dict[str, np.nda
 
 
 def write_segment(path: Path, rows: dict[str, np.ndarray], lists: int) -> Segment:
-    """Write the detections ``rows`` (:meth:`Store.search_rows` arrays, ``list_id`` all in ``[0, lists)``) as one
+    """Write the detections ``rows`` (:meth:`Store.rows` arrays, ``list_id`` all in ``[0, lists)``) as one
     segment file sorted by list, then id; returns it opened."""
     lid = rows["list_id"]
     if len(lid) and (lid.min() < 0 or lid.max() >= lists):
@@ -368,7 +368,7 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
             m["code_size"] = m["code_size"] or 0
         added = 0
         while True:
-            rows = store.search_rows(after_id=m["high_water"], limit=batch)
+            rows = store.rows(after_id=m["high_water"], limit=batch)
             if not len(rows["id"]):
                 break
             if not m["code_size"]:

@@ -38,7 +38,7 @@ from ..detections import LIST_ID, Detections
 from ..errors import StoreError
 from .binding import CODEBOOK_STEM, bind
 from .faults import RESTORE, Fault, damaged, fault, free_bytes
-from .store import SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
+from .store import ROW_FIELDS, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
 
 __all__ = ["DB_NAME", "SQLiteStore"]
 
@@ -89,18 +89,17 @@ _COLUMNS = {
 }
 
 
-def _columns(path: Path, rows: list) -> dict[str, np.ndarray]:
-    """Rows of (id, class_id, source_id, time, confidence, track_id) -> the typed columns.
+_NUMERIC = {"id": np.int64, "class_id": np.int64, "source_id": np.int64, "time": np.float64,
+            "confidence": np.float32, "track_id": np.int64, "list_id": np.int32}
 
-    Raises:
-        StoreError: a value that is no number (a damaged database), naming the index."""
+
+def _numbers(path: Path, values: tuple, dtype: Any) -> np.ndarray:
+    """One column's stored values -> (n,) ``dtype``. Raises StoreError (naming the index) for a value that is no
+    number (a damaged database)."""
     try:
-        a = np.array(rows, dtype=np.float64).reshape(-1, 6)
+        return np.array(values, dtype=np.float64).astype(dtype)
     except (ValueError, TypeError) as e:
         raise _no_numbers(path, e) from None
-    return {"id": a[:, 0].astype(np.int64), "class_id": a[:, 1].astype(np.int64),
-            "source_id": a[:, 2].astype(np.int64), "time": a[:, 3], "confidence": a[:, 4].astype(np.float32),
-            "track_id": a[:, 5].astype(np.int64)}
 
 
 def _no_numbers(path: Path, e: Exception) -> StoreError:
@@ -475,12 +474,6 @@ class SQLiteStore(Store):
         return self._db.execute("SELECT COALESCE(MAX(track_id), 0) FROM detections WHERE source_id = ?",
                                 (int(source_id),)).fetchone()[0]
 
-    @_guard("reading tracks")
-    def longest_track(self) -> tuple[int, int, int] | None:
-        """``(track_id, detections, first detection id)`` of the track with the most detections, or None."""
-        return self._db.execute("SELECT track_id, COUNT(*) c, MIN(id) FROM detections WHERE track_id >= 0 "
-                                "GROUP BY source_id, track_id ORDER BY c DESC LIMIT 1").fetchone()
-
     @_guard("reading stored vectors")
     def vectors(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The kept embeddings of detection ids, in the order given: ``((n, D) float32, (n,) bool kept)``; rows of
@@ -529,39 +522,26 @@ class SQLiteStore(Store):
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM detections").fetchone()[0]
 
-    @_guard("reading codes")
-    def codes(self, *, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids (N,) int64, codes (N, code_size) uint8)`` of detections with ``id > after_id``, in id order: a
-        contiguous matrix for the scan engine, refreshed incrementally as the store grows."""
+    @_guard("reading detections")
+    def rows(self, *, after_id: int = 0, limit: int | None = None, fields: Sequence[str] = ROW_FIELDS,
+             ) -> dict[str, np.ndarray]:
+        if bad := [f for f in fields if f not in ROW_FIELDS]:
+            raise ValueError(f"unknown row fields {bad}: expected some of {list(ROW_FIELDS)}")
+        fields = ["id", *dict.fromkeys(fields)]
+        sql = ", ".join("NULL" if f == "list_id" and not self._lists else f for f in fields)
         with self.snapshot():  # the meta and the rows of one state (a first batch may commit in between)
-            code_size = self.get_meta("code_size")
-            rows = self._db.execute("SELECT id, codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id",
-                                    (after_id,)).fetchall()
-        if not rows:
-            return np.zeros(0, np.int64), np.zeros((0, code_size or 0), np.uint8)
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, _code_matrix(self.path, [r[1] for r in rows], code_size)
-
-    @_guard("reading detection columns")
-    def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
-        """Filterable columns of detections with codes and ``id > after_id``, in id order (the rows of
-        :meth:`codes`): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence``
-        float32, ``track_id`` int64."""
-        rows = self._db.execute("SELECT id, class_id, source_id, time, confidence, track_id FROM detections "
-                                "WHERE id > ? AND codes IS NOT NULL ORDER BY id", (after_id,)).fetchall()
-        return _columns(self.path, rows)
-
-    @_guard("reading detections for the search structure")
-    def search_rows(self, *, after_id: int = 0, limit: int | None = None) -> dict[str, np.ndarray]:
-        with self.snapshot():
             code_size = self.get_meta("code_size") or 0
-            rows = self._db.execute(
-                f"SELECT id, class_id, source_id, time, confidence, track_id, {'list_id' if self._lists else 'NULL'}, "
-                f"codes FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id LIMIT ?",
-                (int(after_id), -1 if limit is None else int(limit))).fetchall()
-        out = _columns(self.path, [r[:6] for r in rows])
-        out["list_id"] = np.array([-1 if r[6] is None else r[6] for r in rows], np.int32)
-        out["codes"] = _code_matrix(self.path, [r[7] for r in rows], code_size)
+            rows = self._db.execute(f"SELECT {sql} FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id "
+                                    f"LIMIT ?", (int(after_id), -1 if limit is None else int(limit))).fetchall()
+        cols = list(zip(*rows)) if rows else [()] * len(fields)
+        out = {}
+        for f, values in zip(fields, cols):
+            if f == "codes":
+                out[f] = _code_matrix(self.path, values, code_size)
+            elif f == "list_id":
+                out[f] = _numbers(self.path, tuple(-1 if v is None else v for v in values), np.int32)
+            else:
+                out[f] = _numbers(self.path, values, _NUMERIC[f])
         return out
 
     @_guard("reading the last id")

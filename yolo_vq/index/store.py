@@ -31,11 +31,14 @@ from ..errors import StoreError
 from .binding import CODEBOOK_STEM, bind, recorded_sha256, verified_codebook
 from .faults import damaged
 
-__all__ = ["CODEBOOK_STEM", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame", "Source", "Store",
-           "StoreError"]
+__all__ = ["CODEBOOK_STEM", "FILTER_FIELDS", "ROW_FIELDS", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame",
+           "Source", "Store", "StoreError"]
 
 SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
 VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
+# the columns Store.rows reads, besides ``id``: the filters' (FILTER_FIELDS), the search lists' and the codes
+FILTER_FIELDS = ("class_id", "source_id", "time", "confidence", "track_id")
+ROW_FIELDS = (*FILTER_FIELDS, "list_id", "codes")
 
 
 def _count(v: Any) -> bool:
@@ -294,22 +297,24 @@ class Store(ABC):
         """The number of detections stored."""
 
     @abstractmethod
+    def rows(self, *, after_id: int = 0, limit: int | None = None, fields: Sequence[str] = ROW_FIELDS,
+             ) -> dict[str, np.ndarray]:
+        """Columns of the detections with codes and ``id > after_id``, the first ``limit`` of them (None: all) in id
+        order: ``id`` (N,) int64 always, and each of ``fields`` (:data:`ROW_FIELDS`): ``class_id``, ``source_id``,
+        ``track_id`` (N,) int64, ``time`` (N,) float64, ``confidence`` (N,) float32, ``list_id`` (N,) int32 (the
+        coarse list recorded when it was stored, -1 where none was), ``codes`` (N, code_size) uint8 (contiguous;
+        none stored: (0, code_size or 0)). What the scan engine, the filters and the search lists read, refreshed
+        incrementally as the store grows (``after_id`` = the last id read).
+
+        Raises:
+            ValueError: a field not in :data:`ROW_FIELDS`.
+            StoreError: stored values that are not of their column's type (a damaged index).
+        """
+
     def codes(self, *, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids (N,) int64, codes (N, code_size) uint8)`` of the detections with codes and ``id > after_id``, in id
-        order: a contiguous matrix for the scan engine, refreshed incrementally as the store grows (none stored:
-        ``(0,)`` and ``(0, code_size or 0)``)."""
-
-    @abstractmethod
-    def columns(self, *, after_id: int = 0) -> dict[str, np.ndarray]:
-        """Filterable columns of the rows of :meth:`codes` (detections with codes and ``id > after_id``, in id
-        order): ``id`` int64, ``class_id`` int64, ``source_id`` int64, ``time`` float64, ``confidence`` float32,
-        ``track_id`` int64, each (N,)."""
-
-    @abstractmethod
-    def search_rows(self, *, after_id: int = 0, limit: int | None = None) -> dict[str, np.ndarray]:
-        """What the partitioned search structure holds of each detection with codes and ``id > after_id``, the first
-        ``limit`` of them in id order: :meth:`columns` plus ``codes`` (N, code_size) uint8 and ``list_id`` int32
-        (the coarse list recorded when it was stored, -1 where none was)."""
+        """``(ids (N,) int64, codes (N, code_size) uint8)``: :meth:`rows` with the codes only."""
+        r = self.rows(after_id=after_id, fields=("codes",))
+        return r["id"], r["codes"]
 
     @abstractmethod
     def stored_bytes(self) -> int:
@@ -365,8 +370,3 @@ class Store(ABC):
     @abstractmethod
     def max_track_id(self, source_id: int) -> int:
         """The largest stored track id of a source (0 when none): new runs number their tracks after it."""
-
-    @abstractmethod
-    def longest_track(self) -> tuple[int, int, int] | None:
-        """``(track_id, detections, first detection id)`` of the track (``track_id >= 0``, any source) with the most
-        detections, or None when nothing is tracked."""
