@@ -42,7 +42,7 @@ def real_embeddings() -> np.ndarray:
 def build(path: Path, pq, x: np.ndarray, n: int) -> None:
     from yolo_vq import Detections
     from yolo_vq.index.registry import open_store
-    from yolo_vq.index.store import CodebookBinding, Frame
+    from yolo_vq.index.store import CodebookBinding, Frame, SourceInfo
     from yolo_vq.quant import save_codebook
 
     codes = pq.encode(torch.from_numpy(x)).numpy()
@@ -51,7 +51,7 @@ def build(path: Path, pq, x: np.ndarray, n: int) -> None:
     binding = CodebookBinding(stem, {"bench": "search_latency"}, "bench", {i: f"class{i}" for i in range(10)})
     rng = np.random.default_rng(0)
     with open_store(path, create=True, codebook=binding) as s:
-        src = s.add_source("synthetic", "bench", fps=10.0)
+        src = s.add_source(SourceInfo("synthetic", "bench", fps=10.0))
         per, frames, f = 20, [], 0
         for start in range(0, n, per):
             m = min(per, n - start)

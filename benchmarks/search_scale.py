@@ -170,7 +170,7 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
     from yolo_vq import Detections
     from yolo_vq.detections import LIST_ID
     from yolo_vq.index.registry import open_store, store_exists
-    from yolo_vq.index.store import CodebookBinding, Frame
+    from yolo_vq.index.store import CodebookBinding, Frame, SourceInfo
     from yolo_vq.index.upkeep import ListKeeper
     from yolo_vq.quant import load_codebook
 
@@ -188,7 +188,7 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
     with open_store(path, create=True, codebook=binding) as st:
         q = load_codebook(st.codebook_path())
         keeper = ListKeeper(st, q)
-        sources = [st.add_source(f"camera{s}", f"search_scale-camera{s}", fps=FPS).id for s in range(SOURCES)]
+        sources = [st.add_source(SourceInfo(f"camera{s}", f"search_scale-camera{s}", fps=FPS)).id for s in range(SOURCES)]
         stats_path = path / "build.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {"add_s": 0.0, "encode_s": 0.0,
                                                                                     "rows": 0}

@@ -7,7 +7,9 @@ from it, and the header of the records files the runner writes and ``yolo-vq ing
   ``Key.EDGE_FORMAT``): the versions this yolo_vq writes and reads;
 * :data:`INPUTS`, :data:`OUTPUTS`, :data:`EMBEDDINGS`: the graph's input and output names;
 * :func:`build_metadata` / :func:`encode` (export), :func:`read_metadata` (runner: decoded and checked against the
-  graph), :func:`records_header` (runner).
+  graph), :func:`records_header` (runner);
+* :class:`SourceInfo`: what describes a source (a records file's source record, an opened video, a source stored in
+  an index), one record for all three.
 
 Standard library only (the runner and ingest are torch-free).
 """
@@ -17,17 +19,40 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import EdgeError
 
-__all__ = ["DEFAULT_OPSET", "EDGE_FORMAT", "EMBEDDINGS", "EXPORT_FORMAT", "HEADER", "INPUTS", "OUTPUTS", "Key",
-           "build_metadata", "decode", "encode", "read_metadata", "records_header"]
+__all__ = ["DEFAULT_OPSET", "EDGE_FORMAT", "EMBEDDINGS", "EXPORT_FORMAT", "HEADER", "INPUTS", "OUTPUTS", "SOURCE_FIELDS",
+           "Key", "SourceInfo", "build_metadata", "decode", "encode", "read_metadata", "records_header"]
 
 DEFAULT_OPSET = 18  # TorchScript exporter; onnxruntime >= 1.16 runs it (PITFALLS 11)
 EXPORT_FORMAT = 1  # version of the metadata layout (Key.FORMAT)
 EDGE_FORMAT = 1  # version of the records header (Key.EDGE_FORMAT)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A video, image folder or stream as the package describes it: where it is (``uri``), what it holds
+    (``fingerprint``: its content's, so a renamed file resumes) and what is known of it (None: unknown). The opened
+    capture (:class:`yolo_vq_edge.video.VideoSource`) and the stored source (:class:`yolo_vq.index.store.Source`)
+    are this record plus their own parts; a records file's source record carries these fields."""
+
+    uri: str
+    fingerprint: str
+    fps: float | None = None
+    frame_count: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def described(self) -> dict[str, Any]:
+        """The fields of :data:`SOURCE_FIELDS` as a dict (what a records file's source record holds)."""
+        return {f: getattr(self, f) for f in SOURCE_FIELDS}
+
+
+SOURCE_FIELDS = ("uri", "fingerprint", "fps", "frame_count", "width", "height")  # SourceInfo's, in order
 HEADER = "header"  # the records header's Key.TYPE
 
 INPUTS = ("images", "regions")

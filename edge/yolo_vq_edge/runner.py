@@ -151,8 +151,7 @@ def run(model: str | Path | EdgeModel, sources: str | int | Sequence[str | int],
     counts = {} if counts is None else counts
     counts.update(frames=0, detections=0, bytes=0)
     header = records_header(m.meta, m.path)
-    described = [{"type": "source", "source": k, "uri": s.uri, "fingerprint": s.fingerprint, "fps": s.fps,
-                  "frame_count": s.frame_count, "width": s.width, "height": s.height} for k, s in enumerate(opened)]
+    described = [{"type": "source", "source": k, **s.described()} for k, s in enumerate(opened)]
     writer = None
     try:
         with RecordWriter(out, header, described) as writer:

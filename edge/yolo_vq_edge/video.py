@@ -17,9 +17,10 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
+from ._format import SourceInfo
 from .errors import SourceError
 
-__all__ = ["VideoSource", "chunks", "fingerprint_file", "fingerprint_name", "open_source"]
+__all__ = ["SourceInfo", "VideoSource", "chunks", "fingerprint_file", "fingerprint_name", "open_source"]
 
 T = TypeVar("T")
 
@@ -103,16 +104,11 @@ def fingerprint_file(path: str | Path, *, block: int = 1 << 20) -> str:
     return h.hexdigest()[:32]
 
 
-@dataclass
-class VideoSource:
-    """An opened source. Iterate :meth:`frames` for ``(index, time_s, BGR uint8 image)``."""
+@dataclass(frozen=True)
+class VideoSource(SourceInfo):
+    """An opened source: its :class:`SourceInfo` and the capture. Iterate :meth:`frames` for ``(index, time_s, BGR
+    uint8 image)``."""
 
-    uri: str
-    fingerprint: str
-    fps: float | None
-    frame_count: int | None
-    width: int | None
-    height: int | None
     _images: list[Path] | None = None
     _cap: cv2.VideoCapture | None = None
 

@@ -10,7 +10,7 @@ from tests.quant._data import low_rank
 from yolo_vq import Detections, Memory
 from yolo_vq.detections import LIST_ID
 from yolo_vq.index.registry import open_store
-from yolo_vq.index.store import CodebookBinding, Frame
+from yolo_vq.index.store import CodebookBinding, Frame, SourceInfo
 from yolo_vq.index.upkeep import sync_lists
 from yolo_vq.quant import CoarseQuantizer, ProductQuantizer, load_codebook, save_coarse, save_codebook
 
@@ -35,7 +35,7 @@ def fill(store, x: np.ndarray, codebook, *, source: str = "v.mp4", first_frame: 
     q = load_codebook(codebook)
     codes = q.encode(torch.from_numpy(x)).numpy().astype(np.uint8)
     lists = q.coarse.assign(x) if with_lists and q.coarse is not None else None
-    src = store.add_source(source, source).id
+    src = store.add_source(SourceInfo(source, source)).id
     rng = np.random.default_rng(len(x) + first_frame)
     frames = []
     for f in range(len(x) // PER_FRAME):

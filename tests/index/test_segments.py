@@ -14,7 +14,8 @@ from yolo_vq.detections import LIST_ID
 from yolo_vq.index import segments
 from yolo_vq.index.registry import open_store
 from yolo_vq.index.segments import ListsProblem, open_lists, rebuild, sync
-from yolo_vq.index.store import Frame
+from yolo_vq.index.sqlite import SCHEMA_REVISION
+from yolo_vq.index.store import Frame, SourceInfo
 
 LISTS = 8
 
@@ -30,7 +31,7 @@ def assign(codes: np.ndarray) -> np.ndarray:
 
 
 def add(store, first: int, frames: int, *, with_lists: bool = True, n: int = 5) -> None:
-    src = store.add_source("v.mp4", "fp").id
+    src = store.add_source(SourceInfo("v.mp4", "fp")).id
     out = []
     for i in range(first, first + frames):
         rng = np.random.default_rng(i)
@@ -92,13 +93,17 @@ def test_rows_stored_without_a_list_are_assigned_from_their_codes(tmp_path):
 def test_an_index_made_before_lists_gains_the_column(tmp_path):
     with open_store(tmp_path / "idx", create=True) as st:
         add(st, 0, 2)
-    db = sqlite3.connect(tmp_path / "idx" / "index.db")
+        assert st.get_meta("schema_revision") == SCHEMA_REVISION == 2
+    db = sqlite3.connect(tmp_path / "idx" / "index.db")  # as a yolo_vq before lists wrote it: revision 1
     db.execute("ALTER TABLE detections DROP COLUMN list_id")
+    db.execute("DELETE FROM meta WHERE key = 'schema_revision'")
     db.commit()
     db.close()
     with open_store(tmp_path / "idx", readonly=True) as st:
         assert (st.rows()["list_id"] == -1).all()  # read-only: no column, no list
-    with open_store(tmp_path / "idx") as st:
+        assert st.get_meta("schema_revision") is None  # and nothing changed
+    with open_store(tmp_path / "idx") as st:  # opened for writing: upgraded in one write, the revision recorded
+        assert st.get_meta("schema_revision") == SCHEMA_REVISION and st.get_meta("schema_version") == 1
         add(st, 2, 2)
         lid = st.rows()["list_id"]
         assert (lid[:10] == -1).all() and (lid[10:] >= 0).all()

@@ -20,7 +20,7 @@ import pytest
 from tests.index.test_store import frame
 from yolo_vq.index.registry import open_store
 from yolo_vq.index.sqlite import DB_NAME, SQLiteStore
-from yolo_vq.index.store import StoreError
+from yolo_vq.index.store import SourceInfo, StoreError
 
 
 def test_missing_index_names_the_database(tmp_path):
@@ -31,7 +31,7 @@ def test_missing_index_names_the_database(tmp_path):
 
 def test_other_schema_version_is_refused_untouched(tmp_path):
     with open_store(tmp_path / "idx", create=True) as s:
-        s.add_frames(s.add_source("a", "fp").id, [frame(0)])
+        s.add_frames(s.add_source(SourceInfo("a", "fp")).id, [frame(0)])
         s.set_meta("schema_version", 999)
     db = tmp_path / "idx" / DB_NAME
     before = hashlib.sha256(db.read_bytes()).hexdigest()
@@ -50,8 +50,9 @@ WRITER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from tests.index.test_store import frame
     from yolo_vq.index.registry import open_store
+    from yolo_vq.index.store import SourceInfo
     s = open_store({idx!r}, create=True)
-    src = s.add_source("clip", "fp")
+    src = s.add_source(SourceInfo("clip", "fp"))
     done = set(s.frames_done(src.id).tolist())
     todo = [i for i in range(200) if i not in done]
     for k in range(0, len(todo), 5):  # batches of 5 frames, one transaction each
@@ -116,7 +117,7 @@ def test_reads_are_one_snapshot_when_the_writer_commits_between_statements(tmp_p
     ``code_size`` meta) committed between the reader's statements must never mix two states of the store."""
     SQLiteStore(tmp_path / "idx", create=True).close()
     with SQLiteStore(tmp_path / "idx") as w, SQLiteStore(tmp_path / "idx", readonly=True) as r:
-        src = w.add_source("clip", "fp")
+        src = w.add_source(SourceInfo("clip", "fp"))
         written = []
 
         def commit_before(sql: str) -> None:  # before every reader statement but a call's first, commit a frame

@@ -19,7 +19,7 @@ from yolo_vq.demo import longest_track
 from yolo_vq.errors import CodebookError
 from yolo_vq.index.registry import open_store
 from yolo_vq.index.sqlite import SQLiteStore
-from yolo_vq.index.store import VECTOR_DTYPE, CodebookBinding, Frame, Source, Store, StoreError
+from yolo_vq.index.store import VECTOR_DTYPE, CodebookBinding, Frame, Source, SourceInfo, Store, StoreError
 
 # implementation -> the location open_store takes for an index directory (the Lance store adds "lance": f"lance:{d}")
 LOCATIONS = {"sqlite": lambda d: d}
@@ -65,8 +65,8 @@ def fake_codebook(folder: Path, seed: int = 0) -> Path:
 def test_round_trip_and_idempotent_batches(make_store):
     with make_store(create=True) as s:
         assert isinstance(s, Store) and not s.readonly
-        src = s.add_source("clip.mp4", "abc123", fps=25.0, frame_count=10, width=640, height=272)
-        assert s.add_source("clip-renamed.mp4", "abc123").id == src.id  # same content: same source
+        src = s.add_source(SourceInfo("clip.mp4", "abc123", fps=25.0, frame_count=10, width=640, height=272))
+        assert s.add_source(SourceInfo("clip-renamed.mp4", "abc123")).id == src.id  # same content: same source
         assert s.add_frames(src.id, [frame(i) for i in range(4)] + [frame(4, n=0)]) == 12
         assert s.add_frames(src.id, [frame(i) for i in range(2, 6)]) == 3  # frames 2-4 already stored
         assert s.count() == 15
@@ -97,7 +97,7 @@ def test_missing_index_and_bad_codes_say_what_to_do(make_store, tmp_path):
         make_store("nothing")
     assert not (tmp_path / "nothing").exists()
     with make_store(create=True) as s:
-        src = s.add_source("a", "fp")
+        src = s.add_source(SourceInfo("a", "fp"))
         s.add_frames(src.id, [frame(0)])
         with pytest.raises(StoreError, match="codes of 16 bytes, this index stores 8-byte codes"):
             s.add_frames(src.id, [frame(1), frame(2, code_size=16)])
@@ -109,9 +109,10 @@ def test_missing_index_and_bad_codes_say_what_to_do(make_store, tmp_path):
 def test_sources_by_id_and_fingerprint(make_store):
     with make_store(create=True) as s:
         assert s.sources() == [] and s.find_source("fp-a") is None
-        a = s.add_source("a.mp4", "fp-a", fps=30.0, frame_count=7, width=64, height=48)
-        b = s.add_source("b", "fp-b")
-        assert a == Source(a.id, "a.mp4", "fp-a", 30.0, 7, 64, 48) and b.fps is None and b.width is None
+        a = s.add_source(SourceInfo("a.mp4", "fp-a", fps=30.0, frame_count=7, width=64, height=48))
+        b = s.add_source(SourceInfo("b", "fp-b"))
+        assert a == Source("a.mp4", "fp-a", 30.0, 7, 64, 48, id=a.id) and b.fps is None and b.width is None
+        assert isinstance(a, SourceInfo) and a.described()["frame_count"] == 7
         assert s.sources() == [a, b] and a.id < b.id
         assert s.source(b.id) == b and s.source(fingerprint="fp-a") == a and s.find_source("fp-b") == b
         assert s.find_source("fp-c") is None
@@ -137,14 +138,14 @@ def test_empty_store_reads(make_store):
         assert s.vector_dim is None and s.codebook_sha256 is None and s.codebook_path() is None
         with pytest.raises(StoreError, match="keeps no float vectors"):
             s.vectors([1])
-        src = s.add_source("a", "fp")
+        src = s.add_source(SourceInfo("a", "fp"))
         s.add_frames(src.id, [frame(0)])
         assert s.codes(after_id=int(s.codes()[0][-1]))[1].shape == (0, 8)  # nothing newer: the store's code size
 
 
 def test_rows_are_columns_of_the_codes_rows(make_store):
     with make_store(create=True) as s:
-        a, b = s.add_source("a", "fa"), s.add_source("b", "fb")
+        a, b = s.add_source(SourceInfo("a", "fa")), s.add_source(SourceInfo("b", "fb"))
         s.add_frames(a.id, [frame(0), frame(1)])
         s.add_frames(b.id, [frame(2)])
         ids, _ = s.codes()
@@ -170,7 +171,7 @@ def test_rows_are_columns_of_the_codes_rows(make_store):
 
 def test_vectors_kept_as_float16(make_store):
     with make_store(create=True) as s:
-        src = s.add_source("a", "fp")
+        src = s.add_source(SourceInfo("a", "fp"))
         s.add_frames(src.id, [frame(0)])  # before vectors were kept
         s.add_frames(src.id, [frame(1, dim=16), frame(2, dim=16)], vectors=True)
         assert s.vector_dim == 16 and s.get_meta("vectors")["dim"] == 16
@@ -190,7 +191,7 @@ def test_thumbnails_and_the_nearest_of_a_track(make_store):
     det = Detections(np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), track_id=[4, -1],
                      codes=np.zeros((2, 8), np.uint8))
     with make_store(create=True) as s:
-        src = s.add_source("a", "fp")
+        src = s.add_source(SourceInfo("a", "fp"))
         s.add_frames(src.id, [Frame(5, 0.2, det, [b"jpeg-5", b"untracked"]), Frame(6, 0.24, det, [None, None]),
                               Frame(9, 0.36, det, [b"jpeg-9", None]), Frame(12, 0.5, det)])
         ids, _ = s.codes()
@@ -206,7 +207,7 @@ def test_thumbnails_and_the_nearest_of_a_track(make_store):
 
 def test_tracks(make_store):
     with make_store(create=True) as s:
-        a, b = s.add_source("a", "fa"), s.add_source("b", "fb")
+        a, b = s.add_source(SourceInfo("a", "fa")), s.add_source(SourceInfo("b", "fb"))
         assert s.max_track_id(a.id) == 0
         s.add_frames(a.id, [frame(i) for i in range(3)])  # tracks 0,1,2 / 10,11,12 / 20,21,22
         det = Detections(np.array([[0, 0, 5, 5]] * 4, np.float32), track_id=[7, 7, 7, -1],
@@ -224,7 +225,7 @@ def test_tracks(make_store):
 def test_snapshot_sees_one_state_and_is_reentrant(make_store):
     make_store(create=True).close()
     with make_store() as w, make_store(readonly=True) as r:
-        src = w.add_source("a", "fp")
+        src = w.add_source(SourceInfo("a", "fp"))
         w.add_frames(src.id, [frame(0)])
         with r.snapshot() as snap:
             assert snap is r and r.count() == 3
@@ -258,9 +259,9 @@ def test_the_codebook_binding(make_store, tmp_path):
 
 def test_a_read_only_store_refuses_every_write(make_store, tmp_path):
     with make_store(create=True) as s:
-        src = s.add_source("a", "fp")
+        src = s.add_source(SourceInfo("a", "fp"))
     with make_store(readonly=True) as r:
-        for write in (lambda: r.add_source("b", "fb"), lambda: r.set_meta("k", 1),
+        for write in (lambda: r.add_source(SourceInfo("b", "fb")), lambda: r.set_meta("k", 1),
                       lambda: r.add_frames(src.id, [frame(0)]),
                       lambda: r.bind_codebook(CodebookBinding(fake_codebook(tmp_path / "cb"), None, None, {}))):
             with pytest.raises(StoreError, match="read-only"):
@@ -306,7 +307,7 @@ def test_store_exists_says_whether_open_without_create_has_an_index(make_store, 
     with make_store(create=True) as s:
         assert store_exists(loc) and s.stored_bytes() > 0
         before = s.stored_bytes()
-        s.add_frames(s.add_source("a.mp4", "fp").id, [frame(i, n=50, code_size=32) for i in range(20)])
+        s.add_frames(s.add_source(SourceInfo("a.mp4", "fp")).id, [frame(i, n=50, code_size=32) for i in range(20)])
         assert s.stored_bytes() > before
     (tmp_path / "file").write_text("x")
     assert store_exists(make_store.location("file"))  # open_store refuses it, with its reason

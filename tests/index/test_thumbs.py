@@ -11,7 +11,7 @@ import pytest
 from yolo_vq import Detections, Indexer, Memory, assets
 from yolo_vq.cli import main
 from yolo_vq.index.registry import open_store
-from yolo_vq.index.store import Frame
+from yolo_vq.index.store import Frame, SourceInfo
 from yolo_vq.index.thumbs import Thumbnailer, pictures
 from yolo_vq.video import fingerprint_file
 from yolo_vq.viz import CAPTION_H, MARGIN, TITLE_H, crop, decode_jpeg, placeholder, thumbnail
@@ -129,7 +129,7 @@ def test_a_replaced_video_is_not_cut_and_no_picture_is_a_placeholder(tmp_path, c
     det = Detections(np.array([[100, 50, 160, 200], [300, 60, 340, 150]], np.float32), track_id=[4, -1],
                      codes=np.zeros((2, 8), np.uint8))
     with open_store(tmp_path / "idx", create=True) as s:
-        src = s.add_source(str(video), fingerprint_file(video))
+        src = s.add_source(SourceInfo(str(video), fingerprint_file(video)))
         s.add_frames(src.id, [Frame(5, 0.2, det, Thumbnailer(2)(image, det)), Frame(6, 0.24, det, [None, None])])
         stored_det = s.get(s.codes()[0])
         assert [p.shape for p in pictures(s, stored_det)] == [(192, 96, 3)] * 4  # crops of the video

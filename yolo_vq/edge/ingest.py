@@ -20,7 +20,7 @@ from ..index.registry import open_store, store_exists
 from ..index.store import CodebookBinding, Frame, Store, StoreError
 from ..index.upkeep import ListKeeper
 from ..quant.io import codebook_checksum, codebook_paths
-from ._format import Key
+from ._format import SOURCE_FIELDS, Key, SourceInfo
 from .records import BadRecord, read_records
 
 __all__ = ["IngestSummary", "ingest"]
@@ -88,8 +88,7 @@ class _Index:
         sid = self._ids.get(source["fingerprint"])
         if sid is None:
             sid = self._ids[source["fingerprint"]] = self._store.add_source(
-                source["uri"], source["fingerprint"], fps=source["fps"], frame_count=source["frame_count"],
-                width=source["width"], height=source["height"]).id
+                SourceInfo(**{f: source[f] for f in SOURCE_FIELDS})).id
         if self._lists is None:
             from ..quant import load_codebook
 

@@ -24,7 +24,7 @@ from ..detections import LIST_ID, Detections
 from ..features.embedder import Embedder
 from ..video import VideoSource, chunks, fingerprint_name, open_source
 from .registry import open_store, store_exists
-from .store import CODEBOOK_STEM, CodebookBinding, Frame, Source, StoreError
+from .store import CODEBOOK_STEM, CodebookBinding, Frame, Source, SourceInfo, StoreError
 from .thumbs import Thumbnailer
 from .upkeep import ListKeeper
 
@@ -232,8 +232,7 @@ class Indexer:
     def _index(self, src: VideoSource, stride: int, progress: bool) -> IndexSummary:
         from tqdm import tqdm
 
-        rec = self.store.add_source(src.uri, src.fingerprint, fps=src.fps, frame_count=src.frame_count,
-                                    width=src.width, height=src.height)
+        rec = self.store.add_source(src)
         run = self._start(rec, fresh=True)
         start = run.next_frame
         total = None if src.frame_count is None else max(0, (src.frame_count - start + stride - 1) // stride)
@@ -309,7 +308,7 @@ class Indexer:
         frames = _frame_numbers(frame_index, len(items))
         times = _times(time, len(items))
         rec = self._run.source if self._run is not None and self._run.source.uri == source else \
-            self.store.add_source(source, fingerprint_name(source))
+            self.store.add_source(SourceInfo(source, fingerprint_name(source)))
         run = self._start(rec, fresh=False)
         if frames is None:
             frames = list(range(run.next_frame, run.next_frame + len(items)))

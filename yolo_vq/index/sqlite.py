@@ -38,9 +38,9 @@ from ..detections import LIST_ID, Detections
 from ..errors import StoreError
 from .binding import CODEBOOK_STEM, bind
 from .faults import RESTORE, Fault, damaged, fault, free_bytes
-from .store import ROW_FIELDS, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, Store
+from .store import ROW_FIELDS, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, SourceInfo, Store
 
-__all__ = ["DB_NAME", "SQLiteStore"]
+__all__ = ["DB_NAME", "SCHEMA_REVISION", "SQLiteStore"]
 
 DB_NAME = "index.db"  # the database file in the index directory
 
@@ -78,6 +78,11 @@ CREATE INDEX IF NOT EXISTS detections_source_frame ON detections (source_id, fra
 CREATE INDEX IF NOT EXISTS detections_class ON detections (class_id);
 CREATE INDEX IF NOT EXISTS detections_track ON detections (source_id, track_id);
 """
+# Additive changes within SCHEMA_VERSION (meta['schema_revision']; none recorded: 1). 2: detections.list_id (the
+# coarse list, for the search lists). A store of an older revision is read as it is (what it lacks reads as absent:
+# list_id NULL) and brought up to this revision, in one write, when opened for writing (:meth:`SQLiteStore._upgrade`);
+# an older yolo_vq reads a newer revision of the same SCHEMA_VERSION (it ignores the columns it does not know).
+SCHEMA_REVISION = 2
 _VECTORS = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES detections(id), vector BLOB NOT NULL)"
 # The columns every version-1 store has (``vectors`` is optional): checked at open, so a damaged schema is one error.
 _COLUMNS = {
@@ -262,13 +267,19 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA foreign_keys=ON")
         if not self.readonly:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+        if not self.readonly and (self.get_meta("schema_revision") or 1) < SCHEMA_REVISION:
+            self._upgrade()
         self._lists = "list_id" in {r[1] for r in self._db.execute("PRAGMA table_info(detections)")}
-        if not self._lists and not self.readonly:  # an index made before partitioned search: one nullable column
-            with suppress(sqlite3.OperationalError):  # another process added it first
-                self._db.execute("ALTER TABLE detections ADD COLUMN list_id INTEGER")
-            self._lists = True
         if codebook is not None:
             self.bind_codebook(codebook)
+
+    def _upgrade(self) -> None:
+        """Bring a store of an older :data:`SCHEMA_REVISION` up to this one, in one write (another process may be
+        doing the same: the write lock orders them, and each step checks what is already there)."""
+        with self._writing("upgrading its schema"):
+            if "list_id" not in {r[1] for r in self._db.execute("PRAGMA table_info(detections)")}:
+                self._db.execute("ALTER TABLE detections ADD COLUMN list_id INTEGER")  # revision 2
+            self.set_meta("schema_revision", SCHEMA_REVISION)
 
     def _create(self, codebook: CodebookBinding | None) -> None:
         """Make the schema (and bind ``codebook``) in one write transaction; another process may be doing the same.
@@ -285,6 +296,8 @@ class SQLiteStore(Store):
                         self._db.execute(stmt)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                  (json.dumps(SCHEMA_VERSION),))
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_revision', ?)",
+                                 (json.dumps(SCHEMA_REVISION),))
                 if codebook is not None:
                     bind(self, codebook)
                 self._db.execute("COMMIT")
@@ -342,17 +355,16 @@ class SQLiteStore(Store):
 
     # -- sources ---------------------------------------------------------------------------------------------------
     @_guard("registering a source")
-    def add_source(
-        self, uri: str, fingerprint: str, *, fps: float | None = None, frame_count: int | None = None,
-        width: int | None = None, height: int | None = None,
-    ) -> Source:
+    def add_source(self, source: SourceInfo) -> Source:
         """Register a source, or return the one with this content fingerprint (re-runs resume it)."""
+        s = source
         self._db.execute(
             "INSERT OR IGNORE INTO sources (uri, fingerprint, fps, frame_count, width, height, added_utc) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(uri), fingerprint, fps, frame_count, width, height, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            (str(s.uri), s.fingerprint, s.fps, s.frame_count, s.width, s.height,
+             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         )
-        return self.source(fingerprint=fingerprint)
+        return self.source(fingerprint=s.fingerprint)
 
     @_guard("reading a source")
     def source(self, source_id: int | None = None, *, fingerprint: str | None = None) -> Source:
@@ -362,12 +374,12 @@ class SQLiteStore(Store):
                                f"WHERE {where}", (arg,)).fetchone()
         if row is None:
             raise KeyError(f"no source with {where.split()[0]} {arg!r} in {self.path}")
-        return Source(*row)
+        return Source(*row[1:], id=row[0])
 
     @_guard("reading its sources")
     def sources(self) -> list[Source]:
         rows = self._db.execute("SELECT id, uri, fingerprint, fps, frame_count, width, height FROM sources ORDER BY id")
-        return [Source(*r) for r in rows]
+        return [Source(*r[1:], id=r[0]) for r in rows]
 
     @_guard("reading the frames stored")
     def frames_done(self, source_id: int) -> np.ndarray:

@@ -20,11 +20,12 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from yolo_vq_edge._format import SourceInfo
 
 from ..detections import Detections
 from ..errors import StoreError
@@ -32,7 +33,7 @@ from .binding import CODEBOOK_STEM, bind, recorded_sha256, verified_codebook
 from .faults import damaged
 
 __all__ = ["CODEBOOK_STEM", "FILTER_FIELDS", "ROW_FIELDS", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame",
-           "Source", "Store", "StoreError"]
+           "Source", "SourceInfo", "Store", "StoreError"]
 
 SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
 VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
@@ -49,6 +50,7 @@ def _count(v: Any) -> bool:
 META_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "codebook_sha256": (lambda v: isinstance(v, str), "a sha256 hex string"),
     "code_size": (_count, "a positive int"),
+    "schema_revision": (_count, "a positive int"),
     "names": (lambda v: isinstance(v, dict) and all(k.isascii() and k.isdigit() and isinstance(n, str)
                                                     for k, n in v.items()), "a dict of class id -> name"),
     "vectors": (lambda v: isinstance(v, dict) and _count(v.get("dim")), "a dict with the vectors' dim"),
@@ -57,16 +59,10 @@ _NOT_JSON = object()
 
 
 @dataclass(frozen=True)
-class Source:
-    """A video, image folder or stream that was indexed; ``fingerprint`` identifies its content."""
+class Source(SourceInfo):
+    """A source stored in an index: its :class:`SourceInfo` as registered, and its ``id`` there (keyword)."""
 
-    id: int
-    uri: str
-    fingerprint: str
-    fps: float | None
-    frame_count: int | None
-    width: int | None
-    height: int | None
+    id: int = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -237,10 +233,10 @@ class Store(ABC):
 
     # -- sources ---------------------------------------------------------------------------------------------------
     @abstractmethod
-    def add_source(self, uri: str, fingerprint: str, *, fps: float | None = None, frame_count: int | None = None,
-                   width: int | None = None, height: int | None = None) -> Source:
-        """Register a source (committed at once), or return the one with this content ``fingerprint`` as it was
-        registered (re-runs resume it, whatever its ``uri`` now).
+    def add_source(self, source: SourceInfo) -> Source:
+        """Register ``source`` (committed at once), or return the one with its content ``fingerprint`` as it was
+        registered (re-runs resume it, whatever its ``uri`` now). An opened :class:`~yolo_vq.video.VideoSource` is
+        a :class:`SourceInfo`.
 
         Raises:
             StoreError: the store is read-only.
