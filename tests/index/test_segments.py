@@ -93,7 +93,7 @@ def test_rows_stored_without_a_list_are_assigned_from_their_codes(tmp_path):
 def test_an_index_made_before_lists_gains_the_column(tmp_path):
     with open_store(tmp_path / "idx", create=True) as st:
         add(st, 0, 2)
-        assert st.get_meta("schema_revision") == SCHEMA_REVISION == 2
+        assert st.get_meta("schema_revision") == SCHEMA_REVISION == 3
     db = sqlite3.connect(tmp_path / "idx" / "index.db")  # as a yolo_vq before lists wrote it: revision 1
     db.execute("ALTER TABLE detections DROP COLUMN list_id")
     db.execute("DELETE FROM meta WHERE key = 'schema_revision'")

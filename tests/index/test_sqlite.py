@@ -155,3 +155,27 @@ def test_exists_for_what_sqlite_leaves_behind(tmp_path):
     assert store_exists(d)
     with pytest.raises(StoreError, match="holds an index codebook but no index.db"):
         open_store(d)
+
+
+def test_a_revision_2_store_loses_its_class_index_when_opened_for_writing(tmp_path):
+    """Revision 3 keeps no index on class_id (nothing queries it); an older store is upgraded by a writer, in one
+    write, and read as it is by a searcher."""
+    def indexes(d):
+        with closing(sqlite3.connect(d / DB_NAME)) as db:
+            return sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' AND "
+                                                   "name LIKE 'detections_%'"))
+
+    d = tmp_path / "idx"
+    with open_store(d, create=True) as s:
+        s.add_frames(s.add_source(SourceInfo("a", "fp")).id, [frame(i) for i in range(3)])
+    assert indexes(d) == ["detections_source_frame", "detections_track"]
+    with closing(sqlite3.connect(d / DB_NAME)) as db:  # what revision 2 wrote
+        db.execute("CREATE INDEX detections_class ON detections (class_id)")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_revision'")
+        db.commit()
+    with open_store(d, readonly=True) as s:
+        assert s.get_meta("schema_revision") == 2 and s.count() == 9
+    assert "detections_class" in indexes(d)
+    with open_store(d) as s:
+        assert s.get_meta("schema_revision") == 3 and s.count() == 9
+    assert indexes(d) == ["detections_source_frame", "detections_track"]

@@ -75,14 +75,15 @@ CREATE TABLE IF NOT EXISTS detections (
     list_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS detections_source_frame ON detections (source_id, frame);
-CREATE INDEX IF NOT EXISTS detections_class ON detections (class_id);
 CREATE INDEX IF NOT EXISTS detections_track ON detections (source_id, track_id);
 """
-# Additive changes within SCHEMA_VERSION (meta['schema_revision']; none recorded: 1). 2: detections.list_id (the
-# coarse list, for the search lists). A store of an older revision is read as it is (what it lacks reads as absent:
-# list_id NULL) and brought up to this revision, in one write, when opened for writing (:meth:`SQLiteStore._upgrade`);
-# an older yolo_vq reads a newer revision of the same SCHEMA_VERSION (it ignores the columns it does not know).
-SCHEMA_REVISION = 2
+# Compatible changes within SCHEMA_VERSION (meta['schema_revision']; none recorded: 1). 2: detections.list_id (the
+# coarse list, for the search lists). 3: no index on detections.class_id (nothing queries it: class filters run on the
+# search's own columns; one B-tree less to update per stored detection). A store of an older revision is read as it is
+# (what it lacks reads as absent: list_id NULL) and brought up to this revision, in one write, when opened for writing
+# (:meth:`SQLiteStore._upgrade`); an older yolo_vq reads a newer revision of the same SCHEMA_VERSION (it ignores the
+# columns it does not know, and no query of it needs the dropped index).
+SCHEMA_REVISION = 3
 _VECTORS = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES detections(id), vector BLOB NOT NULL)"
 # The columns every version-1 store has (``vectors`` is optional): checked at open, so a damaged schema is one error.
 _COLUMNS = {
@@ -279,6 +280,7 @@ class SQLiteStore(Store):
         with self._writing("upgrading its schema"):
             if "list_id" not in {r[1] for r in self._db.execute("PRAGMA table_info(detections)")}:
                 self._db.execute("ALTER TABLE detections ADD COLUMN list_id INTEGER")  # revision 2
+            self._db.execute("DROP INDEX IF EXISTS detections_class")  # revision 3
             self.set_meta("schema_revision", SCHEMA_REVISION)
 
     def _create(self, codebook: CodebookBinding | None) -> None:
