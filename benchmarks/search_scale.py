@@ -169,9 +169,9 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
 
     from yolo_vq import Detections
     from yolo_vq.detections import LIST_ID
+    from yolo_vq.index.bulk import BulkWriter
     from yolo_vq.index.registry import open_store, store_exists
     from yolo_vq.index.store import CodebookBinding, Frame, SourceInfo
-    from yolo_vq.index.upkeep import ListKeeper
     from yolo_vq.quant import load_codebook
 
     path = root / label(rows)
@@ -185,9 +185,8 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
     check_disk(root, rows, have, free)  # before anything is written
     cb = size_codebook(root, rows, pq, var, smoke)
     binding = CodebookBinding(cb, {"bench": "search_scale"}, "search_scale", {i: f"class{i}" for i in range(CLASSES)})
-    with open_store(path, create=True, codebook=binding) as st:
-        q = load_codebook(st.codebook_path())
-        keeper = ListKeeper(st, q)
+    with open_store(path, create=True, codebook=binding) as st, BulkWriter(st, load_codebook(st.codebook_path())) as w:
+        q = w.keeper.codebook
         sources = [st.add_source(SourceInfo(f"camera{s}", f"search_scale-camera{s}", fps=FPS)).id for s in range(SOURCES)]
         stats_path = path / "build.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {"add_s": 0.0, "encode_s": 0.0,
@@ -200,19 +199,18 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
                 break
             n = chunk_rows(rows, c)
             t0 = time.perf_counter()
+            x, lists = None, None
             if c < encoded_chunks:
                 x = var.chunk(c, n)
                 with torch.no_grad():
                     codes = q.encode(torch.from_numpy(x)).numpy()
-                t1 = time.perf_counter()
-                lists = q.coarse.assign(x)
             else:  # replicate an encoded chunk: 2 sub-codes re-drawn per row, the list kept
                 g = np.random.default_rng([11, c])
                 rows_c = st.rows(after_id=(c % encoded_chunks) * CHUNK, limit=n, fields=("codes", "list_id"))
                 codes, lists = rows_c["codes"].copy(), rows_c["list_id"]
                 at = g.integers(0, codes.shape[1], (n, 2))
                 codes[np.arange(n)[:, None], at] = g.integers(0, q.codebook_size, (n, 2), dtype=np.uint8)
-                t1 = time.perf_counter()
+            t1 = time.perf_counter()
             g = np.random.default_rng([13, c])
             src = sources[c % SOURCES]
             first_frame = (c // SOURCES) * (CHUNK // PER_FRAME + 1)
@@ -223,10 +221,11 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
             for j, a in enumerate(range(0, n, PER_FRAME)):
                 b = min(a + PER_FRAME, n)
                 det = Detections(boxes[a:b], confidence=conf[a:b], class_id=cls[a:b], codes=codes[a:b],
-                                 track_id=np.arange(b - a) + 100 * (first_frame + j), data={LIST_ID: lists[a:b]})
+                                 track_id=np.arange(b - a) + 100 * (first_frame + j),
+                                 data={} if lists is None else {LIST_ID: lists[a:b]})
                 frames.append(Frame(first_frame + j, (first_frame + j) / FPS, det))
-            st.add_frames(src, frames)
-            keeper.stored(n)
+            w.add(src, frames, vectors=x)  # lists of this chunk assigned while the chunk before is stored
+            w.ready()  # ... and all of it inside the timed window (not beside the next chunk's encoding)
             t2 = time.perf_counter()
             stats["encode_s"] += t1 - t0
             stats["add_s"] += t2 - t1
@@ -235,7 +234,7 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
             bar.update(n)
         bar.close()
         t = time.perf_counter()
-        keeper.sync()
+        w.close()
         stats["add_s"] += time.perf_counter() - t
         stats_path.write_text(json.dumps(stats))
     return stats

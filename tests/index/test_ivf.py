@@ -30,22 +30,30 @@ def make_codebook(folder, x: np.ndarray, lists: int | None = LISTS):
     return folder / "cb"
 
 
+def frames_of(codes: np.ndarray, first_frame: int, rng: np.random.Generator, lists: np.ndarray | None = None,
+              ) -> list[Frame]:
+    """``codes`` as frames of PER_FRAME detections from ``first_frame`` on: classes cycle, a track per position and
+    50 frames, confidences from ``rng``; ``lists`` recorded where given."""
+    frames = []
+    for f in range(len(codes) // PER_FRAME):
+        sl, at = slice(f * PER_FRAME, (f + 1) * PER_FRAME), first_frame + f
+        det = Detections(np.tile([0, 0, 10, 10], (PER_FRAME, 1)).astype(np.float32),
+                         confidence=rng.uniform(size=PER_FRAME), class_id=np.arange(PER_FRAME) % 3,
+                         track_id=np.arange(PER_FRAME) + 100 * (at // 50), codes=codes[sl],
+                         data={LIST_ID: lists[sl]} if lists is not None else {})
+        frames.append(Frame(at, at / 10, det))
+    return frames
+
+
 def fill(store, x: np.ndarray, codebook, *, source: str = "v.mp4", first_frame: int = 0, with_lists: bool = True):
-    """Store ``x`` as detections, PER_FRAME a frame: classes cycle, tracks by position, confidences seeded."""
+    """Store ``x`` as detections (:func:`frames_of`, confidences seeded). Returns ``(source id, frames, ids
+    stored)``: what ``ListKeeper.stored`` takes."""
     q = load_codebook(codebook)
     codes = q.encode(torch.from_numpy(x)).numpy().astype(np.uint8)
     lists = q.coarse.assign(x) if with_lists and q.coarse is not None else None
     src = store.add_source(SourceInfo(source, source)).id
-    rng = np.random.default_rng(len(x) + first_frame)
-    frames = []
-    for f in range(len(x) // PER_FRAME):
-        sl = slice(f * PER_FRAME, (f + 1) * PER_FRAME)
-        det = Detections(np.tile([0, 0, 10, 10], (PER_FRAME, 1)).astype(np.float32),
-                         confidence=rng.uniform(size=PER_FRAME), class_id=np.arange(PER_FRAME) % 3,
-                         track_id=np.arange(PER_FRAME) + 100 * (f // 50), codes=codes[sl],
-                         data={LIST_ID: lists[sl]} if lists is not None else {})
-        frames.append(Frame(first_frame + f, (first_frame + f) / 10, det))
-    store.add_frames(src, frames)
+    frames = frames_of(codes, first_frame, np.random.default_rng(len(x) + first_frame), lists)
+    return src, frames, store.add_frames(src, frames)
 
 
 def build(folder, x, *, lists: int | None = LISTS, synced: bool = True):

@@ -16,6 +16,7 @@ from yolo_vq.index.registry import open_store
 from yolo_vq.index.segments import ListsProblem, open_lists, rebuild, sync
 from yolo_vq.index.sqlite import SCHEMA_REVISION
 from yolo_vq.index.store import Frame, SourceInfo
+from yolo_vq.index.upkeep import held_rows
 
 LISTS = 8
 
@@ -30,17 +31,19 @@ def assign(codes: np.ndarray) -> np.ndarray:
     return (codes[:, 0] % LISTS).astype(np.int32)
 
 
-def add(store, first: int, frames: int, *, with_lists: bool = True, n: int = 5) -> None:
-    src = store.add_source(SourceInfo("v.mp4", "fp")).id
+def add(store, first: int, frames: int, *, with_lists: bool = True, n: int = 5, source: str = "v.mp4",
+        codes: bool = True) -> tuple[int, list[Frame], np.ndarray]:
+    """Store ``frames`` frames of ``n`` seeded detections; returns what ``ListKeeper.stored`` takes."""
+    src = store.add_source(SourceInfo(source, source)).id
     out = []
     for i in range(first, first + frames):
         rng = np.random.default_rng(i)
-        codes = rng.integers(0, 256, (n, 8), dtype=np.uint8)
-        data = {LIST_ID: assign(codes)} if with_lists else {}
+        c = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+        data = {LIST_ID: assign(c)} if with_lists else {}
         det = Detections(np.tile([0, 0, 10, 10], (n, 1)).astype(np.float32), confidence=rng.uniform(size=n),
-                         class_id=np.arange(n) % 3, track_id=np.arange(n), codes=codes, data=data)
+                         class_id=np.arange(n) % 3, track_id=np.arange(n) + i, codes=c if codes else None, data=data)
         out.append(Frame(i, i / 10, det))
-    store.add_frames(src, out)
+    return src, out, store.add_frames(src, out)
 
 
 def contents(lists) -> dict[int, tuple]:
@@ -80,6 +83,36 @@ def test_sync_covers_every_stored_detection_once_and_grows(tmp_path):
         assert files == sorted([*(s.path.name for s in lists.segments), "manifest.json", "lock"])
         assert sync(st, Coarse(), assign)[1] == 0
         assert open_lists(st, Coarse()).rows == st.count()
+
+
+def test_held_rows_are_the_rows_read_back_and_a_sync_writes_them_without_reading_them(tmp_path):
+    """A writer's own batches are written from memory (held_rows); another writer's rows in between, rows without
+    codes, a half-synced held batch and a batch with skipped frames are read from the store: the lists equal a
+    sync from the store alone."""
+    with open_store(tmp_path / "idx", create=True) as st, open_store(tmp_path / "idx") as other:
+        read = []
+        rows = st.rows
+        st.rows = lambda **kw: read.append(len((r := rows(**kw))["id"])) or r
+        held = [held_rows(*add(st, 0, 6))]
+        lists, added, _ = sync(st, Coarse(), assign, held=held)
+        assert (added, sum(read)) == (30, 0)  # nothing read back
+        assert contents(lists) == expected(st)
+        for k in range(2):
+            held.append(held_rows(*add(st, 10 + 20 * k, 4, with_lists=bool(k))))  # k = 0: lists to assign
+            add(other, 100 + 20 * k, 3, source="w.mp4")  # another writer's rows: not held
+            add(other, 110 + 20 * k, 2, source="w.mp4", codes=False)  # not listed at all
+            held.append(held_rows(*add(st, 20 + 20 * k, 3, n=4)))
+        src, frames, ids = add(st, 19, 3)  # frames 20-21 were stored already: fewer ids than detections
+        assert held_rows(src, frames, ids) is None and held_rows(*add(st, 90, 2, codes=False)) is None
+        for r in held[1:]:  # exactly what the store reads back, dtypes included
+            back = rows(after_id=int(r["id"][0]) - 1, limit=len(r["id"]))
+            assert r.keys() == back.keys() and all(r[f].dtype == back[f].dtype for f in r)
+            assert all(np.array_equal(r[f], back[f]) for f in r), r["id"]
+        read.clear()
+        lists, added, _ = sync(st, Coarse(), assign, held=held, batch=7)  # held runs cut across batches
+        assert sum(read) == 2 * 15 + 5  # read back: the other writer's rows, and frame 19's
+        assert contents(lists) == expected(st) and added == st.count() - 30 - 30  # 30 detections without codes
+        assert lists.high_water == st.rows()["id"][-1] < st.max_id()  # the last rows have no codes
 
 
 def test_rows_stored_without_a_list_are_assigned_from_their_codes(tmp_path):

@@ -186,8 +186,7 @@ x = np.load({vectors!r})
 with open_store({idx!r}) as st:
     keeper = ListKeeper(st, load_codebook(st.codebook_path()), every=200)
     for part in range(st.count() // 500, len(x) // 500):  # 500 rows a source, a sync every 200 rows stored
-        fill(st, x[part * 500:(part + 1) * 500], st.codebook_path(), source=f"cam{{part}}")
-        keeper.stored(500)
+        keeper.stored(*fill(st, x[part * 500:(part + 1) * 500], st.codebook_path(), source=f"cam{{part}}"))
         print(part, flush=True)
     keeper.sync()
 """

@@ -97,9 +97,9 @@ class _Index:
             lists = self._lists.assign(codes=np.concatenate([f.detections.codes for f in frames]))
             for f, part in zip(frames, np.split(lists, np.cumsum([len(f.detections) for f in frames])[:-1])):
                 f.detections.data[LIST_ID] = part
-        stored = self._store.add_frames(sid, frames)
-        self._lists.stored(stored)
-        return stored
+        ids = self._store.add_frames(sid, frames)
+        self._lists.stored(sid, frames, ids)
+        return len(ids)
 
     def close(self) -> None:
         if self._store is None:

@@ -451,9 +451,10 @@ class Indexer:
         if not self._pending:
             return 0
         frames, self._pending = self._pending, []
-        n = self.store.add_frames(self._run.source.id, frames, vectors=self.keep_vectors)
+        ids = self.store.add_frames(self._run.source.id, frames, vectors=self.keep_vectors)
+        n = len(ids)
         self.last_stored = (self._run.source.uri, int(frames[-1].frame))
-        self.lists.stored(n)
+        self.lists.stored(self._run.source.id, frames, ids)
         self._written[0] += n
         self._written[1] += sum(len(b) for f in frames for b in f.thumbs or () if b is not None)
         return n

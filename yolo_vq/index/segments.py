@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,13 +348,16 @@ def _merge(folder: Path, name: str, segs: list[Segment], lists: int, code_size: 
 
 
 def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *, batch: int = SYNC_BATCH,
-         progress: Callable[[int], None] | None = None) -> tuple[Lists, int, str | None]:
+         progress: Callable[[int], None] | None = None, held: Sequence[dict[str, np.ndarray]] = (),
+         ) -> tuple[Lists, int, str | None]:
     """Move the detections stored after the structure's high_water into segments (making the structure if there is
     none, or rebuilding it when :func:`open_lists` finds a problem), then merge. Returns ``(lists, rows added,
     problem)``: ``problem`` says why an existing structure was rebuilt (None when it was extended or new).
 
-    ``assign(codes)``: the coarse list of rows stored without one (from their decoded codes). Safe against a
-    concurrent writer (a file lock) and concurrent readers (immutable segments, atomic manifest)."""
+    ``assign(codes)``: the coarse list of rows stored without one (from their decoded codes). ``held``: the
+    :meth:`Store.rows` columns of rows the caller has just committed (each one run of ids, in id order), written
+    from memory instead of read back (what is not held, e.g. another writer's rows, is read from the store). Safe
+    against a concurrent writer (a file lock) and concurrent readers (immutable segments, atomic manifest)."""
     folder = Path(store.directory) / DIR_NAME
     if store.get_meta("index_uuid") is None:
         store.set_meta("index_uuid", uuid.uuid4().hex)
@@ -368,7 +371,7 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
             m["code_size"] = m["code_size"] or 0
         added = 0
         while True:
-            rows = store.rows(after_id=m["high_water"], limit=batch)
+            rows = _next_rows(store, m["high_water"], batch, held)
             if not len(rows["id"]):
                 break
             if not m["code_size"]:
@@ -388,6 +391,27 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
             _save_manifest(folder, m)
         _cleanup(folder, m)
         return open_lists(store, coarse, check=False), added, problem
+
+
+def _next_rows(store: Any, after: int, limit: int, held: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The next (at most ``limit``, at least one where any are stored) rows with ``id > after``: from ``held`` where
+    the held runs continue right after ``after`` (a run owns its id range: nothing else was stored inside it), else
+    from the store, up to where the next held run starts."""
+    runs = sorted((r for r in held if len(r["id"]) and r["id"][-1] > after), key=lambda r: int(r["id"][0]))
+    if not runs or runs[0]["id"][0] > after + 1:  # rows before the first held run: from the store
+        rows = store.rows(after_id=after, limit=limit, before_id=int(runs[0]["id"][0]) if runs else None)
+        if len(rows["id"]) or not runs:
+            return rows
+        after = int(runs[0]["id"][0]) - 1  # nothing listed was stored before the first held run
+    take: list[dict[str, np.ndarray]] = []
+    n = 0
+    for r in runs:
+        if r["id"][0] > after + 1 or n >= limit:
+            break
+        r = {k: v[int(np.searchsorted(r["id"], after, side="right")):][:limit - n] for k, v in r.items()}
+        take.append(r)
+        after, n = int(r["id"][-1]), n + len(r["id"])
+    return {k: np.concatenate([r[k] for r in take]) for k in take[0]}
 
 
 def set_calibration(store: Any, coarse: Any, calibration: dict[str, Any]) -> None:

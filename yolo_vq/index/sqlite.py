@@ -28,6 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.request import pathname2url
@@ -84,6 +85,11 @@ CREATE INDEX IF NOT EXISTS detections_track ON detections (source_id, track_id);
 # (:meth:`SQLiteStore._upgrade`); an older yolo_vq reads a newer revision of the same SCHEMA_VERSION (it ignores the
 # columns it does not know, and no query of it needs the dropped index).
 SCHEMA_REVISION = 3
+_COLS = ("source_id", "frame", "time", "x1", "y1", "x2", "y2", "class_id", "confidence", "track_id", "codes", "thumb",
+         "list_id")  # the columns a stored detection is given, in the order of _detection_values
+_ROWS_PER_INSERT = 128  # detections per multi-row INSERT (13 x 128 parameters, within SQLite's 32766)
+_INSERT_ONE = f"INSERT INTO detections ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})"
+_INSERT_MANY = _INSERT_ONE + f", ({', '.join('?' * len(_COLS))})" * (_ROWS_PER_INSERT - 1)
 _VECTORS = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES detections(id), vector BLOB NOT NULL)"
 # The columns every version-1 store has (``vectors`` is optional): checked at open, so a damaged schema is one error.
 _COLUMNS = {
@@ -121,6 +127,44 @@ def _code_matrix(path: Path, blobs: list, code_size: Any) -> np.ndarray:
     except (ValueError, TypeError) as e:
         raise StoreError(f"{path}: stored codes are not all {code_size!r} bytes long ({e}): the database is damaged; "
                          f"re-index into a new directory") from None
+
+
+def _detection_values(source_id: int, frames: list[Frame]) -> list:
+    """The :data:`_INSERT_ONE` parameters of every detection of ``frames``, in order, one flat list (13 a detection):
+    each column converted to Python values once for the whole batch (``tolist``), not per frame or per value."""
+    frames = [f for f in frames if len(f.detections)]
+    dets = [f.detections for f in frames]
+    n = [len(d) for d in dets]
+    if not dets:
+        return []
+
+    def col(get: Callable[[Detections], Any], dtype: Any) -> list:
+        return np.concatenate([np.asarray(get(d), dtype) for d in dets]).tolist()
+
+    thumbs = []
+    for f in frames:
+        if f.thumbs is not None and len(f.thumbs) != len(f.detections):
+            raise ValueError(f"frame {f.frame}: {len(f.thumbs)} thumbnails for {len(f.detections)} detections")
+        thumbs += f.thumbs if f.thumbs is not None else [None] * len(f.detections)
+    codes = [None if d.codes is None else r.tobytes() for d in dets
+             for r in (d.codes if d.codes is not None else range(len(d)))]
+    lists = [v if v >= 0 else None for v in col(lambda d: d.data.get(LIST_ID, np.full(len(d), -1)), np.int64)]
+    columns = ([source_id] * sum(n), np.repeat([int(f.frame) for f in frames], n).tolist(),
+               np.repeat([float(f.time) for f in frames], n).tolist(),
+               *np.concatenate([np.asarray(d.xyxy, np.float64) for d in dets]).T.tolist(),
+               col(lambda d: d.class_id, np.int64), col(lambda d: d.confidence, np.float64),
+               col(lambda d: d.track_id, np.int64), codes, thumbs, lists)
+    return list(chain.from_iterable(zip(*columns)))
+
+
+def _insert_detections(cur: sqlite3.Cursor, values: list) -> None:
+    """INSERT the flat ``values`` (:func:`_detection_values`), :data:`_ROWS_PER_INSERT` rows a statement: one
+    multi-row INSERT binds and steps once for 128 rows (5.1 us a row against 7.6 for one row a statement, measured
+    on 262k rows with the conversion included)."""
+    width, k = len(_COLS) * _ROWS_PER_INSERT, len(_COLS)
+    full = len(values) // width * width
+    cur.executemany(_INSERT_MANY, (values[i:i + width] for i in range(0, full, width)))
+    cur.executemany(_INSERT_ONE, (values[i:i + k] for i in range(full, len(values), k)))
 
 
 def _sql_fault(path: Path, doing: str, e: sqlite3.Error) -> StoreError:
@@ -391,15 +435,17 @@ class SQLiteStore(Store):
 
     # -- writing ---------------------------------------------------------------------------------------------------
     @_guard("storing frames")
-    def add_frames(self, source_id: int, frames: Iterable[Frame], *, vectors: bool = False) -> int:
-        """Store a batch of frames in one transaction; frames already stored are skipped. Returns rows inserted.
+    def add_frames(self, source_id: int, frames: Iterable[Frame], *, vectors: bool = False) -> np.ndarray:
+        """Store a batch of frames in one transaction; frames already stored are skipped. Returns the ids inserted.
 
         Codes must all have one length, the store's (``code_size`` meta, set by the first codes stored). With
         ``vectors``, each detection's embedding (``detections.embeddings``, (n, D) float32) is also kept as float16
-        in the ``vectors`` table (D fixed by the first vectors stored), for re-ranking.
+        in the ``vectors`` table (D fixed by the first vectors stored), for re-ranking. The detections of every new
+        frame go in together, 128 a statement (:func:`_insert_detections`: the hot path of bulk adds); their ids are
+        the ``n`` after the largest id before it (SQLite gives a new row the largest rowid + 1, and this transaction
+        is the only writer).
         """
         self._check_writable()
-        inserted = 0
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -407,39 +453,31 @@ class SQLiteStore(Store):
             kept = self.get_meta("vectors") if vectors else None
             if vectors:
                 cur.execute(_VECTORS)
+            new: list[Frame] = []
             for f in frames:
-                d = f.detections
-                cur.execute("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", (source_id, int(f.frame), len(d)))
-                if cur.rowcount == 0:
-                    continue  # stored by an earlier run: idempotent
-                code_size = self._code_size_after(d, code_size)
-                thumbs = f.thumbs if f.thumbs is not None else [None] * len(d)
-                lists = d.data.get(LIST_ID)
-                n = len(d)
-                # column-wise conversion to Python values (tolist), then one tuple per row: the hot path of bulk adds
-                xyxy = np.asarray(d.xyxy, np.float64).T.tolist() if n else [[]] * 4
-                rows = list(zip(
-                    [source_id] * n, [int(f.frame)] * n, [float(f.time)] * n, *xyxy,
-                    np.asarray(d.class_id).tolist(), np.asarray(d.confidence, np.float64).tolist(),
-                    np.asarray(d.track_id).tolist(),
-                    [None] * n if d.codes is None else [c.tobytes() for c in d.codes], thumbs,
-                    [None] * n if lists is None else [None if v < 0 else v for v in np.asarray(lists).tolist()]))
-                sql = ("INSERT INTO detections (source_id, frame, time, x1, y1, x2, y2, class_id, confidence, "
-                       "track_id, codes, thumb, list_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-                if not (vectors and len(d)):
-                    cur.executemany(sql, rows)
-                else:
-                    kept = self._vectors_after(d, kept)
-                    for row, v in zip(rows, d.embeddings.astype(VECTOR_DTYPE)):
-                        cur.execute(sql, row)  # executemany does not report the ids
-                        cur.execute("INSERT INTO vectors VALUES (?, ?)", (cur.lastrowid, v.tobytes()))
-                inserted += len(d)
+                cur.execute("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)",
+                            (source_id, int(f.frame), len(f.detections)))
+                if cur.rowcount:  # else stored by an earlier run: idempotent
+                    code_size = self._code_size_after(f.detections, code_size)
+                    if vectors and len(f.detections):
+                        kept = self._vectors_after(f.detections, kept)
+                    new.append(f)
+            first = cur.execute("SELECT COALESCE(MAX(id), 0) FROM detections").fetchone()[0] + 1
+            values = _detection_values(source_id, new)
+            _insert_detections(cur, values)
+            ids = np.arange(first, first + len(values) // len(_COLS), dtype=np.int64)
+            if len(ids) and cur.execute("SELECT last_insert_rowid()").fetchone()[0] != ids[-1]:
+                ids = np.array([r[0] for r in cur.execute("SELECT id FROM detections WHERE id >= ? ORDER BY id",
+                                                         (first,))], np.int64)  # rowids past 2^63 - 1: random
+            if vectors and len(ids):
+                v = np.concatenate([f.detections.embeddings for f in new if len(f.detections)]).astype(VECTOR_DTYPE)
+                cur.executemany("INSERT INTO vectors VALUES (?, ?)", zip(ids.tolist(), (r.tobytes() for r in v)))
             cur.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL): no second error
                 cur.execute("ROLLBACK")
             raise
-        return inserted
+        return ids
 
     # -- reading ---------------------------------------------------------------------------------------------------
     @contextmanager
@@ -538,15 +576,17 @@ class SQLiteStore(Store):
 
     @_guard("reading detections")
     def rows(self, *, after_id: int = 0, limit: int | None = None, fields: Sequence[str] = ROW_FIELDS,
-             ) -> dict[str, np.ndarray]:
+             before_id: int | None = None) -> dict[str, np.ndarray]:
         if bad := [f for f in fields if f not in ROW_FIELDS]:
             raise ValueError(f"unknown row fields {bad}: expected some of {list(ROW_FIELDS)}")
         fields = ["id", *dict.fromkeys(fields)]
         sql = ", ".join("NULL" if f == "list_id" and not self._lists else f for f in fields)
         with self.snapshot():  # the meta and the rows of one state (a first batch may commit in between)
             code_size = self.get_meta("code_size") or 0
-            rows = self._db.execute(f"SELECT {sql} FROM detections WHERE id > ? AND codes IS NOT NULL ORDER BY id "
-                                    f"LIMIT ?", (int(after_id), -1 if limit is None else int(limit))).fetchall()
+            last = (1 << 63) - 1 if before_id is None else int(before_id) - 1
+            rows = self._db.execute(f"SELECT {sql} FROM detections WHERE id > ? AND id <= ? AND codes IS NOT NULL "
+                                    f"ORDER BY id LIMIT ?", (int(after_id), last, -1 if limit is None else int(limit))
+                                    ).fetchall()
         cols = list(zip(*rows)) if rows else [()] * len(fields)
         out = {}
         for f, values in zip(fields, cols):

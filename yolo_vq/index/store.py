@@ -268,9 +268,10 @@ class Store(ABC):
 
     # -- writing ---------------------------------------------------------------------------------------------------
     @abstractmethod
-    def add_frames(self, source_id: int, frames: Iterable[Frame], *, vectors: bool = False) -> int:
+    def add_frames(self, source_id: int, frames: Iterable[Frame], *, vectors: bool = False) -> np.ndarray:
         """Store a batch of frames of a registered source in one transaction (all or nothing); frames already stored
-        are skipped (idempotent). Returns the detections inserted.
+        are skipped (idempotent). Returns the ids given to the detections inserted: (n,) int64, ascending, in the
+        order of the frames and of their detections (``len()`` of it: how many were inserted).
 
         Each frame's detections are stored with their boxes, class, confidence, track id, codes ((n, M) uint8, all
         of the store's ``code_size`` bytes, which the first codes stored set) and ``Frame.thumbs``. With ``vectors``,
@@ -294,9 +295,9 @@ class Store(ABC):
 
     @abstractmethod
     def rows(self, *, after_id: int = 0, limit: int | None = None, fields: Sequence[str] = ROW_FIELDS,
-             ) -> dict[str, np.ndarray]:
-        """Columns of the detections with codes and ``id > after_id``, the first ``limit`` of them (None: all) in id
-        order: ``id`` (N,) int64 always, and each of ``fields`` (:data:`ROW_FIELDS`): ``class_id``, ``source_id``,
+             before_id: int | None = None) -> dict[str, np.ndarray]:
+        """Columns of the detections with codes and ``after_id < id < before_id`` (None: no upper bound), the first
+        ``limit`` of them (None: all) in id order: ``id`` (N,) int64 always, and each of ``fields`` (:data:`ROW_FIELDS`): ``class_id``, ``source_id``,
         ``track_id`` (N,) int64, ``time`` (N,) float64, ``confidence`` (N,) float32, ``list_id`` (N,) int32 (the
         coarse list recorded when it was stored, -1 where none was), ``codes`` (N, code_size) uint8 (contiguous;
         none stored: (0, code_size or 0)). What the scan engine, the filters and the search lists read, refreshed

@@ -11,17 +11,19 @@ unchanged) and builds the lists.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..detections import LIST_ID
 from .ivf import ListSearch, calibrate, decode_codes, lists_of_codes
 from .segments import Lists, rebuild, set_calibration, sync
+from .store import Frame
 
-__all__ = ["SYNC_EVERY", "ListKeeper", "UpgradeSummary", "upgrade"]
+__all__ = ["SYNC_EVERY", "ListKeeper", "UpgradeSummary", "held_rows", "upgrade"]
 
 SYNC_EVERY = 1 << 18  # stored detections between two syncs while indexing (a sync of them: ~16 MB written)
 RECALIBRATE_GROWTH = 4  # the default nprobe is measured again once the lists hold this many times the rows it was
@@ -60,6 +62,7 @@ class ListKeeper:
         self.store, self.codebook, self.every = store, codebook, every
         self.pending = 0
         self.problem: str | None = None  # why the last sync rebuilt the lists (None: extended or new)
+        self._held: list[dict[str, np.ndarray]] = []  # the search columns of rows committed since the last sync
 
     @property
     def active(self) -> bool:
@@ -76,19 +79,49 @@ class ListKeeper:
             return lists_of_codes(self.codebook, codes)
         return None
 
-    def stored(self, n: int) -> None:
-        """``n`` more detections were committed: sync once :attr:`every` have gathered."""
-        self.pending += n
-        if self.active and self.pending >= self.every:
+    def stored(self, source_id: int, frames: Sequence[Frame], ids: np.ndarray) -> None:
+        """``frames`` of ``source_id`` were committed, their detections given ``ids`` (what ``Store.add_frames``
+        returned): keep their search columns for the next sync, which then writes them without reading them back
+        from the store; sync once :attr:`every` have gathered."""
+        self.pending += len(ids)
+        if not self.active:
+            return
+        if rows := held_rows(source_id, frames, ids):
+            self._held.append(rows)
+        if self.pending >= self.every:
             self.sync()
 
     def sync(self) -> int:
         """Move every committed detection not yet in the lists into them; returns how many moved."""
         if not self.active:
             return 0
-        _, added, self.problem = sync_lists(self.store, self.codebook)
-        self.pending = 0
+        held, self._held, self.pending = self._held, [], 0
+        _, added, self.problem = sync_lists(self.store, self.codebook, held=held)
         return added
+
+
+def held_rows(source_id: int, frames: Sequence[Frame], ids: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The :meth:`Store.rows` columns (``id`` + :data:`ROW_FIELDS`) of committed ``frames`` whose detections got
+    ``ids``, as the store would read them back; None where they cannot be told from the batch: some frames were
+    skipped as already stored (fewer ids than detections), some detections have no codes (not listed), or the ids
+    are not one run (then the sync reads the rows from the store)."""
+    dets = [f.detections for f in frames if len(f.detections)]
+    n = np.array([len(d) for d in dets], np.int64)
+    if (not len(ids) or int(n.sum()) != len(ids) or any(d.codes is None for d in dets)
+            or int(ids[-1]) - int(ids[0]) + 1 != len(ids)):
+        return None
+    lists = [d.data.get(LIST_ID) for d in dets]
+    return {
+        "id": np.asarray(ids, np.int64),
+        "class_id": np.concatenate([np.asarray(d.class_id, np.int64) for d in dets]),
+        "source_id": np.full(len(ids), source_id, np.int64),
+        "time": np.repeat(np.array([f.time for f in frames if len(f.detections)], np.float64), n),
+        "confidence": np.concatenate([np.asarray(d.confidence, np.float32) for d in dets]),
+        "track_id": np.concatenate([np.asarray(d.track_id, np.int64) for d in dets]),
+        "list_id": np.concatenate([np.full(len(d), -1, np.int32) if v is None else np.where(np.asarray(v) < 0, -1, v)
+                                   .astype(np.int32) for d, v in zip(dets, lists)]),
+        "codes": np.ascontiguousarray(np.concatenate([np.asarray(d.codes, np.uint8) for d in dets])),
+    }
 
 
 class UpgradeSummary(dict):
