@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -168,6 +169,20 @@ def test_onnxruntime_reads_the_tapped_map_right_after_its_layer(pose_vq, tmp_pat
     further = next(i for i, n in enumerate(order) if n.startswith(f"/model/model.{tap + 2}/"))
     print(f"{len(order)} nodes; first recipe node #{first_read} ({order[first_read]}), layer {tap + 2} from #{further}")
     assert first_read < further
+    # the head's DFL is written out (_DFLSoftmaxInPlace): no Softmax over an inner axis, which onnxruntime runs
+    # between two transposes
+    dfl = {n.op_type for n in onnx.load(str(path)).graph.node if "/dfl/" in n.name}
+    assert dfl and not dfl & {"Softmax", "Transpose"}, dfl
+
+
+def test_the_dfl_written_out_equals_ultralytics_dfl():
+    from ultralytics.nn.modules.block import DFL
+
+    from yolo_vq.edge.export import _DFLSoftmaxInPlace
+
+    dfl = DFL(16)
+    x = torch.randn(3, 64, 500, generator=torch.Generator().manual_seed(0)) * 4
+    torch.testing.assert_close(_DFLSoftmaxInPlace(dfl)(x), dfl(x), rtol=0, atol=2e-5)
 
 
 def test_end_to_end_head_matches_predict_without_nms(tmp_path, bus, zidane):

@@ -138,10 +138,31 @@ def _codebook_fingerprint(quantizer: Any) -> str:
     return sha
 
 
+class _DFLSoftmaxInPlace(nn.Module):
+    """Ultralytics' ``DFL`` (the expected distance over ``c1`` bins of each box side) with its softmax written out
+    over the bins' axis where they lie: (B, 4 * c1, A) -> (B, 4, A), the same values to float rounding (max |diff|
+    4e-6 px on random logits). ``DFL`` transposes the bins to axis 1 and calls Softmax there, which onnxruntime runs
+    as transpose, softmax, transpose back: 2.5 ms of a 30 ms yolo11n-pose frame at 288x640 (its profiler), against
+    ~0.2 ms for these elementwise ops and two reductions."""
+
+    def __init__(self, dfl: nn.Module) -> None:
+        super().__init__()
+        self.c1 = dfl.c1
+        self.register_buffer("bins", dfl.conv.weight.detach().reshape(1, 1, dfl.c1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        x = x.view(b, 4, self.c1, a)
+        e = (x - x.amax(2, keepdim=True)).exp()
+        return (e * self.bins).sum(2) / e.sum(2)
+
+
 def _model_copy(yolo: Any, end2end: bool, dynamic: bool, max_det: int) -> nn.Module:
     """A fused copy of the detector prepared as Ultralytics' own ONNX exporter prepares it (the user's model is left
-    as it is): heads in export mode, C2f blocks on their ``split`` forward (a cheaper graph, the same numbers)."""
+    as it is): heads in export mode, C2f blocks on their ``split`` forward (a cheaper graph, the same numbers), and
+    the heads' DFL with its softmax in place (:class:`_DFLSoftmaxInPlace`: the same numbers, 2.3 ms a frame less)."""
     from ultralytics.nn.modules import C2f, Detect
+    from ultralytics.nn.modules.block import DFL
 
     model = copy.deepcopy(yolo.model).float().eval().cpu()
     if hasattr(model, "end2end"):
@@ -152,6 +173,8 @@ def _model_copy(yolo: Any, end2end: bool, dynamic: bool, max_det: int) -> nn.Mod
     for m in model.modules():
         if isinstance(m, Detect):
             m.dynamic, m.export, m.format, m.xyxy, m.shape = dynamic, True, "onnx", False, None
+            if isinstance(getattr(m, "dfl", None), DFL):  # reg_max 1 (YOLO26): no DFL, an Identity
+                m.dfl = _DFLSoftmaxInPlace(m.dfl)
             if end2end:
                 m.max_det = max_det
         elif isinstance(m, C2f):
