@@ -48,7 +48,8 @@ class BulkWriter:
             codes: np.ndarray | None = None) -> None:
         """Queue ``frames`` of ``source_id``: their lists are assigned from ``vectors`` ((n, D) float32, the float
         embeddings of the frames' detections in order), else from ``codes`` (decoded), else not at all (lists the
-        frames' detections already carry are kept); then the batch queued before is stored."""
+        frames' detections already carry are kept); then the batch queued before is stored. The worker reads
+        ``vectors`` / ``codes`` and the frames are stored later: leave them unchanged until the next call."""
         n = sum(len(f.detections) for f in frames)
         for name, given in (("vectors", vectors), ("codes", codes)):
             if given is not None and len(given) != n:
