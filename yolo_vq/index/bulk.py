@@ -1,7 +1,7 @@
 """The bulk write path: batches of frames stored while the next batch's search lists are assigned on another core.
 
 Storing a detection (SQLite's insert, mostly in C with the GIL released per row) and assigning its coarse list (a
-PCA matmul and an HNSW search, in numpy and FAISS, GIL released) are independent, so :class:`BulkWriter` runs them
+projection and a FAISS search of the centroids, GIL released) are independent, so :class:`BulkWriter` runs them
 side by side: ``add(batch k)`` starts the lists of batch k in a worker thread and stores batch k-1, whose lists were
 assigned while batch k-2 was stored. On 2 cores this hides most of the assignment (measured by
 ``benchmarks/search_scale.py``: its build goes through here). The lists are synced as :class:`ListKeeper` does,

@@ -35,11 +35,21 @@ from urllib.request import pathname2url
 
 import numpy as np
 
-from ..detections import LIST_ID, Detections
+from ..detections import Detections
 from ..errors import StoreError
 from .binding import CODEBOOK_STEM, bind
 from .faults import RESTORE, Fault, damaged, fault, free_bytes
-from .store import ROW_FIELDS, SCHEMA_VERSION, VECTOR_DTYPE, CodebookBinding, Frame, Source, SourceInfo, Store
+from .store import (
+    ROW_FIELDS,
+    SCHEMA_VERSION,
+    VECTOR_DTYPE,
+    CodebookBinding,
+    Frame,
+    Source,
+    SourceInfo,
+    Store,
+    frame_columns,
+)
 
 __all__ = ["DB_NAME", "SCHEMA_REVISION", "SQLiteStore"]
 
@@ -131,29 +141,22 @@ def _code_matrix(path: Path, blobs: list, code_size: Any) -> np.ndarray:
 
 def _detection_values(source_id: int, frames: list[Frame]) -> list:
     """The :data:`_INSERT_ONE` parameters of every detection of ``frames``, in order, one flat list (13 a detection):
-    each column converted to Python values once for the whole batch (``tolist``), not per frame or per value."""
-    frames = [f for f in frames if len(f.detections)]
-    dets = [f.detections for f in frames]
-    n = [len(d) for d in dets]
-    if not dets:
-        return []
-
-    def col(get: Callable[[Detections], Any], dtype: Any) -> list:
-        return np.concatenate([np.asarray(get(d), dtype) for d in dets]).tolist()
-
+    the batch's columns (:func:`frame_columns`) converted to Python values once (``tolist``), not per frame or value."""
+    c = frame_columns(frames)
+    n = len(c["frame"])
     thumbs = []
     for f in frames:
         if f.thumbs is not None and len(f.thumbs) != len(f.detections):
             raise ValueError(f"frame {f.frame}: {len(f.thumbs)} thumbnails for {len(f.detections)} detections")
         thumbs += f.thumbs if f.thumbs is not None else [None] * len(f.detections)
-    codes = [None if d.codes is None else r.tobytes() for d in dets
-             for r in (d.codes if d.codes is not None else range(len(d)))]
-    lists = [v if v >= 0 else None for v in col(lambda d: d.data.get(LIST_ID, np.full(len(d), -1)), np.int64)]
-    columns = ([source_id] * sum(n), np.repeat([int(f.frame) for f in frames], n).tolist(),
-               np.repeat([float(f.time) for f in frames], n).tolist(),
-               *np.concatenate([np.asarray(d.xyxy, np.float64) for d in dets]).T.tolist(),
-               col(lambda d: d.class_id, np.int64), col(lambda d: d.confidence, np.float64),
-               col(lambda d: d.track_id, np.int64), codes, thumbs, lists)
+    if c["codes"] is not None:
+        codes = [r.tobytes() for r in c["codes"]]
+    else:  # some frames without codes: their rows store none
+        codes = [None if d.codes is None else r.tobytes() for d in (f.detections for f in frames)
+                 for r in (d.codes if d.codes is not None else range(len(d)))]
+    columns = ([source_id] * n, c["frame"].tolist(), c["time"].tolist(), *c["xyxy"].astype(np.float64).T.tolist(),
+               c["class_id"].tolist(), c["confidence"].astype(np.float64).tolist(), c["track_id"].tolist(), codes,
+               thumbs, [v if v >= 0 else None for v in c["list_id"].tolist()])
     return list(chain.from_iterable(zip(*columns)))
 
 

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 from yolo_vq_edge._format import SourceInfo
 
-from ..detections import Detections
+from ..detections import LIST_ID, Detections
 from ..errors import StoreError
 from .binding import CODEBOOK_STEM, bind, recorded_sha256, verified_codebook
 from .faults import damaged
 
 __all__ = ["CODEBOOK_STEM", "FILTER_FIELDS", "ROW_FIELDS", "SCHEMA_VERSION", "VECTOR_DTYPE", "CodebookBinding", "Frame",
-           "Source", "SourceInfo", "Store", "StoreError"]
+           "Source", "SourceInfo", "Store", "StoreError", "frame_columns"]
 
 SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
 VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
@@ -73,6 +73,32 @@ class Frame:
     time: float
     detections: Detections
     thumbs: Sequence[bytes | None] | None = None  # JPEG bytes (or None) per detection row
+
+
+def frame_columns(frames: Sequence[Frame]) -> dict[str, Any]:
+    """The per-detection columns of a batch of ``frames``, in order, converted once for the whole batch (what a store
+    writes, and the search lists' columns of rows just stored): ``frame`` (n,) int64, ``time`` (n,) float64, ``xyxy``
+    (n, 4) float32, ``class_id`` and ``track_id`` (n,) int64, ``confidence`` (n,) float32, ``list_id`` (n,) int32 (-1
+    where none was assigned), ``codes`` (n, M) uint8 (None where some frame has none)."""
+    frames = [f for f in frames if len(f.detections)]
+    dets = [f.detections for f in frames]
+    n = [len(d) for d in dets]
+
+    def cat(arrays: list, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
+        return np.concatenate([np.asarray(a, dtype) for a in arrays]) if arrays else np.zeros((0, *shape), dtype)
+
+    lists = [d.data.get(LIST_ID) for d in dets]
+    return {
+        "frame": np.repeat(np.array([f.frame for f in frames], np.int64), n),
+        "time": np.repeat(np.array([f.time for f in frames], np.float64), n),
+        "xyxy": cat([d.xyxy for d in dets], np.float32, (4,)),
+        "class_id": cat([d.class_id for d in dets], np.int64),
+        "confidence": cat([d.confidence for d in dets], np.float32),
+        "track_id": cat([d.track_id for d in dets], np.int64),
+        "list_id": cat([np.full(len(d), -1) if v is None else np.where(np.asarray(v) < 0, -1, v)
+                        for d, v in zip(dets, lists)], np.int32),
+        "codes": None if any(d.codes is None for d in dets) else cat([d.codes for d in dets], np.uint8, (0,)),
+    }
 
 
 @dataclass(frozen=True)
@@ -297,8 +323,8 @@ class Store(ABC):
     def rows(self, *, after_id: int = 0, limit: int | None = None, fields: Sequence[str] = ROW_FIELDS,
              before_id: int | None = None) -> dict[str, np.ndarray]:
         """Columns of the detections with codes and ``after_id < id < before_id`` (None: no upper bound), the first
-        ``limit`` of them (None: all) in id order: ``id`` (N,) int64 always, and each of ``fields`` (:data:`ROW_FIELDS`): ``class_id``, ``source_id``,
-        ``track_id`` (N,) int64, ``time`` (N,) float64, ``confidence`` (N,) float32, ``list_id`` (N,) int32 (the
+        ``limit`` of them (None: all) in id order: ``id`` (N,) int64 always, and each of ``fields``
+        (:data:`ROW_FIELDS`): ``class_id``, ``source_id``, ``track_id`` (N,) int64, ``time`` (N,) float64, ``confidence`` (N,) float32, ``list_id`` (N,) int32 (the
         coarse list recorded when it was stored, -1 where none was), ``codes`` (N, code_size) uint8 (contiguous;
         none stored: (0, code_size or 0)). What the scan engine, the filters and the search lists read, refreshed
         incrementally as the store grows (``after_id`` = the last id read).

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ..detections import LIST_ID
 from .ivf import ListSearch, calibrate, decode_codes, lists_of_codes
 from .segments import Lists, rebuild, set_calibration, sync
-from .store import Frame
+from .store import Frame, frame_columns
 
 __all__ = ["SYNC_EVERY", "ListKeeper", "UpgradeSummary", "held_rows", "upgrade"]
 
@@ -105,23 +104,11 @@ def held_rows(source_id: int, frames: Sequence[Frame], ids: np.ndarray) -> dict[
     ``ids``, as the store would read them back; None where they cannot be told from the batch: some frames were
     skipped as already stored (fewer ids than detections), some detections have no codes (not listed), or the ids
     are not one run (then the sync reads the rows from the store)."""
-    dets = [f.detections for f in frames if len(f.detections)]
-    n = np.array([len(d) for d in dets], np.int64)
-    if (not len(ids) or int(n.sum()) != len(ids) or any(d.codes is None for d in dets)
-            or int(ids[-1]) - int(ids[0]) + 1 != len(ids)):
+    c = frame_columns(frames)
+    if not len(ids) or len(c["frame"]) != len(ids) or c["codes"] is None or int(ids[-1]) - int(ids[0]) + 1 != len(ids):
         return None
-    lists = [d.data.get(LIST_ID) for d in dets]
-    return {
-        "id": np.asarray(ids, np.int64),
-        "class_id": np.concatenate([np.asarray(d.class_id, np.int64) for d in dets]),
-        "source_id": np.full(len(ids), source_id, np.int64),
-        "time": np.repeat(np.array([f.time for f in frames if len(f.detections)], np.float64), n),
-        "confidence": np.concatenate([np.asarray(d.confidence, np.float32) for d in dets]),
-        "track_id": np.concatenate([np.asarray(d.track_id, np.int64) for d in dets]),
-        "list_id": np.concatenate([np.full(len(d), -1, np.int32) if v is None else np.where(np.asarray(v) < 0, -1, v)
-                                   .astype(np.int32) for d, v in zip(dets, lists)]),
-        "codes": np.ascontiguousarray(np.concatenate([np.asarray(d.codes, np.uint8) for d in dets])),
-    }
+    return {"id": np.asarray(ids, np.int64), "source_id": np.full(len(ids), source_id, np.int64),
+            **{k: c[k] for k in ("class_id", "time", "confidence", "track_id", "list_id", "codes")}}
 
 
 class UpgradeSummary(dict):
