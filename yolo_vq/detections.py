@@ -40,7 +40,7 @@ def _check(name: str, a: Any, dtype: type, shape: tuple, fix: str = "") -> np.nd
     arr = np.asarray(a)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}{fix}")
-    if arr.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, arr.shape)):
+    if arr.ndim != len(shape) or (arr.shape != shape and any(s is not None and s != t for s, t in zip(shape, arr.shape))):
         want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(arr.shape)}{fix}")
     return np.ascontiguousarray(arr, dtype=dtype)
@@ -77,7 +77,7 @@ class Detections:
         self.track_id = _check("track_id", np.full(n, -1) if self.track_id is None else self.track_id, np.int64, (n,))
         emb = np.zeros((n, 0)) if self.embeddings is None else self.embeddings
         self.embeddings = _check("embeddings", emb, np.float32, (n, None), ": one vector per box")
-        if not np.isfinite(self.embeddings).all():
+        if self.embeddings.size and not np.isfinite(self.embeddings).all():
             raise ValueError("embeddings contain NaN or inf; check the tapped maps (fp16 overflow?)")
         if self.codes is not None:
             codes = np.asarray(self.codes)
@@ -93,6 +93,17 @@ class Detections:
         self.data = data
 
     # -- construction ----------------------------------------------------------------------------------------------
+    @classmethod
+    def of_arrays(cls, xyxy: np.ndarray, *, confidence: np.ndarray, class_id: np.ndarray, track_id: np.ndarray,
+                  codes: np.ndarray | None, data: dict[str, np.ndarray]) -> Detections:
+        """Detections of arrays that already have the attributes' dtypes, shapes and C order (a search's result rows,
+        read from the index's own files), without the constructor's checks (~12 us of a ~1 ms search); no
+        embeddings."""
+        d = cls.__new__(cls)
+        d.xyxy, d.confidence, d.class_id, d.track_id, d.codes, d.data = xyxy, confidence, class_id, track_id, codes, data
+        d.embeddings = np.zeros((len(xyxy), 0), np.float32)
+        return d
+
     @classmethod
     def empty(cls, dim: int = 0, code_size: int | None = None) -> Detections:
         """No detections, with (0, dim) embeddings and, if ``code_size`` is given, (0, code_size) codes."""

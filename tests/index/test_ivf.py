@@ -211,3 +211,69 @@ def test_a_filter_widens_the_probe_by_the_fraction_it_keeps(index, data, monkeyp
         monkeypatch.setattr(ivf_module, "MAX_WIDEN", 1)  # no widening: the filtered search sees 2 lists' matches
         narrow = recall(ivf.search(data[1], 10, nprobe=2, min_conf=0.8), truth)
     assert widened >= plain - 0.05 and widened > narrow + 0.1, (widened, plain, narrow)
+
+
+def test_results_are_read_from_the_lists_as_the_store_holds_them(data, tmp_path, monkeypatch):
+    # a search answers from the segments' rows (no lookup in index.db): every field as Store.get gives it, from
+    # two segments and, merged with them, the tail (whose rows come from the store)
+    x, rng = data[0], np.random.default_rng(11)
+    codebook = make_codebook(tmp_path, x)
+    q = load_codebook(codebook)
+    codes = q.encode(torch.from_numpy(x)).numpy().astype(np.uint8)
+    idx = tmp_path / "idx"
+    binding = CodebookBinding(codebook, embedding={"dim": D}, model_fingerprint=None, names=NAMES)
+    with open_store(idx, create=True, codebook=binding) as st:
+        srcs = [st.add_source(SourceInfo(n, n)).id for n in ("a.mp4", "b.mp4")]
+        for part, (a, b) in enumerate([(0, 2400), (2400, 2800), (2800, 3000)]):
+            for f in range(a // PER_FRAME, b // PER_FRAME):
+                sl = slice(f * PER_FRAME, (f + 1) * PER_FRAME)
+                xy = rng.uniform(0, 600, (PER_FRAME, 2))
+                det = Detections(np.hstack([xy, xy + rng.uniform(1, 80, (PER_FRAME, 2))]).astype(np.float32),
+                                 confidence=rng.uniform(size=PER_FRAME), class_id=rng.integers(0, 3, PER_FRAME),
+                                 track_id=np.where(rng.uniform(size=PER_FRAME) < 0.3, -1,
+                                                   rng.integers(0, 1 << 20, PER_FRAME)),
+                                 codes=codes[sl], data={LIST_ID: q.coarse.assign(x[sl])})
+                st.add_frames(srcs[f % 2], [Frame(70_000 + f, f / 7, det)])
+            if part < 2:  # the third part stays the tail
+                sync_lists(st, q)
+    gets = []
+    with Memory(idx, mode="ivf") as mem:
+        assert len(mem.lists.lists.segments) == 2 and len(mem.scan) == 200
+        real_get = mem.store.get
+        monkeypatch.setattr(mem.store, "get", lambda ids: gets.append(len(ids)) or real_get(ids))
+        queries = np.concatenate([data[1], x[2800:2850]])  # the last ones find tail rows
+        results = mem.search(queries, 10, nprobe=4)
+        assert 0 < len(gets) < len(queries)  # most from the lists alone; those with tail rows through the store
+        seg_of = [np.digitize(r.data["id"], [2400.5, 2800.5]) for r in results]  # 0, 1: the segments; 2: the tail
+        assert any(len(set(s.tolist())) == 2 and 2 not in s for s in seg_of)  # rows of both segments in one result
+        for r in results:
+            want = real_get(r.data["id"])
+            for name in ("xyxy", "confidence", "class_id", "track_id", "codes"):
+                a, b = getattr(r, name), getattr(want, name)
+                assert a.dtype == b.dtype and np.array_equal(a, b), name
+            for name in ("id", "source_id", "frame", "time"):
+                assert r.data[name].dtype == want.data[name].dtype, name
+                assert np.array_equal(r.data[name], want.data[name]), name
+            assert set(r.data) == {"id", "source_id", "frame", "time", "score"}
+
+
+def test_a_segment_replaced_after_it_was_opened_is_not_mapped(index, data, tmp_path):
+    # FAISS maps a segment by name: a file a writer replaced meanwhile (a rebuild reuses names) is refused, and a
+    # Memory opened after that maps the new one
+    import shutil
+
+    from yolo_vq.index.ivf import ListSearch
+    from yolo_vq.index.scan import CodeScan
+    from yolo_vq.index.segments import ListsProblem, open_lists
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index, idx)
+    with Memory(idx, mode="ivf") as mem:
+        lists = open_lists(mem.store, mem.codebook.coarse)
+        seg = lists.segments[0].path
+        shutil.copyfile(seg, seg.with_name("copy"))
+        seg.with_name("copy").replace(seg)  # the same bytes, another file
+        with pytest.raises(ListsProblem, match="replaced since it was opened"):
+            ListSearch(lists, mem.codebook.coarse, CodeScan(mem.codebook))
+    with Memory(idx, mode="ivf") as again, Memory(index, mode="ivf") as before:
+        same(again.search(data[1], 10, nprobe=4), before.search(data[1], 10, nprobe=4))

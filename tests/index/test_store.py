@@ -128,10 +128,11 @@ def test_empty_store_reads(make_store):
         ids, codes = s.codes()
         assert ids.shape == (0,) and codes.shape == (0, 0) and ids.dtype == np.int64 and codes.dtype == np.uint8
         cols = s.rows()
-        assert sorted(cols) == ["class_id", "codes", "confidence", "id", "list_id", "source_id", "time", "track_id"]
+        assert sorted(cols) == ["class_id", "codes", "confidence", "frame", "id", "list_id", "source_id", "time",
+                                "track_id", "x1", "x2", "y1", "y2"]
         assert all(len(v) == 0 for v in cols.values()) and cols["codes"].shape == (0, 0)
-        with pytest.raises(ValueError, match=r"unknown row fields \['frame'\]: expected some of \['class_id'"):
-            s.rows(fields=("frame",))
+        with pytest.raises(ValueError, match=r"unknown row fields \['xyxy'\]: expected some of \['class_id'"):
+            s.rows(fields=("xyxy",))
         got = s.get([])
         assert len(got) == 0 and sorted(got.data) == ["frame", "id", "source_id", "time"]
         assert s.count() == 0 and s.thumbnails([]) == [] and longest_track(s) is None
@@ -153,7 +154,9 @@ def test_rows_are_columns_of_the_codes_rows(make_store):
         assert cols["id"].tolist() == ids.tolist()
         assert {k: v.dtype for k, v in cols.items()} == {"id": np.int64, "class_id": np.int64, "source_id": np.int64,
                                                         "time": np.float64, "confidence": np.float32,
-                                                        "track_id": np.int64, "list_id": np.int32, "codes": np.uint8}
+                                                        "track_id": np.int64, "list_id": np.int32, "codes": np.uint8,
+                                                        "frame": np.int64, **dict.fromkeys(("x1", "y1", "x2", "y2"),
+                                                                                           np.float32)}
         assert sorted(s.rows(fields=("time", "time"))) == ["id", "time"]
         assert cols["source_id"].tolist() == [a.id] * 6 + [b.id] * 3
         assert cols["track_id"].tolist() == [0, 1, 2, 10, 11, 12, 20, 21, 22]
@@ -165,6 +168,9 @@ def test_rows_are_columns_of_the_codes_rows(make_store):
         np.testing.assert_allclose(cols["time"], np.repeat([0, 1 / 25, 2 / 25], 3))
         np.testing.assert_allclose(cols["confidence"], np.concatenate([frame(i).detections.confidence
                                                                        for i in range(3)]), rtol=1e-6)
+        got = s.get(ids)  # the rest of a result's row: what Store.get gives
+        assert cols["frame"].tolist() == got.data["frame"].tolist()
+        assert np.array_equal(np.stack([cols[c] for c in ("x1", "y1", "x2", "y2")], 1), got.xyxy)
         tail = s.rows(after_id=int(ids[5]), fields=("class_id",))
         assert tail["id"].tolist() == ids[6:].tolist()
 

@@ -1,14 +1,17 @@
 """Partitioned (IVF) search over the on-disk lists: probe the nearest lists, gather their rows, scan them by ADC.
 
 A query is projected by the coarse quantizer and compared with every list centroid (:meth:`CoarseQuantizer.probe`);
-the rows of its ``nprobe`` nearest lists are scanned by ADC over our PQ codes. With FAISS (the default engine) each
-probed list's slice of every segment's memory map (``codes`` (n, code_size) uint8, ``id`` (n,) int64) is scanned
-where it lies by FAISS' own inverted-list kernel (:class:`~yolo_vq.index.scan.ListScanner`: ``IndexIVFPQ``'s scanner,
-``by_residual = False``, on our centroids); with numpy the rows are gathered and scanned with the quantizer's tables
-(:meth:`CodeScan.search_codes`). Distances are those of the flat scan (up to float32 summation order); only the set
-of rows scanned differs, and with ``nprobe >= lists`` it is every row (same results as the flat scan).
+the rows of its ``nprobe`` nearest lists are scanned by ADC over our PQ codes. With FAISS (the default engine) the
+probed lists of every segment are scanned where they lie, in one call of FAISS' own IVF-PQ search
+(:class:`~yolo_vq.index.mapped.MappedIVF`: ``IndexIVFPQ.search_preassigned``, ``by_residual = False``, on our
+centroids, over the segment files mapped as FAISS inverted lists), and a result's row (box, frame, class, ...) is read
+from its segment (:meth:`ListSearch.detections`), not looked up in ``index.db``; with numpy the rows are gathered and
+scanned with the quantizer's tables (:meth:`CodeScan.search_codes`). Distances are those of the flat scan (up to
+float32 summation order); only the set of rows scanned differs, and with ``nprobe >= lists`` it is every row (same
+results as the flat scan).
 
-A filter (:class:`~yolo_vq.index.filters.RowFilter`) is tested on the gathered columns before the scan, so a filtered
+A filter (:class:`~yolo_vq.index.filters.RowFilter`) is tested on the gathered columns before the scan (FAISS' list
+kernel, :class:`~yolo_vq.index.scan.ListScanner`, or numpy, over the matching rows only), so a filtered
 search returns exactly what a filtered flat scan over the same lists would. A filter that keeps a fraction ``f`` of
 the probed rows widens the probe to ``nprobe / f`` lists (at most :data:`MAX_WIDEN` times): the nearest matching rows
 lie as far out as the nearest ``1 / f`` times as many rows, and only matching rows are scanned, so the work stays
@@ -23,8 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from ..detections import Detections
 from .filters import RowFilter
-from .segments import Lists
+from .mapped import MappedIVF
+from .segments import RECORD, Lists
+
+_POSITION = (1 << 40) - 1  # the low 40 bits of a location: the row's position in its segment
 
 __all__ = ["CALIBRATION_TARGET", "ListSearch", "calibrate", "decode_codes", "default_nprobe", "lists_of_codes",
            "merge_topk"]
@@ -64,6 +71,17 @@ def default_nprobe(lists: int) -> int:
     return int(min(lists, max(16, lists // 64)))
 
 
+class Rows:
+    """Result rows read from the segments: ``records`` (n,) :data:`RECORD` (a view of the (n, 54) bytes read) and
+    ``codes`` (n, code_size) uint8."""
+
+    __slots__ = ("codes", "records")
+
+    def __init__(self, raw: np.ndarray, codes: np.ndarray) -> None:
+        self.records = raw.view(RECORD).reshape(len(raw))
+        self.codes = codes
+
+
 class ListSearch:
     """k-NN over ``lists`` (an opened :class:`~yolo_vq.index.segments.Lists`) for the queries of a :class:`CodeScan`.
 
@@ -75,69 +93,110 @@ class ListSearch:
 
     def __init__(self, lists: Lists, coarse: Any, scan: Any) -> None:
         self.lists, self.coarse, self.scan = lists, coarse, scan
-        self._scanner = scan.list_scanner()  # FAISS' IVF-PQ list kernel, in place on the maps; None: numpy engine
-        # each segment's list offsets and the addresses of its codes and ids in the map (segments never change)
-        self._maps = [(seg.offsets, seg.codes.ctypes.data, seg.ids.ctypes.data) for seg in lists.segments]
+        self._rows = lists.rows  # segments never change
+        self._scanner = scan.list_scanner()  # FAISS' IVF-PQ list kernel (filtered rows); None: numpy engine
+        # unfiltered: every probed list of every segment in one FAISS call, on the files as they lie
+        self._mapped = None
+        if self._scanner is not None and hasattr(self._scanner.engine.faiss, "OnDiskInvertedLists"):  # not on Windows
+            self._mapped = MappedIVF(self._scanner.engine, lists.segments, lists.lists)
 
     @property
     def rows(self) -> int:
-        return self.lists.rows
+        return self._rows
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int, where: RowFilter | None = None,
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """``(dist, ids)``, each ``(q, k)``, ascending distance, padded with ``inf`` / ``-1``.
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Rows | None]]:
+        """``(dist, ids, slot, rows)``: ``dist``, ``ids`` ``(q, k)`` ascending distance, padded with ``inf`` / ``-1``;
+        ``rows[i]``: query ``i``'s result rows as the segments hold them (:class:`Rows`, read once while searching),
+        ``slot[i, j]`` the row of result ``j`` there; -1 (and ``rows[i]`` None) where the search did not read them
+        (filtered and every-list searches: read them from the store). :meth:`detections` makes the results.
 
         ``queries`` (q, D) float32; ``nprobe`` >= 1 (``>= lists``: every row)."""
-        n_lists = self.lists.lists
-        dist = np.full((len(queries), k), np.inf, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        if not len(queries) or not self.lists.segments:
-            return dist, ids
-        if nprobe >= n_lists:
-            return self._all(queries, k, where)
+        nq = len(queries)
+        if not nq or not self.lists.segments or nprobe >= self.lists.lists:
+            slot = np.full((nq, k), -1, np.int64)
+            if not nq or not self.lists.segments:
+                return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64), slot, [None] * nq
+            return *self._all(queries, k, where), slot, [None] * nq
+        queries = np.ascontiguousarray(queries, np.float32)
         probed = self.coarse.probe(queries, nprobe)
+        if nq == 1:  # the common case, without the batch's arrays
+            d, ids, slot, rows = self._one(queries[0], probed[0], k, nprobe, where)
+            return d[None], ids[None], slot[None], [rows]
+        dist, ids, slot = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64), np.empty((nq, k), np.int64)
+        rows = []
         for i, q in enumerate(queries):
-            p, lists = nprobe, probed[i]
-            if where is None and self._scanner is not None:
-                (d, found), seen = self._in_place(q, lists, k)
-                while seen < k and p < n_lists:  # fewer rows than asked for: probe more
-                    p = min(n_lists, 2 * p)
-                    (d, found), seen = self._in_place(q, self.coarse.probe(q[None], p)[0], k)
-                dist[i : i + 1], ids[i : i + 1] = d, found
-                continue
-            codes, row_ids, kept, seen = self._gather(lists, where)
-            if where is not None and seen and kept < seen:
-                # A filter keeps a fraction of the rows: the nearest matching rows lie as far out as the nearest
-                # 1/fraction times as many rows, so probe that many times more lists (the filter column is read
-                # for all of them, codes only for the matching rows: the ADC work stays that of an unfiltered search)
-                want = min(n_lists, int(np.ceil(p * min(seen / max(kept, 1), MAX_WIDEN))))
-                if want > p:
-                    p, lists = want, self.coarse.probe(q[None], want)[0]
-                    codes, row_ids, kept, seen = self._gather(lists, where)
-            while kept < k and p < n_lists:  # still fewer matching rows than asked for: probe more
-                p = min(n_lists, 2 * p)
-                codes, row_ids, kept, seen = self._gather(self.coarse.probe(q[None], p)[0], where)
-            if self._scanner is None:
-                dist[i : i + 1], ids[i : i + 1] = self.scan.search_codes(q[None], codes, row_ids, k)
-            else:
-                self._scanner.start(q, k)
-                self._scanner.scan_arrays(codes, row_ids)
-                dist[i : i + 1], ids[i : i + 1] = self._scanner.result()
-        return dist, ids
+            dist[i], ids[i], slot[i], r = self._one(q, probed[i], k, nprobe, where)
+            rows.append(r)
+        return dist, ids, slot, rows
 
-    def _in_place(self, q: np.ndarray, lists: np.ndarray, k: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
-        """Unfiltered: each probed list's rows scanned where they lie in every segment's map (no copy). Returns the
-        ``(dist, ids)`` of :meth:`search` for ``q`` and how many rows were scanned."""
-        sc, cs = self._scanner, self.scan.quantizer.code_size
-        lists = np.sort(lists)  # ascending offsets: the maps are read front to back
-        sc.start(q, k)
-        seen = 0
-        for offsets, codes_at, ids_at in self._maps:
-            for a, b in zip(offsets[lists].tolist(), offsets[lists + 1].tolist()):
-                if b > a:
-                    sc.scan(b - a, codes_at + a * cs, ids_at + a * 8)
-                    seen += b - a
-        return sc.result(), seen
+    def _one(self, q: np.ndarray, lists: np.ndarray, k: int, p: int, where: RowFilter | None,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rows | None]:
+        """:meth:`search` of one query ``q`` (D,) whose ``p`` nearest lists are ``lists``: ``(dist, ids, slot)``,
+        (k,) each, and its rows."""
+        n_lists = self.lists.lists
+        if where is None and self._mapped is not None:
+            d, at, seen = self._mapped.search(q, lists, k)
+            while seen is not None and seen < k and p < n_lists:  # fewer rows than asked for: probe more
+                p = min(n_lists, 2 * p)
+                d, at, seen = self._mapped.search(q, self.coarse.probe(q[None], p)[0], k)
+            n = k if at[-1] >= 0 else int((at >= 0).sum())  # the rows found come first
+            rows = self._read_rows(at[:n])
+            slot = np.arange(k)
+            ids = rows.records["id"] if n == k else np.r_[rows.records["id"], np.full(k - n, -1, np.int64)]
+            if n < k:
+                slot[n:] = -1
+            if (d[1:] == d[:-1]).any():  # ties by id, as the flat scan orders them
+                order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), d))
+                d, ids, slot = d[order], ids[order], slot[order]
+            return d, np.ascontiguousarray(ids), slot, rows
+        codes, row_ids, kept, seen = self._gather(lists, where)
+        if where is not None and seen and kept < seen:
+            # A filter keeps a fraction of the rows: the nearest matching rows lie as far out as the nearest
+            # 1/fraction times as many rows, so probe that many times more lists (the filter column is read
+            # for all of them, codes only for the matching rows: the ADC work stays that of an unfiltered search)
+            want = min(n_lists, int(np.ceil(p * min(seen / max(kept, 1), MAX_WIDEN))))
+            if want > p:
+                p, lists = want, self.coarse.probe(q[None], want)[0]
+                codes, row_ids, kept, seen = self._gather(lists, where)
+        while kept < k and p < n_lists:  # still fewer matching rows than asked for: probe more
+            p = min(n_lists, 2 * p)
+            codes, row_ids, kept, seen = self._gather(self.coarse.probe(q[None], p)[0], where)
+        if self._scanner is None:
+            d, ids = self.scan.search_codes(q[None], codes, row_ids, k)
+        else:
+            self._scanner.start(q, k)
+            self._scanner.scan_arrays(codes, row_ids)
+            d, ids = self._scanner.result()
+        return d[0], ids[0], np.full(k, -1, np.int64), None
+
+    def _read_rows(self, at: np.ndarray) -> Rows:
+        """The :class:`Rows` at the locations ``at`` ((n,) ``segment << 40 | position``, all >= 0), in order."""
+        seg, pos = at >> 40, at & _POSITION
+        segs = self.lists.segments
+        sl = seg.tolist()
+        if len(set(sl)) <= 1:  # one segment: a gather per array
+            s = segs[sl[0]] if sl else segs[0]
+            return Rows(s.record_bytes[pos], s.codes[pos])
+        # rows of several segments: row by row (~4x faster than a masked gather per segment, for 10 rows of 3)
+        rb, cb = [], []
+        for s, p in zip(sl, pos.tolist()):
+            g = segs[s]
+            rb.append(g.record_bytes[p].tobytes())
+            cb.append(g.codes[p].tobytes())
+        return Rows(np.frombuffer(b"".join(rb), np.uint8).reshape(len(sl), -1),
+                    np.frombuffer(b"".join(cb), np.uint8).reshape(len(sl), -1))
+
+    def detections(self, rows: Rows, slot: np.ndarray, **data: np.ndarray) -> Detections:
+        """Results from their rows (``rows`` and ``slot`` of :meth:`search`, ``slot`` (n,) all >= 0) as
+        :meth:`Store.get` returns them: ``data`` = id, source_id, frame, time, and the given ``data`` ((n,) arrays)."""
+        rec, codes = rows.records[slot], rows.codes[slot]
+        c = np.ascontiguousarray
+        return Detections.of_arrays(
+            c(rec["xyxy"]), confidence=c(rec["confidence"]), class_id=rec["class_id"].astype(np.int64),
+            track_id=rec["track_id"].astype(np.int64), codes=codes,
+            data={"id": c(rec["id"]), "source_id": rec["source_id"].astype(np.int64), "frame": c(rec["frame"]),
+                  "time": c(rec["time"]), **data})
 
     def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Codes and ids of the rows of ``lists`` in every segment that pass ``where`` (filter columns are read first,
@@ -207,7 +266,7 @@ def calibrate(search: ListSearch, decode: Any, *, k: int = 10, target: float = C
     q, own = np.asarray(decode(np.concatenate(codes)), np.float32), np.concatenate(own)
 
     def top(nprobe: int) -> list[set[int]]:
-        _, ids = search.search(q, k + 1, nprobe=nprobe)
+        ids = search.search(q, k + 1, nprobe=nprobe)[1]
         return [set([i for i in row.tolist() if i != o and i >= 0][:k]) for row, o in zip(ids, own)]
 
     truth = top(n_lists)
@@ -222,9 +281,11 @@ def calibrate(search: ListSearch, decode: Any, *, k: int = 10, target: float = C
         p *= 2
 
 
-def merge_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of two ``(q, *)`` result sets by (distance, id); missing entries (-1) last."""
+def merge_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int,
+               *carried: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The ``k`` best of two ``(q, *)`` result sets by (distance, id); missing entries (-1) last. Each of ``carried``
+    (a pair of arrays shaped as ``i1`` and ``i2``) is merged in the same order and returned after ``(d, i)``."""
     d, i = np.concatenate([d1, d2], axis=1), np.concatenate([i1, i2], axis=1)
     d = np.where(i >= 0, d, np.inf)
     order = np.lexsort((np.where(i >= 0, i, np.iinfo(np.int64).max), d), axis=-1)[:, :k]
-    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    return tuple(np.take_along_axis(a, order, 1) for a in (d, i, *(np.concatenate(c, axis=1) for c in carried)))

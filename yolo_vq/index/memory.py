@@ -13,7 +13,6 @@ import numpy as np
 from ..detections import Detections
 from .filters import RowFilter
 from .registry import open_store
-from .segments import COLUMNS
 from .store import FILTER_FIELDS, StoreError
 
 if TYPE_CHECKING:
@@ -112,6 +111,7 @@ class Memory:
             self.names: dict[int, str] = {int(k): v for k, v in (self.store.get_meta("names") or {}).items()}
             self._engine = engine
             self.lists: ListSearch | None = None
+            self._lists_nprobe: tuple[int, int] | None = None  # (lists, default nprobe) of self.lists
             self._manifest_stamp: tuple | None = None
             self._reset_tail()
             self.why_flat: str | None = "mode='flat' was asked for"
@@ -146,10 +146,10 @@ class Memory:
         """Searchable detections (in the lists and the tail, or loaded for the flat scan)."""
         return len(self.scan) + (0 if self.lists is None else self.lists.rows)
 
-    def _reset_tail(self, after: int = 0) -> None:
+    def _reset_tail(self, after: int = 0, scan: Any = None) -> None:
         from .scan import CodeScan
 
-        self.scan = CodeScan(self.codebook, engine=self._engine)
+        self.scan = scan if scan is not None else CodeScan(self.codebook, engine=self._engine)
         self._cols: dict[str, np.ndarray] = {}  # filterable columns, rows aligned with the scan's ids
         self._last = after
 
@@ -162,7 +162,16 @@ class Memory:
 
         upgrade = f"`yolo-vq upgrade --index {self.index}` (or the next `index` or `ingest` into it) rebuilds them"
         try:
-            lists = open_lists(self.store, self.codebook.coarse)
+            for attempt in range(3):  # a writer may replace a segment between reading the manifest and mapping it
+                lists = open_lists(self.store, self.codebook.coarse)
+                if not force and self.store.max_id() < FLAT_BELOW:
+                    break
+                try:
+                    self._use(lists)
+                    return
+                except ListsProblem:
+                    if attempt == 2:
+                        raise
         except ListsProblem as e:
             if force:
                 raise StoreError(f"{self.index}: its search lists cannot be used: {e}; {upgrade}") from None
@@ -171,17 +180,18 @@ class Memory:
             if not missing or self.store.max_id() >= FLAT_BELOW:
                 warnings.warn(f"{self.index}: {self.why_flat}", stacklevel=3)
             return
-        if not force and self.store.max_id() < FLAT_BELOW:
-            self.why_flat = (f"it holds fewer than {FLAT_BELOW} detections, where the flat scan is as fast as the "
-                             f"lists (docs/benchmarks.md)")
-            return
-        self._use(lists)
+        self.why_flat = (f"it holds fewer than {FLAT_BELOW} detections, where the flat scan is as fast as the "
+                         f"lists (docs/benchmarks.md)")
 
     def _use(self, lists) -> None:
         from .ivf import ListSearch
+        from .scan import CodeScan
 
-        self._reset_tail(lists.high_water)
-        self.lists = ListSearch(lists, self.codebook.coarse, self.scan)
+        scan = CodeScan(self.codebook, engine=self._engine)
+        search = ListSearch(lists, self.codebook.coarse, scan)  # may raise ListsProblem: then nothing has changed
+        self._reset_tail(lists.high_water, scan)
+        self.lists = search
+        self._lists_nprobe = None
         self.why_flat = None
         self._manifest_stamp = _stamp(lists.folder)
 
@@ -239,12 +249,14 @@ class Memory:
         :func:`~yolo_vq.index.ivf.default_nprobe`."""
         from .ivf import default_nprobe
 
-        nprobe = _check_nprobe(nprobe)
+        nprobe = _check_nprobe(nprobe) if nprobe is not None else None
         if self.lists is None:
             return None
-        n = self.lists.lists.lists
-        cal = self.lists.lists.calibration
-        return min(n, nprobe or self.nprobe or (cal["nprobe"] if cal else default_nprobe(n)))
+        if self._lists_nprobe is None:  # the lists' own default: they never change (a refresh opens new ones)
+            n, cal = self.lists.lists.lists, self.lists.lists.calibration
+            self._lists_nprobe = (n, cal["nprobe"] if cal else default_nprobe(n))
+        n, default = self._lists_nprobe
+        return min(n, nprobe or self.nprobe or default)
 
     # -- queries ---------------------------------------------------------------------------------------------------
     def class_ids(self, names: Sequence[str | int]) -> list[int]:
@@ -296,7 +308,7 @@ class Memory:
         c = self.all_columns(("id", *f.columns))
         return c["id"][f.mask(c)]
 
-    def all_columns(self, names: Sequence[str] = ("id", *COLUMNS)) -> dict[str, np.ndarray]:
+    def all_columns(self, names: Sequence[str] = ("id", *FILTER_FIELDS)) -> dict[str, np.ndarray]:
         """Columns of every searchable detection (ivf mode: read from every segment, ids not in order)."""
         parts = [] if self.lists is None else [
             {n: np.asarray(seg.column(n)) for n in names} for seg in self.lists.lists.segments]
@@ -500,8 +512,8 @@ class Memory:
                 raise ValueError(f"per_track must be a positive int (hits per track), got {per_track!r}")
             queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
             return [self._per_track(q, k, int(per_track), exclude, rerank, nprobe, filters) for q in queries]
-        where = self.where(**filters)
-        exclude = np.unique(np.asarray(exclude, dtype=np.int64)) if len(exclude) else np.zeros(0, np.int64)
+        where = self.where(**filters) if filters else None
+        exclude = np.unique(np.asarray(exclude, dtype=np.int64)) if len(exclude) else ()
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
         # the query's own ids are not a filter: ask for as many more results as are excluded, and drop them
         extra = len(exclude)
@@ -509,25 +521,34 @@ class Memory:
         allowed = None
         if where is not None:  # the in-memory rows (all of them when flat, the tail in ivf mode) passing the filters
             allowed = self._cols["id"][where.mask(self._cols)] if self._cols else np.zeros(0, np.int64)
+        slot = rows = None  # result rows read from the lists while searching (slot -1: read the row from the store)
         if want <= 0:
             dist, ids = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         elif self.lists is None:
             dist, ids = self.scan.search(queries, want + extra, allowed=allowed)
         else:
-            from .ivf import merge_topk
-
-            dist, ids = self.lists.search(queries, want + extra, nprobe=self.effective_nprobe(nprobe), where=where)
+            dist, ids, slot, rows = self.lists.search(queries, want + extra, nprobe=self.effective_nprobe(nprobe),
+                                                      where=where)
             if len(self.scan):  # the tail: stored since the lists were last synced
+                from .ivf import merge_topk
+
                 d2, i2 = self.scan.search(queries, want + extra, allowed=allowed)
-                dist, ids = merge_topk(dist, ids, d2, i2, want + extra)
+                dist, ids, slot = merge_topk(dist, ids, d2, i2, want + extra, (slot, np.full_like(i2, -1)))
         out = []
-        for q, d, i in zip(queries, dist, ids):
-            keep = i >= 0
-            if extra:  # the query's own ids dropped, the rest cut to want
-                keep &= ~np.isin(i, exclude)
-                keep &= np.cumsum(keep) <= want
+        for r, (q, d, i) in enumerate(zip(queries, dist, ids)):
+            if not extra and (not len(i) or i[-1] >= 0):  # every result found (a missing one, -1, comes last)
+                keep = slice(None)
+            else:
+                keep = i >= 0
+                if extra:  # the query's own ids dropped, the rest cut to want
+                    keep &= ~np.isin(i, exclude)
+                    keep &= np.cumsum(keep) <= want
             if rerank is None:
-                out.append(self.store.get(i[keep]).with_data(score=(1.0 - d[keep] / 2.0).astype(np.float32)))
+                score = np.float32(1) - np.float32(0.5) * d[keep]
+                if rows is not None and rows[r] is not None and (s := slot[r][keep]).min(initial=0) >= 0:
+                    out.append(self.lists.detections(rows[r], s, score=score))  # every row read from the lists
+                else:
+                    out.append(self.store.get(i[keep]).with_data(score=score))
                 continue
             cand = i[keep]
             v = self.vectors_of(cand)  # rows stored before vectors were kept: decoded from their codes

@@ -112,7 +112,8 @@ _COLUMNS = {
 
 
 _NUMERIC = {"id": np.int64, "class_id": np.int64, "source_id": np.int64, "time": np.float64,
-            "confidence": np.float32, "track_id": np.int64, "list_id": np.int32}
+            "confidence": np.float32, "track_id": np.int64, "list_id": np.int32, "frame": np.int64,
+            "x1": np.float32, "y1": np.float32, "x2": np.float32, "y2": np.float32}
 
 
 def _numbers(path: Path, values: tuple, dtype: Any) -> np.ndarray:

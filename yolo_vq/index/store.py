@@ -37,9 +37,10 @@ __all__ = ["CODEBOOK_STEM", "FILTER_FIELDS", "ROW_FIELDS", "SCHEMA_VERSION", "VE
 
 SCHEMA_VERSION = 1  # the version of what an index holds (meta['schema_version']); another one is refused at open
 VECTOR_DTYPE = np.dtype("<f2")  # kept vectors: float16, little-endian, 2 bytes per dimension
-# the columns Store.rows reads, besides ``id``: the filters' (FILTER_FIELDS), the search lists' and the codes
+# the columns Store.rows reads, besides ``id``: the filters' (FILTER_FIELDS), the rest of a search result's row (the
+# frame and the box: the search lists keep them, so results need no lookup in the store), the list and the codes
 FILTER_FIELDS = ("class_id", "source_id", "time", "confidence", "track_id")
-ROW_FIELDS = (*FILTER_FIELDS, "list_id", "codes")
+ROW_FIELDS = (*FILTER_FIELDS, "frame", "x1", "y1", "x2", "y2", "list_id", "codes")
 
 
 def _count(v: Any) -> bool:
@@ -324,7 +325,8 @@ class Store(ABC):
              before_id: int | None = None) -> dict[str, np.ndarray]:
         """Columns of the detections with codes and ``after_id < id < before_id`` (None: no upper bound), the first
         ``limit`` of them (None: all) in id order: ``id`` (N,) int64 always, and each of ``fields``
-        (:data:`ROW_FIELDS`): ``class_id``, ``source_id``, ``track_id`` (N,) int64, ``time`` (N,) float64, ``confidence`` (N,) float32, ``list_id`` (N,) int32 (the
+        (:data:`ROW_FIELDS`): ``class_id``, ``source_id``, ``track_id``, ``frame`` (N,) int64, ``time`` (N,) float64,
+        ``confidence``, ``x1``, ``y1``, ``x2``, ``y2`` (N,) float32, ``list_id`` (N,) int32 (the
         coarse list recorded when it was stored, -1 where none was), ``codes`` (N, code_size) uint8 (contiguous;
         none stored: (0, code_size or 0)). What the scan engine, the filters and the search lists read, refreshed
         incrementally as the store grows (``after_id`` = the last id read).

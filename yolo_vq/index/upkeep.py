@@ -108,7 +108,8 @@ def held_rows(source_id: int, frames: Sequence[Frame], ids: np.ndarray) -> dict[
     if not len(ids) or len(c["frame"]) != len(ids) or c["codes"] is None or int(ids[-1]) - int(ids[0]) + 1 != len(ids):
         return None
     return {"id": np.asarray(ids, np.int64), "source_id": np.full(len(ids), source_id, np.int64),
-            **{k: c[k] for k in ("class_id", "time", "confidence", "track_id", "list_id", "codes")}}
+            **{k: c[k] for k in ("class_id", "time", "confidence", "track_id", "frame", "list_id", "codes")},
+            **{k: c["xyxy"][:, j] for j, k in enumerate(("x1", "y1", "x2", "y2"))}}
 
 
 class UpgradeSummary(dict):

@@ -1,0 +1,126 @@
+"""FAISS' IVF-PQ search over the segments' files as they lie on disk: one kernel call per query for every probed list
+of every segment.
+
+Each segment file is opened by FAISS as a read-only ``OnDiskInvertedLists`` (``mmap``, ``PROT_READ``) whose list
+``l`` starts at the segment's ``codes_at + offsets[l] * code_size``: our layout is not FAISS' (ids are not next to
+the codes), so the lists are described to FAISS, not rewritten, and searched with ``store_pairs`` (FAISS reports
+``(list << 32) | position in the list`` instead of reading ids). The segments' lists are stacked
+(``VStackInvertedLists``: list ``l`` of segment ``s`` is list ``s * lists + l``), so one ``search_preassigned`` of an
+``IndexIVFPQ`` (``by_residual = False``, our PQ centroids) scans the ``nprobe`` lists of every segment, as FAISS'
+own IVF engine does over lists it holds in RAM. Nothing is copied: the codes stay in the page cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .segments import ListsProblem, Segment
+
+__all__ = ["MappedIVF"]
+
+_POSITION = (1 << 32) - 1  # the low 32 bits of a store_pairs label: the position in the list
+
+
+def _proc_fd(fd: int) -> str | None:
+    """A name that opens exactly the open file ``fd`` (Linux' /proc), or None where the system has none."""
+    p = f"/proc/self/fd/{fd}"
+    return p if os.path.exists(p) else None
+
+
+class MappedIVF:
+    """The probed lists of every segment of ``segments``, scanned in one FAISS call per query.
+
+    Args:
+        engine: the FAISS engine of the index's :class:`~yolo_vq.index.scan.CodeScan` (its PQ centroids, its query
+            projection and the energy PCA drops).
+        segments: the opened segments (each one memory-mapped by numpy too: FAISS maps the same file, checked by
+            its device and inode, so a file a writer replaced meanwhile is refused, not searched).
+        lists: lists per segment.
+
+    Raises:
+        ListsProblem: a segment file changed or vanished since it was opened (open the lists again).
+    """
+
+    def __init__(self, engine: Any, segments: list[Segment], lists: int) -> None:
+        faiss = engine.faiss
+        pq = engine.index.pq
+        self.engine, self.lists, self.segments = engine, lists, segments
+        self._ils = [self._open(faiss, seg, pq.code_size) for seg in segments]
+        vec = faiss.InvertedListsPtrVector()
+        for il in self._ils:
+            vec.push_back(il)
+        self._stack = faiss.VStackInvertedLists(len(self._ils), vec.data())
+        self._coarse = faiss.IndexFlatL2(pq.d)  # never searched: the probe is ours (CoarseQuantizer.probe)
+        self._ivf = faiss.IndexIVFPQ(self._coarse, pq.d, max(1, len(segments) * lists), pq.M, pq.nbits)
+        self._ivf.by_residual = False
+        self._ivf.pq = pq
+        self._ivf.is_trained = True
+        self._ivf.replace_invlists(self._stack, False)  # not owned: self._stack and self._ils outlive every search
+        self._ivf.ntotal = sum(s.rows for s in segments)
+        self._base = np.arange(len(segments), dtype=np.int64)[:, None] * lists  # (segments, 1) first list of each
+        # per stacked list: its rows, and the location of its first row (segment << 40 | position in the segment)
+        self._sizes = np.concatenate([np.diff(s.offsets) for s in segments]) if segments else np.zeros(0, np.int64)
+        self._first = (np.concatenate([(i << 40) + s.offsets[:-1] for i, s in enumerate(segments)]) if segments
+                       else np.zeros(0, np.int64))
+        self._ptr = faiss._swigfaiss.swig_ptr  # past the Python wrappers: one query is ~0.1 ms, each call counts
+        self._kernel = faiss._swigfaiss.IndexIVF_search_preassigned
+        self._nprobe = 0  # the IVF's nprobe (a SWIG attribute: set only when it changes, ~10 us a set)
+
+    @staticmethod
+    def _open(faiss: Any, seg: Segment, code_size: int) -> Any:
+        """``seg``'s file as a read-only ``OnDiskInvertedLists``: list ``l`` is ``offsets[l + 1] - offsets[l]`` codes
+        at byte ``codes_at + offsets[l] * code_size``. Made by its Python constructor (the object is ours and freed
+        with it; one made by FAISS' reader, ``read_InvertedLists``, corrupts the heap when Python frees it:
+        measured with faiss-cpu 1.15.1) and its list table written in place (``OnDiskOneList`` is three size_t:
+        size, capacity, offset)."""
+        sizes = np.diff(seg.offsets).astype(np.uint64)
+        table = np.ascontiguousarray(np.stack([sizes, sizes, seg.codes_at + seg.offsets[:-1].astype(np.uint64)
+                                               * np.uint64(code_size)], 1), np.uint64)
+        with open(seg.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != seg.file_id:
+                raise ListsProblem(f"{seg.path.name} was replaced since it was opened")
+            il = faiss.OnDiskInvertedLists()
+            il.nlist, il.code_size, il.read_only = len(sizes), code_size, True  # read_only: mmap PROT_READ
+            il.lists.resize(len(sizes))
+            if len(sizes):
+                ctypes.memmove(int(il.lists.data().this), table.ctypes.data, table.nbytes)
+            il.filename = _proc_fd(f.fileno()) or str(seg.path)  # /proc/self/fd: FAISS maps the file checked above
+            il.totsize = st.st_size
+            try:
+                il.do_mmap()
+            except RuntimeError as e:
+                raise ListsProblem(f"{Path(seg.path).name} cannot be mapped by FAISS ({e})") from None
+        return il
+
+    def search(self, query: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """The ``k`` best rows of ``lists`` (a query's probed lists, (p,) int64) in every segment for ``query`` (D,)
+        float32 C-contiguous: ``(dist, at)``, each ``(k,)`` ascending by distance, ``at`` = ``segment << 40 |
+        position in the segment``, padded with ``inf`` / -1; and how many rows the lists hold where that is fewer than
+        ``k`` (else None: counting them is left out of the common case)."""
+        e = self.engine
+        x = query.reshape(1, -1)
+        y = x if e.project is None else e.project.apply(x)
+        keys = (self._base + lists).reshape(1, -1)  # (1, segments * p), C-contiguous
+        if keys.shape[1] != self._nprobe:
+            self._ivf.nprobe = self._nprobe = keys.shape[1]
+            self._dq = np.zeros(keys.shape, np.float32)  # the probed lists' distances: unused by a non-residual PQ
+        d = np.empty(k, np.float32)
+        label = np.empty(k, np.int64)
+        ptr = self._ptr
+        self._kernel(self._ivf, 1, ptr(y), k, ptr(keys), ptr(self._dq), ptr(d), ptr(label), True)
+        # label: stacked list (segment * lists + list) << 32 | position in the list; -1 past the rows found
+        at = self._first[label >> 32] + (label & _POSITION)
+        seen = None
+        if label[-1] < 0:  # fewer than k rows in the probed lists
+            missing = label < 0
+            at[missing], d[missing] = -1, np.inf
+            seen = int(self._sizes[keys].sum())
+        if e.drops_energy:
+            d = e._whole(x, y, d[None])[0]
+        return d, at, seen
