@@ -47,7 +47,7 @@ import torch
 CHUNK = 1 << 16  # rows per transaction and per seed
 PER_FRAME, FPS, SOURCES, CLASSES = 20, 10.0, 10, 10
 ENCODED_UP_TO = 10_000_000  # rows beyond it re-use encoded chunks (see the module docstring)
-DB_BYTES_PER_ROW, LIST_BYTES_PER_ROW = 150, 62  # measured at 1M (index.db incl. its indexes; a list row): disk check
+DB_BYTES_PER_ROW, LIST_BYTES_PER_ROW = 150, 116  # measured at 10M (index.db incl. its indexes; a list row): disk check
 KEEP_FREE = 15 << 30
 
 
@@ -300,8 +300,10 @@ def bare_ivf(mem, nprobe: int):
 
 def measure(root: Path, rows: int, var: Variations, nq: int, smoke: bool, residual: bool = True) -> dict:
     import faiss
+    import torch  # noqa: F401  (its libraries mapped before r0: what a search maps of the index is measured, not them)
 
     from yolo_vq import Memory
+    from yolo_vq.index import ivf, mapped, memory, scan  # noqa: F401
     from yolo_vq.index.ivf import decode_codes
 
     path = root / label(rows)

@@ -231,3 +231,25 @@ def test_cli_lists_errors(capsys, bad):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: argument --lists") and "auto, or 0 for none" in err[0]
+
+
+def test_calibrating_within_a_sample_of_the_rows_errs_on_the_safe_side(data, tmp_path):  # noqa: F811
+    # above CALIBRATION_ROWS the recall is measured within a sample: queries and exact answers from the sample, the
+    # same lists probed; sparser rows need more lists for the same recall, so the nprobe chosen is never smaller
+    from functools import partial
+
+    from yolo_vq.index.ivf import ListSearch, calibrate, decode_codes
+    from yolo_vq.index.scan import CodeScan
+
+    idx = build(tmp_path, data[0])
+    with Memory(idx, mode="ivf") as ivf:
+        cb = ivf.codebook
+        search = ListSearch(ivf.lists.lists, cb.coarse, CodeScan(cb))
+        full = calibrate(search, partial(decode_codes, cb), target=0.99)
+        for sample in (300, 1000):
+            part = calibrate(search, partial(decode_codes, cb), target=0.99, sample=sample)
+            assert part["sample_rows"] == sample and part["rows"] == len(data[0]) and part["queries"] == 256
+            assert part["nprobe"] >= full["nprobe"]
+            curve = {int(p): r for p, r in part["curve"].items()}
+            assert all(curve[p] <= full["curve"].get(str(p), 1.0) + 0.03 for p in curve)  # lower, noise aside
+        assert full["sample_rows"] == len(data[0])

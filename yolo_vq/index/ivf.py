@@ -28,15 +28,14 @@ import numpy as np
 
 from ..detections import Detections
 from .filters import RowFilter
-from .mapped import MappedIVF
-from .segments import RECORD, Lists
-
-_POSITION = (1 << 40) - 1  # the low 40 bits of a location: the row's position in its segment
+from .mapped import MappedIVF, Rows
+from .segments import Lists
 
 __all__ = ["CALIBRATION_TARGET", "ListSearch", "calibrate", "decode_codes", "default_nprobe", "lists_of_codes",
            "merge_topk"]
 
 CALIBRATION_TARGET = 0.95  # recall@10 against the flat scan that the default nprobe is calibrated to
+CALIBRATION_ROWS = 1 << 20  # above this many rows, nprobe is calibrated within a sample of this many (see calibrate)
 
 _BATCH_ALL = 64  # queries scanned together when every list is probed (one pass over the codes per batch)
 MAX_WIDEN = 32  # a filtered search probes at most this many times the lists of an unfiltered one (then: >= k rows)
@@ -71,17 +70,6 @@ def default_nprobe(lists: int) -> int:
     return int(min(lists, max(16, lists // 64)))
 
 
-class Rows:
-    """Result rows read from the segments: ``records`` (n,) :data:`RECORD` (a view of the (n, 54) bytes read) and
-    ``codes`` (n, code_size) uint8."""
-
-    __slots__ = ("codes", "records")
-
-    def __init__(self, raw: np.ndarray, codes: np.ndarray) -> None:
-        self.records = raw.view(RECORD).reshape(len(raw))
-        self.codes = codes
-
-
 class ListSearch:
     """k-NN over ``lists`` (an opened :class:`~yolo_vq.index.segments.Lists`) for the queries of a :class:`CodeScan`.
 
@@ -105,14 +93,17 @@ class ListSearch:
         return self._rows
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int, where: RowFilter | None = None,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Rows | None]]:
+               keep: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Rows | None]]:
         """``(dist, ids, slot, rows)``: ``dist``, ``ids`` ``(q, k)`` ascending distance, padded with ``inf`` / ``-1``;
         ``rows[i]``: query ``i``'s result rows as the segments hold them (:class:`Rows`, read once while searching),
         ``slot[i, j]`` the row of result ``j`` there; -1 (and ``rows[i]`` None) where the search did not read them
         (filtered and every-list searches: read them from the store). :meth:`detections` makes the results.
 
-        ``queries`` (q, D) float32; ``nprobe`` >= 1 (``>= lists``: every row)."""
+        ``queries`` (q, D) float32; ``nprobe`` >= 1 (``>= lists``: every row). ``keep``: per segment, (rows,) bool,
+        the rows to search (a calibration's sample; the probed lists are not widened for it)."""
         nq = len(queries)
+        if keep is not None and nprobe >= self.lists.lists:
+            raise ValueError("a search of every list over a sample: scan the sample's codes (calibrate does)")
         if not nq or not self.lists.segments or nprobe >= self.lists.lists:
             slot = np.full((nq, k), -1, np.int64)
             if not nq or not self.lists.segments:
@@ -121,27 +112,27 @@ class ListSearch:
         queries = np.ascontiguousarray(queries, np.float32)
         probed = self.coarse.probe(queries, nprobe)
         if nq == 1:  # the common case, without the batch's arrays
-            d, ids, slot, rows = self._one(queries[0], probed[0], k, nprobe, where)
+            d, ids, slot, rows = self._one(queries[0], probed[0], k, nprobe, where, keep)
             return d[None], ids[None], slot[None], [rows]
         dist, ids, slot = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64), np.empty((nq, k), np.int64)
         rows = []
         for i, q in enumerate(queries):
-            dist[i], ids[i], slot[i], r = self._one(q, probed[i], k, nprobe, where)
+            dist[i], ids[i], slot[i], r = self._one(q, probed[i], k, nprobe, where, keep)
             rows.append(r)
         return dist, ids, slot, rows
 
     def _one(self, q: np.ndarray, lists: np.ndarray, k: int, p: int, where: RowFilter | None,
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rows | None]:
+             keep: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rows | None]:
         """:meth:`search` of one query ``q`` (D,) whose ``p`` nearest lists are ``lists``: ``(dist, ids, slot)``,
         (k,) each, and its rows."""
         n_lists = self.lists.lists
-        if where is None and self._mapped is not None:
+        if where is None and keep is None and self._mapped is not None:
             d, at, seen = self._mapped.search(q, lists, k)
             while seen is not None and seen < k and p < n_lists:  # fewer rows than asked for: probe more
                 p = min(n_lists, 2 * p)
                 d, at, seen = self._mapped.search(q, self.coarse.probe(q[None], p)[0], k)
             n = k if at[-1] >= 0 else int((at >= 0).sum())  # the rows found come first
-            rows = self._read_rows(at[:n])
+            rows = self._mapped.rows(at[:n])
             slot = np.arange(k)
             ids = rows.records["id"] if n == k else np.r_[rows.records["id"], np.full(k - n, -1, np.int64)]
             if n < k:
@@ -150,7 +141,7 @@ class ListSearch:
                 order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), d))
                 d, ids, slot = d[order], ids[order], slot[order]
             return d, np.ascontiguousarray(ids), slot, rows
-        codes, row_ids, kept, seen = self._gather(lists, where)
+        codes, row_ids, kept, seen = self._gather(lists, where, keep)
         if where is not None and seen and kept < seen:
             # A filter keeps a fraction of the rows: the nearest matching rows lie as far out as the nearest
             # 1/fraction times as many rows, so probe that many times more lists (the filter column is read
@@ -158,10 +149,10 @@ class ListSearch:
             want = min(n_lists, int(np.ceil(p * min(seen / max(kept, 1), MAX_WIDEN))))
             if want > p:
                 p, lists = want, self.coarse.probe(q[None], want)[0]
-                codes, row_ids, kept, seen = self._gather(lists, where)
+                codes, row_ids, kept, seen = self._gather(lists, where, keep)
         while kept < k and p < n_lists:  # still fewer matching rows than asked for: probe more
             p = min(n_lists, 2 * p)
-            codes, row_ids, kept, seen = self._gather(self.coarse.probe(q[None], p)[0], where)
+            codes, row_ids, kept, seen = self._gather(self.coarse.probe(q[None], p)[0], where, keep)
         if self._scanner is None:
             d, ids = self.scan.search_codes(q[None], codes, row_ids, k)
         else:
@@ -169,23 +160,6 @@ class ListSearch:
             self._scanner.scan_arrays(codes, row_ids)
             d, ids = self._scanner.result()
         return d[0], ids[0], np.full(k, -1, np.int64), None
-
-    def _read_rows(self, at: np.ndarray) -> Rows:
-        """The :class:`Rows` at the locations ``at`` ((n,) ``segment << 40 | position``, all >= 0), in order."""
-        seg, pos = at >> 40, at & _POSITION
-        segs = self.lists.segments
-        sl = seg.tolist()
-        if len(set(sl)) <= 1:  # one segment: a gather per array
-            s = segs[sl[0]] if sl else segs[0]
-            return Rows(s.record_bytes[pos], s.codes[pos])
-        # rows of several segments: row by row (~4x faster than a masked gather per segment, for 10 rows of 3)
-        rb, cb = [], []
-        for s, p in zip(sl, pos.tolist()):
-            g = segs[s]
-            rb.append(g.record_bytes[p].tobytes())
-            cb.append(g.codes[p].tobytes())
-        return Rows(np.frombuffer(b"".join(rb), np.uint8).reshape(len(sl), -1),
-                    np.frombuffer(b"".join(cb), np.uint8).reshape(len(sl), -1))
 
     def detections(self, rows: Rows, slot: np.ndarray, **data: np.ndarray) -> Detections:
         """Results from their rows (``rows`` and ``slot`` of :meth:`search`, ``slot`` (n,) all >= 0) as
@@ -198,12 +172,14 @@ class ListSearch:
             data={"id": c(rec["id"]), "source_id": rec["source_id"].astype(np.int64), "frame": c(rec["frame"]),
                   "time": c(rec["time"]), **data})
 
-    def _gather(self, lists: np.ndarray, where: RowFilter | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def _gather(self, lists: np.ndarray, where: RowFilter | None, keep: list[np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Codes and ids of the rows of ``lists`` in every segment that pass ``where`` (filter columns are read first,
-        so only the passing rows' codes are copied out of the memory maps), how many pass, how many the lists hold."""
+        so only the passing rows' codes are copied out of the memory maps) and ``keep`` (per segment, (rows,) bool),
+        how many pass, how many the lists hold."""
         lists = np.sort(lists)  # ascending offsets: the maps are read front to back
         parts_c, parts_i, seen = [], [], 0
-        for seg in self.lists.segments:
+        for si, seg in enumerate(self.lists.segments):
             starts, ends = seg.offsets[lists], seg.offsets[lists + 1]
             lens = ends - starts
             total = int(lens.sum())
@@ -214,6 +190,8 @@ class ListSearch:
             idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
             if where is not None:
                 idx = idx[where.mask({c: seg.columns[c][idx] for c in where.columns})]
+            if keep is not None:
+                idx = idx[keep[si][idx]]
             parts_c.append(seg.codes[idx])
             parts_i.append(seg.ids[idx])
         if not parts_i:
@@ -246,33 +224,64 @@ class ListSearch:
 
 
 def calibrate(search: ListSearch, decode: Any, *, k: int = 10, target: float = CALIBRATION_TARGET, queries: int = 256,
-              seed: int = 0) -> dict[str, Any]:
+              sample: int = CALIBRATION_ROWS, seed: int = 0) -> dict[str, Any]:
     """The smallest ``nprobe`` (1, 2, 4, ... lists) whose top-``k`` reaches recall ``target`` against the exact flat
-    scan (every list), measured with ``queries`` stored detections (a seeded sample, each searched by its decoded
-    codes, itself left out). ``decode(codes)`` -> (n, D) float32. Returns ``{"nprobe", "recall", "k", "target",
-    "queries", "rows", "lists", "curve"}`` (curve: nprobe -> recall, as measured)."""
-    rows, n_lists = search.rows, search.lists.lists
-    out = {"nprobe": 1, "recall": 1.0, "k": k, "target": target, "queries": 0, "rows": rows, "lists": n_lists,
-           "curve": {}}
+    scan, measured with ``queries`` stored detections (a seeded sample, each searched by its decoded codes, itself
+    left out). ``decode(codes)`` -> (n, D) float32.
+
+    Above ``sample`` rows, the recall is measured within a seeded sample of ``sample`` rows (queries drawn from it,
+    the ``nprobe`` lists probed as the full search probes them, only the sample's rows scanned; the exact answer: the
+    flat scan of the sample's codes): the work stays that of ``sample`` rows however large the index grows, and the
+    estimate errs on the safe side (in a sparser set a query's nearest rows lie farther out, in more lists: recall at
+    a given ``nprobe`` is lower than over every row; ``benchmarks/search_scale.py`` measures the full recall at the
+    ``nprobe`` chosen).
+
+    Returns ``{"nprobe", "recall", "k", "target", "queries", "rows", "sample_rows", "lists", "curve"}`` (curve:
+    nprobe -> recall, as measured)."""
+    rows, n_lists, segs = search.rows, search.lists.lists, search.lists.segments
+    out = {"nprobe": 1, "recall": 1.0, "k": k, "target": target, "queries": 0, "rows": rows,
+           "sample_rows": min(rows, sample), "lists": n_lists, "curve": {}}
     if rows <= k:
         return out
-    pick = np.sort(np.random.default_rng(seed).choice(rows, min(queries, rows), replace=False))
+    rng = np.random.default_rng(seed)
+    keep = None
+    if rows > sample:  # the sample: per segment, which of its rows are in
+        chosen = np.sort(rng.choice(rows, sample, replace=False))
+        keep, start = [], 0
+        for seg in segs:
+            m = np.zeros(seg.rows, bool)
+            m[chosen[(chosen >= start) & (chosen < start + seg.rows)] - start] = True
+            keep.append(m)
+            start += seg.rows
+        pool = chosen
+    else:
+        pool = np.arange(rows)
+    pick = np.sort(rng.choice(pool, min(queries, len(pool)), replace=False))
     codes, own, start = [], [], 0
-    for seg in search.lists.segments:
+    for seg in segs:
         at = pick[(pick >= start) & (pick < start + seg.rows)] - start
         codes.append(np.asarray(seg.codes[at]))
         own.append(np.asarray(seg.ids[at]))
         start += seg.rows
     q, own = np.asarray(decode(np.concatenate(codes)), np.float32), np.concatenate(own)
 
-    def top(nprobe: int) -> list[set[int]]:
-        ids = search.search(q, k + 1, nprobe=nprobe)[1]
+    def top(ids: np.ndarray) -> list[set[int]]:
         return [set([i for i in row.tolist() if i != o and i >= 0][:k]) for row, o in zip(ids, own)]
 
-    truth = top(n_lists)
+    if keep is None:
+        truth = top(search.search(q, k + 1, nprobe=n_lists)[1])
+    else:  # the flat scan of the sample's codes, a segment at a time
+        best_d = np.full((len(q), 0), np.inf, np.float32)
+        best_i = np.full((len(q), 0), -1, np.int64)
+        for seg, m in zip(segs, keep):
+            c, i = seg.codes[m], seg.ids[m]
+            found = [search.scan.search_codes(q[s : s + _BATCH_ALL], c, i, k + 1) for s in range(0, len(q), _BATCH_ALL)]
+            best_d, best_i = merge_topk(best_d, best_i, np.concatenate([f[0] for f in found]),
+                                        np.concatenate([f[1] for f in found]), k + 1)
+        truth = top(best_i)
     p = 1
     while True:
-        got = truth if p >= n_lists else top(p)
+        got = truth if p >= n_lists else top(search.search(q, k + 1, nprobe=p, keep=keep)[1])
         recall = float(np.mean([len(g & t) / max(len(t), 1) for g, t in zip(got, truth)]))
         out["curve"][str(min(p, n_lists))] = round(recall, 4)
         if recall >= target or p >= n_lists:

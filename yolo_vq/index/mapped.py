@@ -1,35 +1,45 @@
-"""FAISS' IVF-PQ search over the segments' files as they lie on disk: one kernel call per query for every probed list
-of every segment.
+"""FAISS' IVF-PQ search over the segments as they lie on disk: one kernel call per query for every probed list of
+every segment.
 
-Each segment file is opened by FAISS as a read-only ``OnDiskInvertedLists`` (``mmap``, ``PROT_READ``) whose list
-``l`` starts at the segment's ``codes_at + offsets[l] * code_size``: our layout is not FAISS' (ids are not next to
-the codes), so the lists are described to FAISS, not rewritten, and searched with ``store_pairs`` (FAISS reports
-``(list << 32) | position in the list`` instead of reading ids). The segments' lists are stacked
-(``VStackInvertedLists``: list ``l`` of segment ``s`` is list ``s * lists + l``), so one ``search_preassigned`` of an
-``IndexIVFPQ`` (``by_residual = False``, our PQ centroids) scans the ``nprobe`` lists of every segment, as FAISS'
-own IVF engine does over lists it holds in RAM. Nothing is copied: the codes stay in the page cache.
+Each segment is described to FAISS as a read-only ``OnDiskInvertedLists`` over the segment's own memory map (the
+one numpy made when the segment was opened: one map per file, so a page the search touches is mapped once) whose
+list ``l`` starts at ``codes_at + offsets[l] * code_size``: our layout is not FAISS' (ids are not next to the codes),
+so the lists are described, not rewritten, and searched with ``store_pairs`` (FAISS reports ``(list << 32) |
+position in the list`` instead of reading ids). The segments' lists are stacked (``VStackInvertedLists``: list ``l``
+of segment ``s`` is list ``s * lists + l``), so one ``search_preassigned`` of an ``IndexIVFPQ`` (``by_residual =
+False``, our PQ centroids) scans the ``nprobe`` lists of every segment, as FAISS' own IVF engine does over lists it
+holds in RAM. Nothing is copied.
+
+A result's row is read where it lies: its codes from the map (the kernel has just read them), its 54-byte
+:data:`~yolo_vq.index.segments.RECORD` with ``pread`` (a page touched through a map is mapped whole large folio at a
+time, ~200 KB a random touch on this machine's kernel: ten results a query would map gigabytes over a day of
+queries; read, it stays in the page cache only).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .segments import ListsProblem, Segment
+from .segments import RECORD, ListsProblem, Segment
 
-__all__ = ["MappedIVF"]
+__all__ = ["MappedIVF", "Rows"]
 
 _POSITION = (1 << 32) - 1  # the low 32 bits of a store_pairs label: the position in the list
+_ROW = (1 << 40) - 1  # the low 40 bits of a location: the row's position in its segment
 
 
-def _proc_fd(fd: int) -> str | None:
-    """A name that opens exactly the open file ``fd`` (Linux' /proc), or None where the system has none."""
-    p = f"/proc/self/fd/{fd}"
-    return p if os.path.exists(p) else None
+class Rows:
+    """Result rows read from the segments: ``records`` (n,) :data:`RECORD` and ``codes`` (n, code_size) uint8."""
+
+    __slots__ = ("codes", "records")
+
+    def __init__(self, raw: bytes, codes: np.ndarray) -> None:
+        self.records = np.frombuffer(raw, RECORD)
+        self.codes = codes
 
 
 class MappedIVF:
@@ -38,8 +48,8 @@ class MappedIVF:
     Args:
         engine: the FAISS engine of the index's :class:`~yolo_vq.index.scan.CodeScan` (its PQ centroids, its query
             projection and the energy PCA drops).
-        segments: the opened segments (each one memory-mapped by numpy too: FAISS maps the same file, checked by
-            its device and inode, so a file a writer replaced meanwhile is refused, not searched).
+        segments: the opened segments (FAISS reads their maps; records are read from the same files, checked by
+            device and inode, so a file a writer replaced meanwhile is refused, not read).
         lists: lists per segment.
 
     Raises:
@@ -50,7 +60,12 @@ class MappedIVF:
         faiss = engine.faiss
         pq = engine.index.pq
         self.engine, self.lists, self.segments = engine, lists, segments
-        self._ils = [self._open(faiss, seg, pq.code_size) for seg in segments]
+        self._fds: list[int] = []
+        self._ils: list[Any] = []
+        for seg in segments:  # first the files (may raise), then the lists on their maps
+            self._fds.append(self._open_file(seg))
+        for seg in segments:
+            self._ils.append(self._lists_of(faiss, seg, pq.code_size))
         vec = faiss.InvertedListsPtrVector()
         for il in self._ils:
             vec.push_back(il)
@@ -71,32 +86,51 @@ class MappedIVF:
         self._kernel = faiss._swigfaiss.IndexIVF_search_preassigned
         self._nprobe = 0  # the IVF's nprobe (a SWIG attribute: set only when it changes, ~10 us a set)
 
+    def __del__(self) -> None:
+        # the lists point into numpy's maps: detach them before FAISS' destructor would munmap what it did not map
+        for il in getattr(self, "_ils", ()):
+            il.ptr = None
+        for fd in getattr(self, "_fds", ()):
+            os.close(fd)
+
     @staticmethod
-    def _open(faiss: Any, seg: Segment, code_size: int) -> Any:
-        """``seg``'s file as a read-only ``OnDiskInvertedLists``: list ``l`` is ``offsets[l + 1] - offsets[l]`` codes
-        at byte ``codes_at + offsets[l] * code_size``. Made by its Python constructor (the object is ours and freed
-        with it; one made by FAISS' reader, ``read_InvertedLists``, corrupts the heap when Python frees it:
-        measured with faiss-cpu 1.15.1) and its list table written in place (``OnDiskOneList`` is three size_t:
-        size, capacity, offset)."""
+    def _open_file(seg: Segment) -> int:
+        fd = os.open(seg.path, os.O_RDONLY)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != seg.file_id:
+            os.close(fd)
+            raise ListsProblem(f"{seg.path.name} was replaced since it was opened")
+        return fd
+
+    @staticmethod
+    def _lists_of(faiss: Any, seg: Segment, code_size: int) -> Any:
+        """``seg``'s lists as a read-only ``OnDiskInvertedLists`` on its map: list ``l`` is ``offsets[l + 1] -
+        offsets[l]`` codes at byte ``codes_at + offsets[l] * code_size``. Made by its Python constructor (one made by
+        FAISS' reader, ``read_InvertedLists``, corrupts the heap when Python frees it: faiss-cpu 1.15.1), its list
+        table written in place (``OnDiskOneList`` is three size_t: size, capacity, offset) and ``ptr`` set to the map
+        (never mapped by FAISS itself: ``__del__`` detaches it)."""
         sizes = np.diff(seg.offsets).astype(np.uint64)
         table = np.ascontiguousarray(np.stack([sizes, sizes, seg.codes_at + seg.offsets[:-1].astype(np.uint64)
                                                * np.uint64(code_size)], 1), np.uint64)
-        with open(seg.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino) != seg.file_id:
-                raise ListsProblem(f"{seg.path.name} was replaced since it was opened")
-            il = faiss.OnDiskInvertedLists()
-            il.nlist, il.code_size, il.read_only = len(sizes), code_size, True  # read_only: mmap PROT_READ
-            il.lists.resize(len(sizes))
-            if len(sizes):
-                ctypes.memmove(int(il.lists.data().this), table.ctypes.data, table.nbytes)
-            il.filename = _proc_fd(f.fileno()) or str(seg.path)  # /proc/self/fd: FAISS maps the file checked above
-            il.totsize = st.st_size
-            try:
-                il.do_mmap()
-            except RuntimeError as e:
-                raise ListsProblem(f"{Path(seg.path).name} cannot be mapped by FAISS ({e})") from None
+        il = faiss.OnDiskInvertedLists()
+        il.nlist, il.code_size, il.read_only = len(sizes), code_size, True
+        il.lists.resize(len(sizes))
+        if len(sizes):
+            ctypes.memmove(int(il.lists.data().this), table.ctypes.data, table.nbytes)
+        il.totsize = len(seg.mapped)
+        il.ptr = faiss.swig_ptr(seg.mapped)
         return il
+
+    def rows(self, at: np.ndarray) -> Rows:
+        """The rows at the locations ``at`` ((n,) ``segment << 40 | position``, all >= 0), in order: records read
+        with ``pread``, codes from the map."""
+        segs, fds, size = self.segments, self._fds, RECORD.itemsize
+        rb, cb = [], []
+        for s, p in zip((at >> 40).tolist(), (at & _ROW).tolist()):
+            g = segs[s]
+            rb.append(os.pread(fds[s], size, g.records_at + p * size))
+            cb.append(g.codes[p].tobytes())
+        return Rows(b"".join(rb), np.frombuffer(b"".join(cb), np.uint8).reshape(len(cb), -1))
 
     def search(self, query: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int | None]:
         """The ``k`` best rows of ``lists`` (a query's probed lists, (p,) int64) in every segment for ``query`` (D,)

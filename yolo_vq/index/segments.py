@@ -80,6 +80,8 @@ class Segment:
     # ``records`` as (n, RECORD.itemsize) uint8: gathering rows of bytes, then viewing them as RECORD, is ~2x faster
     # than gathering the structured rows (10 rows, numpy 2.4)
     record_bytes: np.ndarray
+    mapped: np.ndarray  # the whole file, (size,) uint8: the map every array above is a view of
+    records_at: int  # byte offset of ``records`` in the file
     codes_at: int = 0  # byte offset of ``codes`` in the file (list ``l``'s codes: ``codes_at + offsets[l] * code_size``)
     file_id: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file mapped: a reopen by name can tell it is the same
 
@@ -197,8 +199,9 @@ def _open_segment(path: Path, lists: int, code_size: int) -> Segment:
                 raise ListsProblem(f"{path.name} is truncated ({st.st_size} bytes, its header says "
                                    f"{hlen + head['bytes']})")
             # plain ndarray views of the map (np.memmap's own __getitem__ costs ~20 us a slice on the search path)
-            v = {k: a.view(np.ndarray) for k, a in _views(np.memmap(f, np.uint8, "r"), head, hlen).items()}
-            codes_at = hlen + int(head["arrays"]["codes"][2])
+            whole = np.memmap(f, np.uint8, "r").view(np.ndarray)
+            v = {k: a.view(np.ndarray) for k, a in _views(whole, head, hlen).items()}
+            codes_at, records_at = (hlen + int(head["arrays"][k][2]) for k in ("codes", "row"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ListsProblem(f"{path.name} is unreadable ({type(e).__name__}: {e})") from None
     off = v.pop("offsets")
@@ -206,7 +209,7 @@ def _open_segment(path: Path, lists: int, code_size: int) -> Segment:
         raise ListsProblem(f"{path.name} has damaged list offsets")
     rec = v.pop("row")
     return Segment(path, off, v.pop("id"), v.pop("codes"), v, rec, rec.view(np.uint8).reshape(len(rec), RECORD.itemsize),
-                   codes_at, (st.st_dev, st.st_ino))
+                   whole, records_at, codes_at, (st.st_dev, st.st_ino))
 
 
 # -- the manifest ----------------------------------------------------------------------------------------------------
@@ -294,7 +297,8 @@ def open_lists(store: Any, coarse: Any, *, check: bool = True) -> Lists:
 
 
 def _check_against(store: Any, lists: Lists) -> None:
-    """Cheap agreement checks with the database: its last id and the codes of the first and last covered rows."""
+    """Cheap agreement checks with the database: its last id, and the codes of each segment's first and last rows
+    (by position: finding a segment's smallest id would read all its ids, ~8 bytes a detection at every open)."""
     last = store.max_id()
     if lists.high_water > last:
         raise ListsProblem(f"it covers detections up to id {lists.high_water}, the database ends at id {last} "
@@ -302,7 +306,7 @@ def _check_against(store: Any, lists: Lists) -> None:
     probes = []
     for s in lists.segments:
         if s.rows:
-            for at in (int(np.argmin(s.ids)), int(np.argmax(s.ids))):
+            for at in (0, s.rows - 1):
                 probes.append((int(s.ids[at]), s.codes[at]))
     if probes:
         try:
