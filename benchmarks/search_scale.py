@@ -20,8 +20,8 @@ sub-codes re-drawn at random per row (list kept), under new ids, sources and tim
 
 The write path: ``Store.add_frames`` (one transaction per chunk) with each row's list assigned from its float vector
 (``CoarseQuantizer.assign``) and the lists synced every ``SYNC_EVERY`` rows (``ListKeeper``), as the indexer does;
-the add rate counts assignment + store + sync (not the synthetic vectors' generation and PQ encoding, which the
-indexer's predict does).
+the add rate counts assignment + store + sync (not the synthetic vectors' generation, their PQ encoding and the
+``Detections`` objects holding them, which an indexer's predict makes).
 
 Stores live in ``$YOLO_VQ_CACHE/search_scale/<rows>/`` (default ``~/.cache/yolo_vq``), never in the repository; each
 size's results are written to ``<cache>/search_scale/results.json`` for ``benchmarks/plot_search_scale.py``.
@@ -210,7 +210,6 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
                 codes, lists = rows_c["codes"].copy(), rows_c["list_id"]
                 at = g.integers(0, codes.shape[1], (n, 2))
                 codes[np.arange(n)[:, None], at] = g.integers(0, q.codebook_size, (n, 2), dtype=np.uint8)
-            t1 = time.perf_counter()
             g = np.random.default_rng([13, c])
             src = sources[c % SOURCES]
             first_frame = (c // SOURCES) * (CHUNK // PER_FRAME + 1)
@@ -224,6 +223,9 @@ def build(root: Path, rows: int, var: Variations, pq: Path, smoke: bool, free: i
                                  track_id=np.arange(b - a) + 100 * (first_frame + j),
                                  data={} if lists is None else {LIST_ID: lists[a:b]})
                 frames.append(Frame(first_frame + j, (first_frame + j) / FPS, det))
+            # the chunk's Detections are input, made like its vectors and codes (an indexer's come from predict): the
+            # add rate times what the writer does with them
+            t1 = time.perf_counter()
             w.add(src, frames, vectors=x)  # lists of this chunk assigned while the chunk before is stored
             w.ready()  # ... and all of it inside the timed window (not beside the next chunk's encoding)
             t2 = time.perf_counter()

@@ -29,7 +29,7 @@ import numpy as np
 from ..detections import Detections
 from .filters import RowFilter
 from .mapped import MappedIVF, Rows
-from .segments import Lists
+from .segments import RECORD, Lists
 
 __all__ = ["CALIBRATION_TARGET", "ListSearch", "calibrate", "decode_codes", "default_nprobe", "lists_of_codes",
            "merge_topk"]
@@ -164,7 +164,7 @@ class ListSearch:
     def detections(self, rows: Rows, slot: np.ndarray, **data: np.ndarray) -> Detections:
         """Results from their rows (``rows`` and ``slot`` of :meth:`search`, ``slot`` (n,) all >= 0) as
         :meth:`Store.get` returns them: ``data`` = id, source_id, frame, time, and the given ``data`` ((n,) arrays)."""
-        rec, codes = rows.records[slot], rows.codes[slot]
+        rec, codes = rows.raw[slot].view(RECORD)[:, 0], rows.codes[slot]
         c = np.ascontiguousarray
         return Detections.of_arrays(
             c(rec["xyxy"]), confidence=c(rec["confidence"]), class_id=rec["class_id"].astype(np.int64),

@@ -33,12 +33,14 @@ _ROW = (1 << 40) - 1  # the low 40 bits of a location: the row's position in its
 
 
 class Rows:
-    """Result rows read from the segments: ``records`` (n,) :data:`RECORD` and ``codes`` (n, code_size) uint8."""
+    """Result rows read from the segments: ``raw`` (n, 54) uint8, the :data:`RECORD` bytes (``records``: the same
+    viewed as (n,) RECORD; rows of bytes gather faster than structured rows) and ``codes`` (n, code_size) uint8."""
 
-    __slots__ = ("codes", "records")
+    __slots__ = ("codes", "raw", "records")
 
     def __init__(self, raw: bytes, codes: np.ndarray) -> None:
-        self.records = np.frombuffer(raw, RECORD)
+        self.raw = np.frombuffer(raw, np.uint8).reshape(-1, RECORD.itemsize)
+        self.records = self.raw.view(RECORD)[:, 0]
         self.codes = codes
 
 
