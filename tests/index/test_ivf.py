@@ -277,3 +277,18 @@ def test_a_segment_replaced_after_it_was_opened_is_not_mapped(index, data, tmp_p
             ListSearch(lists, mem.codebook.coarse, CodeScan(mem.codebook))
     with Memory(idx, mode="ivf") as again, Memory(index, mode="ivf") as before:
         same(again.search(data[1], 10, nprobe=4), before.search(data[1], 10, nprobe=4))
+
+
+def test_lists_without_segments_search_as_empty(data, tmp_path):
+    # lists synced before any detection was stored: a manifest with no segments (FAISS cannot stack zero lists)
+    codebook = make_codebook(tmp_path, data[0])
+    idx = tmp_path / "idx"
+    binding = CodebookBinding(codebook, embedding={"dim": D}, model_fingerprint=None, names=NAMES)
+    with open_store(idx, create=True, codebook=binding) as st:
+        lists = sync_lists(st, load_codebook(st.codebook_path()))[0]
+        assert lists.segments == []
+        fill(st, data[0][:50], codebook)  # stored after the sync: the tail
+    with Memory(idx, mode="ivf") as mem:
+        assert mem.mode == "ivf" and len(mem) == 50
+        got = mem.search(data[1][:3], 5)
+        assert all(len(r) == 5 and set(r.data["id"].tolist()) <= set(range(1, 51)) for r in got)

@@ -85,7 +85,8 @@ class ListSearch:
         self._scanner = scan.list_scanner()  # FAISS' IVF-PQ list kernel (filtered rows); None: numpy engine
         # unfiltered: every probed list of every segment in one FAISS call, on the files as they lie
         self._mapped = None
-        if self._scanner is not None and hasattr(self._scanner.engine.faiss, "OnDiskInvertedLists"):  # not on Windows
+        if (self._scanner is not None and lists.segments  # FAISS stacks at least one segment's lists
+                and hasattr(self._scanner.engine.faiss, "OnDiskInvertedLists")):  # not on Windows
             self._mapped = MappedIVF(self._scanner.engine, lists.segments, lists.lists)
 
     @property
