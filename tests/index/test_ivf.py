@@ -292,3 +292,20 @@ def test_lists_without_segments_search_as_empty(data, tmp_path):
         assert mem.mode == "ivf" and len(mem) == 50
         got = mem.search(data[1][:3], 5)
         assert all(len(r) == 5 and set(r.data["id"].tolist()) <= set(range(1, 51)) for r in got)
+
+
+def test_the_lists_kernel_is_safe_from_several_threads(index, data):
+    # each query's probe width sets the kernel's nprobe: threads searching with different widths must not mix them
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Memory(index, mode="ivf") as mem:
+        mapped, coarse = mem.lists._mapped, mem.codebook.coarse
+        q = np.ascontiguousarray(data[1], np.float32)
+        want = {p: [mapped.search(x, coarse.probe(x[None], p)[0], 10)[1].tolist() for x in q] for p in (1, 3, 8)}
+
+        def run(p):
+            return p, [mapped.search(x, coarse.probe(x[None], p)[0], 10)[1].tolist() for x in q for _ in range(5)][::5]
+
+        with ThreadPoolExecutor(3) as pool:
+            for p, got in pool.map(run, [1, 3, 8] * 4):
+                assert got == want[p]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,9 @@ class MappedIVF:
         self._ptr = faiss._swigfaiss.swig_ptr  # past the Python wrappers: one query is ~0.1 ms, each call counts
         self._kernel = faiss._swigfaiss.IndexIVF_search_preassigned
         self._nprobe = 0  # the IVF's nprobe (a SWIG attribute: set only when it changes, ~10 us a set)
+        # nprobe and the keys it reads are set and used together: two threads must not interleave them (the kernel
+        # would read past a shorter query's keys)
+        self._lock = threading.Lock()
 
     def __del__(self) -> None:
         # the lists point into numpy's maps: detach them before FAISS' destructor would munmap what it did not map
@@ -143,13 +147,14 @@ class MappedIVF:
         x = query.reshape(1, -1)
         y = x if e.project is None else e.project.apply(x)
         keys = (self._base + lists).reshape(1, -1)  # (1, segments * p), C-contiguous
-        if keys.shape[1] != self._nprobe:
-            self._ivf.nprobe = self._nprobe = keys.shape[1]
-            self._dq = np.zeros(keys.shape, np.float32)  # the probed lists' distances: unused by a non-residual PQ
         d = np.empty(k, np.float32)
         label = np.empty(k, np.int64)
         ptr = self._ptr
-        self._kernel(self._ivf, 1, ptr(y), k, ptr(keys), ptr(self._dq), ptr(d), ptr(label), True)
+        with self._lock:
+            if keys.shape[1] != self._nprobe:
+                self._ivf.nprobe = self._nprobe = keys.shape[1]
+                self._dq = np.zeros(keys.shape, np.float32)  # the probed lists' distances: unused by a non-residual PQ
+            self._kernel(self._ivf, 1, ptr(y), k, ptr(keys), ptr(self._dq), ptr(d), ptr(label), True)
         # label: stacked list (segment * lists + list) << 32 | position in the list; -1 past the rows found
         at = self._first[label >> 32] + (label & _POSITION)
         seen = None
