@@ -97,6 +97,7 @@ def test_upgrade_gives_an_index_without_lists_its_lists(data, tmp_path):  # noqa
         info = after.info()
         assert info["lists"] == 16 and info["in_lists"] == len(data[0]) and info["coarse_sha256"]
         assert info["nprobe_recall_at_10"] >= 0.95 or info["nprobe"] == 16
+        assert info["nprobe_calibration_sample"] == info["nprobe_calibrated_at"] == len(data[0])  # small: all rows
     again = upgrade(idx)
     assert again["already"] and "already has 16 lists" in again.line()
 

@@ -236,9 +236,11 @@ class Memory:
             cal = lst.calibration or {}
             lists_bytes = lst.bytes
             ram += sum(s.offsets.nbytes for s in lst.segments) + coarse.centroids.nbytes + coarse.proj.nbytes
+            if self.lists._mapped is not None:  # FAISS' list table (3 size_t) and our sizes and starts, per list
+                ram += len(lst.segments) * lst.lists * (24 + 8 + 8)
             out.update(segments=len(lst.segments), high_water=lst.high_water, in_lists=lst.rows, tail=len(self.scan),
                        nprobe=self.effective_nprobe(), nprobe_recall_at_10=cal.get("recall"),
-                       nprobe_calibrated_at=cal.get("rows"))
+                       nprobe_calibrated_at=cal.get("rows"), nprobe_calibration_sample=cal.get("sample_rows"))
         out.update(db_bytes=db, lists_bytes=lists_bytes,
                    disk_bytes_per_detection=round((db + lists_bytes) / max(n, 1), 1),
                    ram_bytes_per_detection=round(ram / max(n, 1), 1))
