@@ -22,6 +22,7 @@ results than exist.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ class ListSearch:
         # unfiltered: every probed list of every segment in one FAISS call, on the files as they lie
         self._mapped = None
         if (self._scanner is not None and lists.segments  # FAISS stacks at least one segment's lists
-                and hasattr(self._scanner.engine.faiss, "OnDiskInvertedLists")):  # not on Windows
+                and hasattr(self._scanner.engine.faiss, "OnDiskInvertedLists") and hasattr(os, "pread")):  # POSIX
             self._mapped = MappedIVF(self._scanner.engine, lists.segments, lists.lists)
 
     @property

@@ -97,7 +97,10 @@ class MappedIVF:
         for il in getattr(self, "_ils", ()):
             il.ptr = None
         for fd in getattr(self, "_fds", ()):
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @staticmethod
     def _open_file(seg: Segment) -> int:
