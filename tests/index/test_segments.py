@@ -166,7 +166,7 @@ def test_a_writer_killed_before_the_manifest_leaves_the_old_structure(tmp_path, 
         assert not [p for p in (tmp_path / "idx" / "ivf").iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "restored_db", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "restored_db", "manifest", "layout"])
 def test_a_damaged_or_foreign_structure_is_named_and_rebuilt(tmp_path, damage):
     with open_store(tmp_path / "idx", create=True) as st:
         add(st, 0, 6)
@@ -179,6 +179,12 @@ def test_a_damaged_or_foreign_structure_is_named_and_rebuilt(tmp_path, damage):
             seg.write_bytes(os.urandom(seg.stat().st_size))
         elif damage == "foreign":
             st.set_meta("index_uuid", "another")
+        elif damage == "layout":  # a segment header naming other arrays (another layout of the same format number)
+            raw = seg.read_bytes()
+            size = int.from_bytes(raw[8:16], "little")
+            head = json.loads(raw[16:size].decode())
+            del head["arrays"]["id"]
+            seg.write_bytes(raw[:16] + json.dumps(head).encode().ljust(size - 16) + raw[size:])
         elif damage == "restored_db":
             meta = json.loads(m.read_text())
             meta["high_water"] = 10_000

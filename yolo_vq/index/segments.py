@@ -199,6 +199,8 @@ def _open_segment(path: Path, lists: int, code_size: int) -> Segment:
                 raise ListsProblem(f"{path.name} is truncated ({st.st_size} bytes, its header says "
                                    f"{hlen + head['bytes']})")
             # plain ndarray views of the map (np.memmap's own __getitem__ costs ~20 us a slice on the search path)
+            if missing := sorted({"offsets", "id", "codes", "row", *COLUMNS} - set(head["arrays"])):
+                raise ListsProblem(f"{path.name} has no {', '.join(missing)} (another layout of the search lists)")
             whole = np.memmap(f, np.uint8, "r").view(np.ndarray)
             v = {k: a.view(np.ndarray) for k, a in _views(whole, head, hlen).items()}
             codes_at, records_at = (hlen + int(head["arrays"][k][2]) for k in ("codes", "row"))
