@@ -55,6 +55,9 @@ class MappedIVF:
             device and inode, so a file a writer replaced meanwhile is refused, not read).
         lists: lists per segment.
 
+    At least one segment (FAISS stacks no fewer lists; :class:`~yolo_vq.index.ivf.ListSearch` answers lists without
+    segments itself).
+
     Raises:
         ListsProblem: a segment file changed or vanished since it was opened (open the lists again).
     """
@@ -74,7 +77,7 @@ class MappedIVF:
             vec.push_back(il)
         self._stack = faiss.VStackInvertedLists(len(self._ils), vec.data())
         self._coarse = faiss.IndexFlatL2(pq.d)  # never searched: the probe is ours (CoarseQuantizer.probe)
-        self._ivf = faiss.IndexIVFPQ(self._coarse, pq.d, max(1, len(segments) * lists), pq.M, pq.nbits)
+        self._ivf = faiss.IndexIVFPQ(self._coarse, pq.d, len(segments) * lists, pq.M, pq.nbits)
         self._ivf.by_residual = False
         self._ivf.pq = pq
         self._ivf.is_trained = True
@@ -82,9 +85,8 @@ class MappedIVF:
         self._ivf.ntotal = sum(s.rows for s in segments)
         self._base = np.arange(len(segments), dtype=np.int64)[:, None] * lists  # (segments, 1) first list of each
         # per stacked list: its rows, and the location of its first row (segment << 40 | position in the segment)
-        self._sizes = np.concatenate([np.diff(s.offsets) for s in segments]) if segments else np.zeros(0, np.int64)
-        self._first = (np.concatenate([(i << 40) + s.offsets[:-1] for i, s in enumerate(segments)]) if segments
-                       else np.zeros(0, np.int64))
+        self._sizes = np.concatenate([np.diff(s.offsets) for s in segments])
+        self._first = np.concatenate([(i << 40) + s.offsets[:-1] for i, s in enumerate(segments)])
         self._ptr = faiss._swigfaiss.swig_ptr  # past the Python wrappers: one query is ~0.1 ms, each call counts
         self._kernel = faiss._swigfaiss.IndexIVF_search_preassigned
         self._nprobe = 0  # the IVF's nprobe (a SWIG attribute: set only when it changes, ~10 us a set)

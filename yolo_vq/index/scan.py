@@ -188,8 +188,8 @@ class _FaissEngine:
 
 
 class ListScanner:
-    """One query at a time over blocks of stored rows, scanned where they lie (memory-mapped list slices, or rows
-    gathered by a filter): FAISS' inverted-list scanner of ``IndexIVFPQ`` (``by_residual = False``; the kernel
+    """One query at a time over blocks of stored rows (those a filter kept, gathered from the probed lists; unfiltered
+    searches go through :class:`~yolo_vq.index.mapped.MappedIVF`): FAISS' inverted-list scanner of ``IndexIVFPQ`` (``by_residual = False``; the kernel
     ``search_preassigned`` runs on each probed list) on our PQ centroids.
 
     :meth:`start` computes the query's distance table once; :meth:`scan` runs the kernel over ``n`` rows at raw

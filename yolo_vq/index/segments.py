@@ -50,7 +50,7 @@ __all__ = ["DIR_NAME", "Lists", "ListsProblem", "Segment", "open_lists", "rebuil
 
 DIR_NAME = "ivf"
 MANIFEST = "manifest.json"
-FORMAT = 2  # 1: no frame or box columns (rebuilt from index.db by the next writer)
+FORMAT = 2  # 1: no result rows (RECORD); refused, rebuilt from index.db by the next writer
 _MAGIC = b"YVQIVF01"
 _ALIGN = 64
 SYNC_BATCH = 1 << 22  # rows read from the store per segment written (bounds a sync's memory: ~4M x 150 B)
@@ -77,13 +77,10 @@ class Segment:
     codes: np.ndarray
     columns: dict[str, np.ndarray]
     records: np.ndarray  # (n,) RECORD
-    # ``records`` as (n, RECORD.itemsize) uint8: gathering rows of bytes, then viewing them as RECORD, is ~2x faster
-    # than gathering the structured rows (10 rows, numpy 2.4)
-    record_bytes: np.ndarray
     mapped: np.ndarray  # the whole file, (size,) uint8: the map every array above is a view of
     records_at: int  # byte offset of ``records`` in the file
-    codes_at: int = 0  # byte offset of ``codes`` in the file (list ``l``'s codes: ``codes_at + offsets[l] * code_size``)
-    file_id: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file mapped: a reopen by name can tell it is the same
+    codes_at: int  # byte offset of ``codes`` in the file (list ``l``'s codes: ``codes_at + offsets[l] * code_size``)
+    file_id: tuple[int, int]  # (st_dev, st_ino) of the file mapped: a reopen by name can tell it is the same
 
     @property
     def rows(self) -> int:
@@ -198,9 +195,9 @@ def _open_segment(path: Path, lists: int, code_size: int) -> Segment:
             if st.st_size != hlen + head["bytes"]:
                 raise ListsProblem(f"{path.name} is truncated ({st.st_size} bytes, its header says "
                                    f"{hlen + head['bytes']})")
-            # plain ndarray views of the map (np.memmap's own __getitem__ costs ~20 us a slice on the search path)
             if missing := sorted({"offsets", "id", "codes", "row", *COLUMNS} - set(head["arrays"])):
                 raise ListsProblem(f"{path.name} has no {', '.join(missing)} (another layout of the search lists)")
+            # plain ndarray views of the map (np.memmap's own __getitem__ costs ~20 us a slice on the search path)
             whole = np.memmap(f, np.uint8, "r").view(np.ndarray)
             v = {k: a.view(np.ndarray) for k, a in _views(whole, head, hlen).items()}
             codes_at, records_at = (hlen + int(head["arrays"][k][2]) for k in ("codes", "row"))
@@ -209,9 +206,8 @@ def _open_segment(path: Path, lists: int, code_size: int) -> Segment:
     off = v.pop("offsets")
     if off[0] != 0 or off[-1] != head["rows"] or np.any(np.diff(off) < 0):
         raise ListsProblem(f"{path.name} has damaged list offsets")
-    rec = v.pop("row")
-    return Segment(path, off, v.pop("id"), v.pop("codes"), v, rec, rec.view(np.uint8).reshape(len(rec), RECORD.itemsize),
-                   whole, records_at, codes_at, (st.st_dev, st.st_ino))
+    return Segment(path, off, v.pop("id"), v.pop("codes"), v, v.pop("row"), whole, records_at, codes_at,
+                   (st.st_dev, st.st_ino))
 
 
 # -- the manifest ----------------------------------------------------------------------------------------------------
