@@ -25,6 +25,16 @@ from .upkeep import ListKeeper
 __all__ = ["BulkWriter"]
 
 
+def _one_thread() -> None:
+    """The worker's FAISS searches run on its own thread only (OpenMP's setting is per thread: the caller's is
+    untouched): a second OpenMP thread would compete with the thread storing the batch before, not help it."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(1)
+
+
 class BulkWriter:
     """Store batches of frames of one store, their coarse lists assigned one batch ahead in a worker thread.
 
@@ -41,7 +51,8 @@ class BulkWriter:
         self.store = store
         self.keeper = ListKeeper(store, codebook, **keeper)
         self.stored = 0  # detections inserted so far (frames already stored are skipped)
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-lists")
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-lists",
+                                                                   initializer=_one_thread)
         self._pending: tuple[int, list[Frame], Future | None] | None = None
 
     def add(self, source_id: int, frames: list[Frame], *, vectors: np.ndarray | None = None,
