@@ -257,6 +257,32 @@ def test_results_are_read_from_the_lists_as_the_store_holds_them(data, tmp_path,
             assert set(r.data) == {"id", "source_id", "frame", "time", "score"}
 
 
+def test_ties_in_the_lists_are_ordered_by_id_with_their_own_rows(data, tmp_path):
+    # rows of equal codes (equal distances) come back in id order, as the flat scan orders them, each result with
+    # its own row: the copies of a vector are put in lists of falling number, so the kernel (which reports ties in
+    # list order) returns them in falling id order and the rows read must be reordered with their ids
+    x = np.repeat(data[0][:300], 5, axis=0)
+    codebook = make_codebook(tmp_path, data[0])
+    codes = load_codebook(codebook).encode(torch.from_numpy(x)).numpy().astype(np.uint8)
+    lists = (LISTS - 1 - np.arange(len(x)) % LISTS).astype(np.int32)
+    idx = tmp_path / "idx"
+    binding = CodebookBinding(codebook, embedding={"dim": D}, model_fingerprint=None, names=NAMES)
+    with open_store(idx, create=True, codebook=binding) as st:
+        src = st.add_source(SourceInfo("a.mp4", "a.mp4")).id
+        st.add_frames(src, frames_of(codes, 0, np.random.default_rng(0), lists))
+        sync_lists(st, load_codebook(st.codebook_path()))
+    with Memory(idx, mode="ivf") as mem:
+        for q in data[0][:60:3]:
+            r = mem.search(q[None], 10, nprobe=LISTS - 1)[0]
+            ids, score = r.data["id"], r.data["score"]
+            assert len(set(score.tolist())) < len(score)  # ties present
+            for v in np.unique(score):
+                assert np.all(np.diff(ids[score == v]) > 0)
+            want = mem.store.get(ids)
+            assert np.array_equal(r.confidence, want.confidence) and np.array_equal(r.track_id, want.track_id)
+            assert np.array_equal(r.data["frame"], want.data["frame"]) and np.array_equal(r.codes, want.codes)
+
+
 def test_a_segment_replaced_after_it_was_opened_is_not_mapped(index, data, tmp_path):
     # FAISS maps a segment by name: a file a writer replaced meanwhile (a rebuild reuses names) is refused, and a
     # Memory opened after that maps the new one

@@ -129,19 +129,21 @@ class ListSearch:
         (k,) each, and its rows."""
         n_lists = self.lists.lists
         if where is None and keep is None and self._mapped is not None:
-            d, at, seen = self._mapped.search(q, lists, k)
+            d, labels, seen = self._mapped.search(q, lists, k)
             while seen is not None and seen < k and p < n_lists:  # fewer rows than asked for: probe more
                 p = min(n_lists, 2 * p)
-                d, at, seen = self._mapped.search(q, self.coarse.probe(q[None], p)[0], k)
-            n = k if at[-1] >= 0 else int((at >= 0).sum())  # the rows found come first
-            rows = self._mapped.rows(at[:n])
+                d, labels, seen = self._mapped.search(q, self.coarse.probe(q[None], p)[0], k)
+            n = k if labels[-1] >= 0 else int((labels >= 0).sum())  # the rows found come first
+            rows = self._mapped.rows(labels[:n])
             slot = np.arange(k)
             ids = rows.records["id"] if n == k else np.r_[rows.records["id"], np.full(k - n, -1, np.int64)]
             if n < k:
                 slot[n:] = -1
-            if (d[1:] == d[:-1]).any():  # ties by id, as the flat scan orders them
+            dl = d.tolist()
+            if len(set(dl)) < len(dl):  # ties (d ascends: equal values are neighbours) ordered by id, as flat scans
                 order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), d))
-                d, ids, slot = d[order], ids[order], slot[order]
+                d, ids = d[order], ids[order]
+                rows = rows.take(order[:n])  # the rows found (finite distances) stay first: slot is unchanged
             return d, np.ascontiguousarray(ids), slot, rows
         codes, row_ids, kept, seen = self._gather(lists, where, keep)
         if where is not None and seen and kept < seen:
@@ -163,10 +165,14 @@ class ListSearch:
             d, ids = self._scanner.result()
         return d[0], ids[0], np.full(k, -1, np.int64), None
 
-    def detections(self, rows: Rows, slot: np.ndarray, **data: np.ndarray) -> Detections:
-        """Results from their rows (``rows`` and ``slot`` of :meth:`search`, ``slot`` (n,) all >= 0) as
-        :meth:`Store.get` returns them: ``data`` = id, source_id, frame, time, and the given ``data`` ((n,) arrays)."""
-        rec, codes = rows.raw[slot].view(RECORD)[:, 0], rows.codes[slot]
+    def detections(self, rows: Rows, slot: np.ndarray | None, **data: np.ndarray) -> Detections:
+        """Results from their rows (``rows`` and ``slot`` of :meth:`search`, ``slot`` (n,) all >= 0, or None: every
+        row of ``rows`` in order) as :meth:`Store.get` returns them: ``data`` = id, source_id, frame, time, and the
+        given ``data`` ((n,) arrays)."""
+        if slot is None:
+            rec, codes = rows.records, rows.codes
+        else:
+            rec, codes = rows.raw[slot].view(RECORD)[:, 0], rows.codes[slot]
         c = np.ascontiguousarray
         return Detections.of_arrays(
             c(rec["xyxy"]), confidence=c(rec["confidence"]), class_id=rec["class_id"].astype(np.int64),

@@ -30,7 +30,6 @@ from .segments import RECORD, ListsProblem, Segment
 __all__ = ["MappedIVF", "Rows"]
 
 _POSITION = (1 << 32) - 1  # the low 32 bits of a store_pairs label: the position in the list
-_ROW = (1 << 40) - 1  # the low 40 bits of a location: the row's position in its segment
 
 
 class Rows:
@@ -39,10 +38,14 @@ class Rows:
 
     __slots__ = ("codes", "raw", "records")
 
-    def __init__(self, raw: bytes, codes: np.ndarray) -> None:
-        self.raw = np.frombuffer(raw, np.uint8).reshape(-1, RECORD.itemsize)
-        self.records = self.raw.view(RECORD)[:, 0]
+    def __init__(self, raw: np.ndarray, codes: np.ndarray) -> None:
+        self.raw = raw
+        self.records = raw.view(RECORD)[:, 0]
         self.codes = codes
+
+    def take(self, order: np.ndarray) -> Rows:
+        """These rows in the order ``order`` ((n,) int, positions)."""
+        return Rows(self.raw[order], self.codes[order])
 
 
 class MappedIVF:
@@ -84,9 +87,13 @@ class MappedIVF:
         self._ivf.replace_invlists(self._stack, False)  # not owned: self._stack and self._ils outlive every search
         self._ivf.ntotal = sum(s.rows for s in segments)
         self._base = np.arange(len(segments), dtype=np.int64)[:, None] * lists  # (segments, 1) first list of each
-        # per stacked list: its rows, and the location of its first row (segment << 40 | position in the segment)
+        # per stacked list: its rows, and its first row's position in its segment (Python ints, for rows())
         self._sizes = np.concatenate([np.diff(s.offsets) for s in segments])
-        self._first = np.concatenate([(i << 40) + s.offsets[:-1] for i, s in enumerate(segments)])
+        self._first_row = np.concatenate([s.offsets[:-1] for s in segments]).tolist()
+        self._codes_at = [int(s.codes_at) for s in segments]
+        self._records_at = [int(s.records_at) for s in segments]
+        self._code_size = pq.code_size
+        self._maps = [memoryview(s.mapped) for s in segments]
         self._ptr = faiss._swigfaiss.swig_ptr  # past the Python wrappers: one query is ~0.1 ms, each call counts
         self._kernel = faiss._swigfaiss.IndexIVF_search_preassigned
         self._nprobe = 0  # the IVF's nprobe (a SWIG attribute: set only when it changes, ~10 us a set)
@@ -132,22 +139,28 @@ class MappedIVF:
         il.ptr = faiss.swig_ptr(seg.mapped)
         return il
 
-    def rows(self, at: np.ndarray) -> Rows:
-        """The rows at the locations ``at`` ((n,) ``segment << 40 | position``, all >= 0), in order: records read
-        with ``pread``, codes from the map."""
-        segs, fds, size = self.segments, self._fds, RECORD.itemsize
-        rb, cb = [], []
-        for s, p in zip((at >> 40).tolist(), (at & _ROW).tolist()):
-            g = segs[s]
-            rb.append(os.pread(fds[s], size, g.records_at + p * size))
-            cb.append(g.codes[p].tobytes())
-        return Rows(b"".join(rb), np.frombuffer(b"".join(cb), np.uint8).reshape(len(cb), -1))
+    def rows(self, labels: np.ndarray) -> Rows:
+        """The rows of the kernel's ``labels`` ((n,) ``stacked list << 32 | position in the list``, all >= 0), in
+        order: records read with ``pread``, codes sliced from the map (the kernel has just read them). A few rows:
+        Python's byte slices beat numpy's per-call cost here."""
+        cs, size, lists, fds = self._code_size, RECORD.itemsize, self.lists, self._fds
+        maps, first, codes_at, records_at = self._maps, self._first_row, self._codes_at, self._records_at
+        codes, records = [], []
+        for label in labels.tolist():
+            stacked, j = label >> 32, label & _POSITION
+            s, row = stacked // lists, first[stacked] + j  # its segment, and its row there
+            at = codes_at[s] + row * cs
+            codes.append(maps[s][at : at + cs])
+            records.append(os.pread(fds[s], size, records_at[s] + row * size))
+        return Rows(np.frombuffer(b"".join(records), np.uint8).reshape(-1, size),
+                    np.frombuffer(b"".join(codes), np.uint8).reshape(-1, cs))
 
     def search(self, query: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int | None]:
         """The ``k`` best rows of ``lists`` (a query's probed lists, (p,) int64) in every segment for ``query`` (D,)
-        float32 C-contiguous: ``(dist, at)``, each ``(k,)`` ascending by distance, ``at`` = ``segment << 40 |
-        position in the segment``, padded with ``inf`` / -1; and how many rows the lists hold where that is fewer than
-        ``k`` (else None: counting them is left out of the common case)."""
+        float32 C-contiguous: ``(dist, labels)``, each ``(k,)`` ascending by distance, ``labels`` = ``stacked list
+        (segment * lists + list) << 32 | position in the list`` (what :meth:`rows` reads), padded with ``inf`` / -1;
+        and how many rows the lists hold where that is fewer than ``k`` (else None: counting them is left out of the
+        common case)."""
         e = self.engine
         x = query.reshape(1, -1)
         y = x if e.project is None else e.project.apply(x)
@@ -160,13 +173,10 @@ class MappedIVF:
                 self._ivf.nprobe = self._nprobe = keys.shape[1]
                 self._dq = np.zeros(keys.shape, np.float32)  # the probed lists' distances: unused by a non-residual PQ
             self._kernel(self._ivf, 1, ptr(y), k, ptr(keys), ptr(self._dq), ptr(d), ptr(label), True)
-        # label: stacked list (segment * lists + list) << 32 | position in the list; -1 past the rows found
-        at = self._first[label >> 32] + (label & _POSITION)
         seen = None
-        if label[-1] < 0:  # fewer than k rows in the probed lists
-            missing = label < 0
-            at[missing], d[missing] = -1, np.inf
+        if label[-1] < 0:  # fewer than k rows in the probed lists (-1 past the rows found)
+            d[label < 0] = np.inf
             seen = int(self._sizes[keys].sum())
         if e.drops_energy:
             d = e._whole(x, y, d[None])[0]
-        return d, at, seen
+        return d, label, seen

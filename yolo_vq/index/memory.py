@@ -53,6 +53,8 @@ def _check_range(time_from: float | None, time_to: float | None) -> None:
 
 
 MODES = ("auto", "flat", "ivf")
+_EVERY = slice(None)  # a query's results kept whole
+_MINUS_HALF = np.float32(-0.5)
 _INTS = (int, np.integer)  # what k may be (a tuple: isinstance with a union type costs ~0.5 us more a call)
 # auto mode scans flat below this many stored detections: measured (docs/benchmarks.md, search_scale.py), the flat
 # scan takes 1.7 ms at 100k (exact) against 0.5 ms for the lists (recall 0.96), 15 ms at 1M against 0.6 ms: flat
@@ -521,11 +523,13 @@ class Memory:
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
         # the query's own ids are not a filter: ask for as many more results as are excluded, and drop them
         extra = len(exclude)
-        want = min(int(rerank or k), len(self))  # k (and the shortlist) never beyond what is stored
+        tail = len(self.scan)  # in ivf mode the tail, else every row
+        want = min(int(rerank or k), tail + (0 if self.lists is None else self.lists.rows))  # never beyond the stored
         allowed = None
         if where is not None:  # the in-memory rows (all of them when flat, the tail in ivf mode) passing the filters
             allowed = self._cols["id"][where.mask(self._cols)] if self._cols else np.zeros(0, np.int64)
         slot = rows = None  # result rows read from the lists while searching (slot -1: read the row from the store)
+        merged = False  # tail rows merged in (their slot is -1)
         if want <= 0:
             dist, ids = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         elif self.lists is None:
@@ -533,23 +537,27 @@ class Memory:
         else:
             dist, ids, slot, rows = self.lists.search(queries, want + extra, nprobe=self.effective_nprobe(nprobe),
                                                       where=where)
-            if len(self.scan):  # the tail: stored since the lists were last synced
+            if tail:  # stored since the lists were last synced
                 from .ivf import merge_topk
 
                 d2, i2 = self.scan.search(queries, want + extra, allowed=allowed)
                 dist, ids, slot = merge_topk(dist, ids, d2, i2, want + extra, (slot, np.full_like(i2, -1)))
+                merged = True
         out = []
         for r, (q, d, i) in enumerate(zip(queries, dist, ids)):
             if not extra and (not len(i) or i[-1] >= 0):  # every result found (a missing one, -1, comes last)
-                keep = slice(None)
+                keep = _EVERY
             else:
                 keep = i >= 0
                 if extra:  # the query's own ids dropped, the rest cut to want
                     keep &= ~np.isin(i, exclude)
                     keep &= np.cumsum(keep) <= want
             if rerank is None:
-                score = np.float32(1) - np.float32(0.5) * d[keep]
-                if rows is not None and rows[r] is not None and (s := slot[r][keep]).min(initial=0) >= 0:
+                score = d[keep] * _MINUS_HALF
+                score += 1  # cosine of unit vectors from their squared distance
+                if rows is not None and rows[r] is not None and not merged and keep is _EVERY:  # rows in order
+                    out.append(self.lists.detections(rows[r], None, score=score))
+                elif rows is not None and rows[r] is not None and (s := slot[r][keep]).min(initial=0) >= 0:
                     out.append(self.lists.detections(rows[r], s, score=score))  # every row read from the lists
                 else:
                     out.append(self.store.get(i[keep]).with_data(score=score))
