@@ -1,6 +1,6 @@
 """Does an identity head learned on the user's own footage find the same person again more often? Float mAP /
-Rank-1 / R@10 of the raw recipe embedding, the label-free whitening and the head learned from tracks, on held-out
-time.
+Rank-1 / R@10 of the raw recipe embedding, the label-free whitening, the linear head learned from tracks and the
+MLP head (a hidden layer trained on top of the linear one), on held-out time.
 
 Protocol (the issue's "honest number"): learn on frames < ``--split`` of the clip only (397: the first half of
 vtest.avi), evaluate on frames >= ``--split`` (queries and gallery from the second half only), same metrics as
@@ -78,7 +78,7 @@ def main() -> None:
         lo, hi = bootstrap_map(raw.ap, qt)
         print(f"| raw recipe | {x.shape[1]} | - | {raw.mAP:.3f} | {lo:.3f}..{hi:.3f} | | {raw.rank1:.3f} | "
               f"{raw.recall10:.3f} | |")
-        for kind in ("whiten", "tracks"):
+        for kind in ("whiten", "tracks", "mlp"):
             t0 = time.perf_counter()
             dims = sorted({max(1, round(f * x.shape[1])) for f in DIMS})
             head, rep = choose_head(x[fit_on], track[fit_on], frame[fit_on], kinds=(kind,), dims=dims,

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, nargs="+", default=None, metavar="K",
                     help="shortlist sizes to re-rank exactly with kept float16 vectors (indexes with --keep-vectors)")
     ap.add_argument("--video", type=Path, default=None, help="a video or image folder (default: vtest.avi)")
-    ap.add_argument("--head", default="none", choices=["none", "auto", "whiten", "tracks"],
+    ap.add_argument("--head", default="none", choices=["none", "auto", "whiten", "tracks", "mlp"],
                     help="fit's identity head, learned from the first half's tracks (default none)")
     args = ap.parse_args()
     video = args.video or assets.vtest_video()

@@ -75,8 +75,8 @@ def test_too_few_detections_raise_with_the_counts(model, tmp_path, max_frames, c
 
 
 def test_fit_with_a_head_learns_it_from_tracks_and_the_codebook_carries_it(model, tmp_path, monkeypatch):
-    """fit --head auto on tracked detections of seeded synthetic identities (the tracker's output replaced): the head
-    from tracks wins the held-out measurement, the codebook is trained on its outputs and saved with it, and the
+    """fit --head auto on tracked detections of seeded synthetic identities (the tracker's output replaced): a head
+    from tracks (linear or its MLP) wins the held-out measurement, the codebook is trained on its outputs and saved with it, and the
     embedder then hands out the head's vectors."""
     import numpy as np
 
@@ -90,12 +90,14 @@ def test_fit_with_a_head_learns_it_from_tracks_and_the_codebook_carries_it(model
     lines: list[str] = []
     pq, seen = fit_codebook(model, ["tracked.mp4"], tmp_path / "cb", code_bytes=8, codebook_size=16, lists=0,
                             head="auto", log=lines.append)
-    assert seen == len(x) and pq.head is not None and pq.head.kind == "tracks" and pq.dim == pq.head.dim
+    kind = pq.head.kind if pq.head is not None else None
+    assert seen == len(x) and kind in ("tracks", "mlp") and pq.dim == pq.head.dim  # a head learned from tracks
     assert pq.dim % 8 == 0 and pq.input_dim == dim
-    chose = next(line for line in lines if line.startswith("head: tracks"))
-    assert "none 0." in chose and "whiten 0." in chose and "tracks 0." in chose  # the figures it chose by
+    chose = next(line for line in lines if line.startswith(f"head: {kind}"))
+    assert all(f"{k} 0." in chose for k in ("none", "whiten", "tracks", "mlp"))  # the figures it chose by
     q = load_codebook(tmp_path / "cb")
-    assert q.head.kind == "tracks" and q.meta["head"]["stats"]["chosen"]["kind"] == "tracks"
+    assert q.head.kind == kind and q.meta["head"]["stats"]["chosen"]["kind"] == kind
+    assert q.head.hidden == (pq.head.hidden if kind == "mlp" else 0)
     assert Embedder(model, codebook=tmp_path / "cb").dim == q.dim
     with pytest.raises(ValueError, match="head must be one of"):
         fit_codebook(model, ["tracked.mp4"], tmp_path / "x", head="lda")

@@ -300,10 +300,10 @@ def _add_fit(sub: Any) -> None:
     f.add_argument("--track", action="store_true",
                    help="track the sources and learn an identity head from their tracks (same person, same track; "
                         "two people in one frame, two identities): with --head auto unless told otherwise")
-    f.add_argument("--head", default=None, choices=["none", "auto", "whiten", "tracks"],
+    f.add_argument("--head", default=None, choices=["none", "auto", "whiten", "tracks", "mlp"],
                    help="identity head before the codebook: auto (with --track: chosen by same-track mAP on the "
-                        "last third of the frames), whiten (label-free), tracks (learned from tracks), none "
-                        "(default without --track)")
+                        "last third of the frames), whiten (label-free), tracks (linear, learned from tracks), mlp "
+                        "(a hidden layer trained on top of the tracks head), none (default without --track)")
     _lists_args(f)
     _classes_arg(f)
     _detect_args(f)

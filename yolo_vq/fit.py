@@ -123,7 +123,7 @@ def _learn_head(model: Any, sources: Sequence[str | Path | int], recipe: Any, ki
     d = x.shape[1]
     dims = [m for m in (code_bytes * 2**i for i in range(8)) if m <= min(d, 512)] or [code_bytes]
     t1 = time.perf_counter()
-    kinds = ("none", "whiten", "tracks") if kind == "auto" else ("none", kind)
+    kinds = HEADS if kind == "auto" else ("none", kind)
     head, report = choose_head(x, track, frame, kinds=kinds, dims=dims)
     if "fallback" in report:
         log(f"head: none ({report['fallback']})")
@@ -185,9 +185,9 @@ def fit_codebook(
 
     ``head``: an identity head before the codebook (:mod:`yolo_vq.features.head`), learned from the sources' own
     tracks (the detections are then tracked: ``model.track``): ``"auto"`` chooses among none, the label-free
-    whitening and the head learned from tracks, and their output sizes (multiples of ``code_bytes``), by same-track
-    mAP on the last third of the frames (:func:`~yolo_vq.features.head.choose_head`); ``"whiten"`` / ``"tracks"``
-    choose only that kind's settings; ``"none"`` (default): no head, no tracking. The codebook is trained on the
+    whitening, the linear head learned from tracks and the MLP on top of it, and their output sizes (multiples of
+    ``code_bytes``), by same-track mAP on the last third of the frames (:func:`~yolo_vq.features.head.choose_head`);
+    ``"whiten"`` / ``"tracks"`` / ``"mlp"`` choose only that kind's settings (against no head); ``"none"`` (default): no head, no tracking. The codebook is trained on the
     head's outputs and saved with the head; ``log`` (a callable taking a line) hears what was chosen and by which
     figures. The choice report is in the codebook's JSON (``head.stats``) and ``quantizer.stats["head"]``.
 

@@ -257,11 +257,12 @@ def test_export_cli_writes_a_checked_graph_and_fails_in_one_line(pose_vq, tmp_pa
     assert not (tmp_path / "e.onnx").exists()
 
 
-@pytest.fixture(scope="module")
-def headed_codebook(pose_vq, tmp_path_factory, bus, zidane, bikes_frames):
+@pytest.fixture(scope="module", params=["whiten", "mlp"])
+def headed_codebook(request, pose_vq, tmp_path_factory, bus, zidane, bikes_frames):
     """A 16-byte codebook of the real yolo11n-pose whose vectors pass through an identity head first (whitening of
-    the recipe's vectors to 64 dims): the head is saved in the codebook's files."""
-    from yolo_vq.features.head import fit_whitening
+    the recipe's vectors to 64 dims; "mlp": the same plus a hidden layer of 32 random units on its outputs, w2
+    non-zero so the layer changes the output): the head is saved in the codebook's files."""
+    from yolo_vq.features.head import Head, fit_whitening
 
     model, _ = pose_vq
     emb = Embedder(model)
@@ -270,6 +271,11 @@ def headed_codebook(pose_vq, tmp_path_factory, bus, zidane, bikes_frames):
                                                                   conf=0.05)])
     head = fit_whitening(x, 64, shrink=1.0)
     rng = np.random.default_rng(0)
+    if request.param == "mlp":
+        u = (x - head.mean.numpy()) @ head.proj.numpy()
+        w1 = rng.normal(0, 1 / (u.std() * 8), (64, 32))
+        head = Head(head.mean, head.proj, "mlp", mlp=(w1, rng.normal(0, 0.5, 32), rng.normal(0, 0.3, (32, 64))))
+        assert not np.allclose(head.project(x), fit_whitening(x, 64, shrink=1.0).project(x), atol=1e-2)
     y = head.project(np.concatenate([x + rng.normal(0, 0.02, x.shape).astype(np.float32) for _ in range(10)]))
     pq = ProductQuantizer(dim=64, m=16, iters=8).fit(torch.from_numpy(y))
     pq.head = head
@@ -279,21 +285,32 @@ def headed_codebook(pose_vq, tmp_path_factory, bus, zidane, bikes_frames):
 
 
 def test_a_codebook_with_a_head_round_trips_and_is_refused_when_tampered(pose_vq, headed_codebook, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     from yolo_vq.quant import load_codebook
     from yolo_vq.quant.io import codebook_paths
 
     q = load_codebook(headed_codebook)
     assert q.head is not None and (q.head.dim_in, q.head.dim, q.dim, q.input_dim) == (1088, 64, 64, 1088)
-    assert q.meta["head"]["kind"] == "whiten"
+    kind = q.meta["head"]["kind"]
+    assert kind in ("whiten", "mlp") and q.head.hidden == (32 if kind == "mlp" else 0)
+    saved = load_file(str(codebook_paths(headed_codebook)[0]))
+    for name, t in q.head.state_dict().items():
+        assert torch.equal(t, saved["head." + name]), name  # every buffer, the hidden layer's too, as saved
     emb = Embedder(pose_vq[0], codebook=headed_codebook)
     assert (emb.recipe_dim, emb.dim) == (1088, 64)
     with pytest.raises(ValueError, match="takes dim=1088 vectors"):
         Embedder(pose_vq[0], "s4-stripes", codebook=q)  # another recipe's vectors
     st, js = codebook_paths(headed_codebook)
-    for name, damage in (("proj", lambda t: t.update({"head.proj": t["head.proj"][:, :32].contiguous()})),
-                         ("gone", lambda t: t.pop("head.mean"))):
-        from safetensors.torch import load_file, save_file
-
+    damages = [("proj", lambda t: t.update({"head.proj": t["head.proj"][:, :32].contiguous()})),
+               ("gone", lambda t: t.pop("head.mean"))]
+    if kind == "mlp":
+        damages += [("no-w1", lambda t: t.pop("head.w1")),
+                    ("w2", lambda t: t.update({"head.w2": t["head.w2"][:16].contiguous()}))]
+    else:  # a hidden layer's tensors the JSON does not list
+        damages += [("extra", lambda t: t.update({"head.w1": torch.zeros(64, 4), "head.b1": torch.zeros(4),
+                                                  "head.w2": torch.zeros(4, 64)}))]
+    for name, damage in damages:
         t = load_file(str(st))
         damage(t)
         bad = tmp_path / name
@@ -315,7 +332,11 @@ def test_a_codebook_with_a_head_round_trips_and_is_refused_when_tampered(pose_vq
 def test_the_head_runs_inside_the_exported_graph_with_identical_codes(pose_vq, headed_codebook, tmp_path, bus,
                                                                       zidane):
     model, _ = pose_vq
+    from yolo_vq.quant import load_codebook
+
+    hidden = load_codebook(headed_codebook).head.hidden
     path, check = export(model, headed_codebook, tmp_path / "headed.onnx", embeddings=True)
+    assert ("Relu" in {n.op_type for n in onnx.load(str(path)).graph.node}) == bool(hidden)  # the hidden layer's
     edges = EdgeModel(path)([bus, zidane])
     with Embedder(model, codebook=headed_codebook):
         results = model.predict([bus, zidane], imgsz=640, rect=False, verbose=False)
@@ -323,7 +344,8 @@ def test_the_head_runs_inside_the_exported_graph_with_identical_codes(pose_vq, h
     for e, r in zip(edges, results):
         a, b = _pairs(e, r)
         assert e["embeddings"].shape[-1] == r.vq_embeddings.shape[1] == 64
-        np.testing.assert_allclose(e["embeddings"][a], r.vq_embeddings[b], atol=1e-4)
+        # float32 rounding of the graph's ops against PyTorch's, amplified by the random hidden layer (w2 ~ 0.3)
+        np.testing.assert_allclose(e["embeddings"][a], r.vq_embeddings[b], atol=3e-4 if hidden else 1e-4)
         np.testing.assert_allclose(np.linalg.norm(r.vq_embeddings, axis=1), 1, atol=1e-5)
     print(f"headed codebook: {check.line()}; {rate:.2%} of {n} code bytes equal edge vs server")
     assert rate == 1.0 and n >= 5 * 16

@@ -122,6 +122,8 @@ def save_codebook(
     if quantizer.head is not None:  # its tensors are in the file (head.mean, head.proj): part of the checksum
         h = quantizer.head
         meta["head"] = {"kind": h.kind, "dim_in": h.dim_in, "dim": h.dim, "stats": h.stats}
+        if h.hidden:  # head.w1, head.b1, head.w2 too
+            meta["head"]["hidden"] = h.hidden
     tmp = js_path.with_name(js_path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, js_path)
@@ -238,7 +240,8 @@ def load_codebook(
 
 
 def _load_head(tensors: dict[str, Tensor], meta: Mapping[str, Any], js_path: Path, st_path: Path) -> Any:
-    """The identity head stored in a codebook (``head.mean``, ``head.proj`` tensors + the JSON's ``"head"``), or
+    """The identity head stored in a codebook (``head.mean``, ``head.proj`` tensors, and ``head.w1``, ``head.b1``,
+    ``head.w2`` where the JSON's ``"head"`` lists ``hidden`` units; + the JSON's ``"head"``), or
     None; removes its tensors from ``tensors``. CodebookError where the two disagree."""
     from ..features.head import Head
 
@@ -246,12 +249,16 @@ def _load_head(tensors: dict[str, Tensor], meta: Mapping[str, Any], js_path: Pat
     found = {k.removeprefix("head."): tensors.pop(k) for k in [k for k in tensors if k.startswith("head.")]}
     if listed is None and not found:
         return None
-    if not isinstance(listed, Mapping) or set(found) != {"mean", "proj"}:
-        raise CodebookError(f"{js_path}: the identity head is half there (JSON {'lists' if listed else 'lacks'} it, "
-                            f"the tensor file holds {sorted(found) or 'none of'} its tensors); fit the codebook "
-                            f"again")
+    hidden = isinstance(listed, Mapping) and bool(listed.get("hidden"))  # a head with a hidden layer (kind mlp)
+    if not isinstance(listed, Mapping) or set(found) != {"mean", "proj", *(("w1", "b1", "w2") if hidden else ())}:
+        raise CodebookError(f"{js_path}: the identity head is half there (JSON {'lists' if listed else 'lacks'} it"
+                            f"{' with a hidden layer' if hidden else ''}, the tensor file holds "
+                            f"{sorted(found) or 'none of'} its tensors); fit the codebook again")
     try:
-        head = Head(found["mean"], found["proj"], str(listed.get("kind")))
+        head = Head(found["mean"], found["proj"], str(listed.get("kind")),
+                    mlp=(found["w1"], found["b1"], found["w2"]) if hidden else None)
+        if hidden and head.hidden != listed.get("hidden"):
+            raise ValueError(f"its JSON says {listed.get('hidden')} hidden units, its tensors hold {head.hidden}")
     except ValueError as e:
         raise CodebookError(f"{st_path}: bad identity head ({_one_line(e)})") from None
     head.stats = dict(listed.get("stats") or {}) if isinstance(listed.get("stats"), Mapping) else {}
