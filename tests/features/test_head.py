@@ -100,6 +100,18 @@ def test_choose_head_measures_the_mlp_at_the_linear_heads_setting():
         assert head.kind == "mlp" and head.hidden > 0 and head.stats["chosen"] == report["chosen"]
 
 
+def test_choose_head_falls_back_to_none_when_no_candidate_can_be_fitted(monkeypatch):
+    x, track, frame = identities(5)
+
+    def too_few(*a, **k):
+        raise ValueError("3 same-track and 0 same-frame pairs: too few to learn from")
+
+    monkeypatch.setattr("yolo_vq.features.head.fit_from_tracks", too_few)
+    head, report = choose_head(x, track, frame, kinds=("mlp",), dims=(8,), shrinks=(0.1,))
+    assert head is None and report["chosen"] == {"kind": "none"}
+    assert "no head could be fitted" in report["fallback"] and "too few to learn from" in report["fallback"]
+
+
 def test_whitening_removes_a_dominant_shared_direction_without_labels():
     x, track, frame = identities(2, nuisance=0.0, shared=8.0)
     raw = mean_ap(x, track, frame)

@@ -292,6 +292,10 @@ def choose_head(x: np.ndarray, track: np.ndarray, frame: np.ndarray, *, kinds: S
                 linear = cand
             if kind in kinds and (best is None or cand["validation_map"] > best["validation_map"]):
                 best = cand
+    if best is None:  # every candidate failed to fit (and "none" was not among them)
+        errors = "; ".join(f"{c['kind']}: {c['error']}" for c in report["candidates"] if "error" in c)
+        report.update(chosen={"kind": "none"}, fallback=f"no head could be fitted ({errors}), so none is used")
+        return None, report
     report["chosen"], report["validation_map"] = best, best["validation_map"]
     if best["kind"] == "none":
         return None, report
