@@ -187,9 +187,10 @@ def fit_codebook(
     tracks (the detections are then tracked: ``model.track``): ``"auto"`` chooses among none, the label-free
     whitening, the linear head learned from tracks and the MLP on top of it, and their output sizes (multiples of
     ``code_bytes``), by same-track mAP on the last third of the frames (:func:`~yolo_vq.features.head.choose_head`);
-    ``"whiten"`` / ``"tracks"`` / ``"mlp"`` choose only that kind's settings (against no head); ``"none"`` (default): no head, no tracking. The codebook is trained on the
-    head's outputs and saved with the head; ``log`` (a callable taking a line) hears what was chosen and by which
-    figures. The choice report is in the codebook's JSON (``head.stats``) and ``quantizer.stats["head"]``.
+    ``"whiten"`` / ``"tracks"`` / ``"mlp"`` choose only that kind's settings (against no head); ``"none"``
+    (default): no head, no tracking. The codebook is trained on the head's outputs and saved with the head; ``log``
+    (a callable taking a line) hears what was chosen and by which figures. The choice report is in the codebook's
+    JSON (``head.stats``) and ``quantizer.stats["head"]``.
 
     ``codebook_size`` is what the data supports: PQ training needs at least as many vectors as centroids, so with
     fewer detections (after the ``max_train`` sample) it drops to the largest power of two that fits, down to

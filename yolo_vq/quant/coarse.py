@@ -157,9 +157,7 @@ class CoarseQuantizer:
         if not len(x):
             return np.zeros(0, np.int32)
         if self._assigner is None:
-            inner = self._nested_index(faiss) if self.lists > NESTED_ABOVE else faiss.IndexFlatL2(self.reduced_dim)
-            if inner.ntotal == 0:
-                inner.add(self.centroids)
+            inner = self._nested_index(faiss) if self.lists > NESTED_ABOVE else self._flat_index()
             project = faiss.LinearTransform(self.dim, self.reduced_dim, True)  # x A^T + b: A = proj^T, b = -mean proj
             faiss.copy_array_to_vector(np.ascontiguousarray(self.proj.T).ravel(), project.A)
             faiss.copy_array_to_vector(-self._mean_proj, project.b)
