@@ -66,3 +66,57 @@ def test_bad_batches_are_refused_and_a_failed_store_loses_only_its_own_batch(dat
             w2.add(src, frames_of(x[200:], codebook, 20), vectors=x[200:])
             raise KeyError("the caller fails: the queued batch is dropped")
         assert st.count() == 200
+
+
+def test_a_bulk_load_syncs_beside_the_writer_appends_segments_and_merges_them_once_at_the_end(data, tmp_path,  # noqa: F811
+                                                                                             monkeypatch):
+    from yolo_vq.index import segments
+
+    x = data[0]
+    codebook = make_codebook(tmp_path, x)
+    merges, threads = [], []
+    real_merge, real_sync = segments._merge, segments.sync
+    monkeypatch.setattr(segments, "_merge", lambda *a: merges.append(len(a[2])) or real_merge(*a))
+
+    def sync(store, *a, **kw):
+        import threading
+
+        threads.append((threading.current_thread().name, kw.get("merge")))
+        return real_sync(store, *a, **kw)
+
+    monkeypatch.setattr("yolo_vq.index.upkeep.sync", sync)
+    with new_index(tmp_path, codebook) as st:
+        src = st.add_source(SourceInfo("v.mp4", "v.mp4")).id
+        with BulkWriter(st, load_codebook(st.codebook_path()), every=500) as w:
+            for a in range(0, len(x), 200):
+                w.add(src, frames_of(x[a:a + 200], codebook, a // PER_FRAME), vectors=x[a:a + 200])
+            w.ready()  # the syncs so far are done: appended segments, none merged
+            appended = len(open_lists(st, load_codebook(st.codebook_path()).coarse).segments)
+            assert appended >= 3 and not merges
+            assert threads == [("yolo_vq-sync_0", False)] * appended  # one segment each, of 500-700 rows
+        assert threads[-1] == ("MainThread", True)  # the last sync, at close, merges them all: in one pass
+        lists = open_lists(st, load_codebook(st.codebook_path()).coarse)
+        assert len(merges) == 1 and merges[0] >= len(threads) - 1 and len(lists.segments) == 1 and lists.rows == st.count() == len(x)
+
+
+def test_a_failed_background_sync_is_raised_by_the_next_call_and_loses_nothing(data, tmp_path, monkeypatch):  # noqa: F811
+    x = data[0][:1200]
+    codebook = make_codebook(tmp_path, data[0])
+    real = __import__("yolo_vq.index.upkeep", fromlist=["sync_lists"]).sync_lists
+
+    def full_disk(store, *a, **kw):
+        raise StoreError("no space left on device (a test)")
+
+    with new_index(tmp_path, codebook) as st:
+        src = st.add_source(SourceInfo("v.mp4", "v.mp4")).id
+        w = BulkWriter(st, load_codebook(st.codebook_path()), every=300)
+        monkeypatch.setattr("yolo_vq.index.upkeep.sync_lists", full_disk)
+        w.add(src, frames_of(x[:400], codebook, 0), vectors=x[:400])
+        w.add(src, frames_of(x[400:800], codebook, 40), vectors=x[400:800])  # stores the first: a sync starts
+        with pytest.raises(StoreError, match="no space left"):
+            w.ready()
+        monkeypatch.setattr("yolo_vq.index.upkeep.sync_lists", real)
+        w.add(src, frames_of(x[800:], codebook, 80), vectors=x[800:])
+        assert w.close() == len(x) == st.count()
+        lists = open_lists(st, load_codebook(st.codebook_path()).coarse)
+        assert lists.rows == len(x) and lists.high_water == st.max_id()

@@ -198,3 +198,41 @@ def test_a_damaged_or_foreign_structure_is_named_and_rebuilt(tmp_path, damage):
         assert added == 30 and problem == str(e.value)
         assert contents(lists) == expected(st)
         assert rebuild(st, Coarse(), assign)[1] == 30
+
+
+def test_the_merge_plan_is_the_pairwise_rule_done_in_one_pass():
+    def pairwise(rows):  # the rule as first written: merge the newest two while the newest holds >= 1/4 of the other
+        rows, writes = list(rows), 0
+        while len(rows) >= 2 and 4 * rows[-1] >= rows[-2]:
+            rows[-2:] = [rows[-2] + rows[-1]]
+            writes += rows[-1]
+        return rows, writes
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows = sorted(rng.integers(1, 1000, rng.integers(0, 8)).tolist(), reverse=True) + rng.integers(
+            1, 300, rng.integers(0, 4)).tolist()
+        n = segments._merge_plan(rows)
+        once = rows[:len(rows) - n] + [sum(rows[len(rows) - n:])] if n else rows
+        want, writes = pairwise(rows)
+        assert once == want and (sum(rows[len(rows) - n:]) if n else 0) <= writes
+    assert [segments._merge_plan(r) for r in ([], [7], [1000, 5], [1000, 10, 10, 10], [100, 30, 10, 10])] == [0, 0, 0, 3, 4]
+
+
+def test_syncs_without_merging_append_and_the_next_merging_sync_merges_them_in_one_pass(tmp_path, monkeypatch):
+    with open_store(tmp_path / "idx", create=True) as st:
+        first = 0
+        for k in range(5):
+            add(st, first, 8)
+            first += 8
+            lists, added, _ = sync(st, Coarse(), assign, merge=False)
+            assert added == 40 and len(lists.segments) == k + 1  # appended, never merged
+        assert contents(lists) == expected(st)
+        merges = []
+        real = segments._merge
+        monkeypatch.setattr(segments, "_merge", lambda *a: merges.append(len(a[2])) or real(*a))
+        lists, added, _ = sync(st, Coarse(), assign)  # nothing new: only the merge the no-merge syncs left
+        assert added == 0 and len(lists.segments) == 1 and merges == [5]
+        assert contents(lists) == expected(st) and lists.high_water == st.max_id()
+        assert sorted(p.name for p in lists.folder.iterdir()) == sorted(["lock", "manifest.json",
+                                                                         lists.segments[0].path.name])

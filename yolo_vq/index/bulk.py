@@ -14,25 +14,20 @@ raised by that later call, or by :meth:`BulkWriter.close`; nothing of the failed
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
 
 from ..detections import LIST_ID
 from .store import Frame
-from .upkeep import ListKeeper
+from .upkeep import ListKeeper, _one_faiss_thread
 
-__all__ = ["BulkWriter"]
+__all__ = ["BULK_SYNC_EVERY", "BulkWriter"]
 
-
-def _one_thread() -> None:
-    """The worker's FAISS searches run on its own thread only (OpenMP's setting is per thread: the caller's is
-    untouched): a second OpenMP thread would compete with the thread storing the batch before, not help it."""
-    try:
-        import faiss
-    except ImportError:
-        return
-    faiss.omp_set_num_threads(1)
+# detections between two syncs of a bulk load: each writes one segment, not merged until the load ends (a 10M load: 10
+# segments to search meanwhile; held in memory until synced: ~110 bytes a detection, twice while a sync runs)
+BULK_SYNC_EVERY = 1 << 20
 
 
 class BulkWriter:
@@ -41,18 +36,20 @@ class BulkWriter:
     Args:
         store: the writable store.
         codebook: its loaded codebook (no coarse quantizer: stored without lists, searched flat).
-        every: detections stored between syncs of the lists (:class:`ListKeeper`).
+        every: detections stored between syncs of the lists (:class:`ListKeeper`: in the background, a sync beside
+            the next batches' storing and assignment; segments appended, merged once by the sync :meth:`close` ends
+            with).
 
     ``with BulkWriter(store, codebook) as w: w.add(source_id, frames, vectors=x)``; leaving the block stores the
     last batch and syncs the lists (an exception inside it stores nothing more).
     """
 
-    def __init__(self, store: Any, codebook: Any, **keeper: Any) -> None:
+    def __init__(self, store: Any, codebook: Any, *, every: int = BULK_SYNC_EVERY) -> None:
         self.store = store
-        self.keeper = ListKeeper(store, codebook, **keeper)
+        self.keeper = ListKeeper(store, codebook, every=every, background=True, defer_merges=True)
         self.stored = 0  # detections inserted so far (frames already stored are skipped)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-lists",
-                                                                   initializer=_one_thread)
+                                                                   initializer=_one_faiss_thread)
         self._pending: tuple[int, list[Frame], Future | None] | None = None
 
     def add(self, source_id: int, frames: list[Frame], *, vectors: np.ndarray | None = None,
@@ -73,9 +70,11 @@ class BulkWriter:
         self._pending = (source_id, frames, job)
 
     def ready(self) -> None:
-        """Block until the queued batch's lists are assigned (a caller timing the writer counts all its work)."""
+        """Block until the work handed to the writer so far is done but storing the queued batch: its lists assigned,
+        the background sync finished (a caller timing the writer counts all its work; raises that sync's error)."""
         if self._pending is not None and self._pending[2] is not None:
             self._pending[2].result()
+        self.keeper.wait()
 
     def _finish(self) -> None:
         if self._pending is None:
@@ -98,9 +97,14 @@ class BulkWriter:
         try:
             self._finish()
             self.keeper.sync()
+        except BaseException:
+            with suppress(Exception):  # the first error is the one to see
+                self.keeper.close()
+            raise
         finally:
             self._pool.shutdown()
             self._pool = None
+        self.keeper.close()
         return self.stored
 
     def __enter__(self) -> BulkWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
@@ -113,3 +117,5 @@ class BulkWriter:
             self._pending = None
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+            with suppress(Exception):  # the caller's exception is the one to see
+                self.keeper.close()

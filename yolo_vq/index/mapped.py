@@ -89,9 +89,11 @@ class MappedIVF:
         self._base = np.arange(len(segments), dtype=np.int64)[:, None] * lists  # (segments, 1) first list of each
         # per stacked list: its rows, and its first row's position in its segment (Python ints, for rows())
         self._sizes = np.concatenate([np.diff(s.offsets) for s in segments])
-        self._first_row = np.concatenate([s.offsets[:-1] for s in segments]).tolist()
-        self._codes_at = [int(s.codes_at) for s in segments]
-        self._records_at = [int(s.records_at) for s in segments]
+        # per stacked list: the byte offsets of its first row's codes and record in its segment's file (rows())
+        first = np.concatenate([s.offsets[:-1] for s in segments])
+        seg_of = np.repeat(np.arange(len(segments)), lists)
+        self._code_at = np.array([s.codes_at for s in segments], np.int64)[seg_of] + first * pq.code_size
+        self._record_at = np.array([s.records_at for s in segments], np.int64)[seg_of] + first * RECORD.itemsize
         self._code_size = pq.code_size
         self._maps = [memoryview(s.mapped) for s in segments]
         self._ptr = faiss._swigfaiss.swig_ptr  # past the Python wrappers: one query is ~0.1 ms, each call counts
@@ -143,15 +145,13 @@ class MappedIVF:
         """The rows of the kernel's ``labels`` ((n,) ``stacked list << 32 | position in the list``, all >= 0), in
         order: records read with ``pread``, codes sliced from the map (the kernel has just read them). A few rows:
         Python's byte slices beat numpy's per-call cost here."""
-        cs, size, lists, fds = self._code_size, RECORD.itemsize, self.lists, self._fds
-        maps, first, codes_at, records_at = self._maps, self._first_row, self._codes_at, self._records_at
+        cs, size, fds, maps = self._code_size, RECORD.itemsize, self._fds, self._maps
+        stacked, j = labels >> 32, labels & _POSITION
         codes, records = [], []
-        for label in labels.tolist():
-            stacked, j = label >> 32, label & _POSITION
-            s, row = stacked // lists, first[stacked] + j  # its segment, and its row there
-            at = codes_at[s] + row * cs
-            codes.append(maps[s][at : at + cs])
-            records.append(os.pread(fds[s], size, records_at[s] + row * size))
+        for s, c, r in zip((stacked // self.lists).tolist(), (self._code_at[stacked] + j * cs).tolist(),
+                           (self._record_at[stacked] + j * size).tolist()):
+            codes.append(maps[s][c : c + cs])
+            records.append(os.pread(fds[s], size, r))
         return Rows(np.frombuffer(b"".join(records), np.uint8).reshape(-1, size),
                     np.frombuffer(b"".join(codes), np.uint8).reshape(-1, cs))
 

@@ -26,8 +26,9 @@ else is reported as a :class:`ListsProblem` and the caller rebuilds from ``index
 message, or searches flat.
 
 Growth: each sync writes one segment; then, while the newest segment holds at least a quarter of the rows of the one
-before it, the two are merged (list by list, streaming from the memory maps). Segment sizes thus fall geometrically
-(at most ``log4(N / sync size)`` + 1 segments) and each row is rewritten O(log N) times.
+before it, the two are merged (list by list, streaming from the memory maps; a cascade of such merges is done in one
+pass). Segment sizes thus fall geometrically (at most ``log4(N / sync size)`` + 1 segments) and each row is
+rewritten O(log N) times. A bulk load syncs without merging and merges once at its end (``sync(merge=False)``).
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def _merge(folder: Path, name: str, segs: list[Segment], lists: int, code_size: 
 
 def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *, batch: int = SYNC_BATCH,
          progress: Callable[[int], None] | None = None, held: Sequence[dict[str, np.ndarray]] = (),
-         ) -> tuple[Lists, int, str | None]:
+         merge: bool = True, until: int | None = None) -> tuple[Lists, int, str | None]:
     """Move the detections stored after the structure's high_water into segments (making the structure if there is
     none, or rebuilding it when :func:`open_lists` finds a problem), then merge. Returns ``(lists, rows added,
     problem)``: ``problem`` says why an existing structure was rebuilt (None when it was extended or new).
@@ -387,7 +388,11 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
     ``assign(codes)``: the coarse list of rows stored without one (from their decoded codes). ``held``: the
     :meth:`Store.rows` columns of rows the caller has just committed (each one run of ids, in id order), written
     from memory instead of read back (what is not held, e.g. another writer's rows, is read from the store). Safe
-    against a concurrent writer (a file lock) and concurrent readers (immutable segments, atomic manifest)."""
+    against a concurrent writer (a file lock) and concurrent readers (immutable segments, atomic manifest).
+
+    ``merge=False``: new segments are only appended (a bulk load's syncs: its segments are merged once, by the sync
+    that ends it, instead of the newest rows being rewritten at every sync). ``until``: move no detection past this
+    id (a sync beside a writer: what it commits meanwhile is the next sync's, held in memory for it)."""
     folder = Path(store.directory) / DIR_NAME
     if store.get_meta("index_uuid") is None:
         store.set_meta("index_uuid", uuid.uuid4().hex)
@@ -401,7 +406,7 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
             m["code_size"] = m["code_size"] or 0
         added = 0
         while True:
-            rows = _next_rows(store, m["high_water"], batch, held)
+            rows = _next_rows(store, m["high_water"], batch, held, until)
             if not len(rows["id"]):
                 break
             if not m["code_size"]:
@@ -413,23 +418,33 @@ def sync(store: Any, coarse: Any, assign: Callable[[np.ndarray], np.ndarray], *,
             m["next"] += 1
             m["high_water"] = int(rows["id"][-1])
             added += seg.rows
-            m = _merge_tail(folder, m)
+            if merge:
+                m = _merge_tail(folder, m)
             _save_manifest(folder, m)
             if progress is not None:
                 progress(len(rows["id"]))
+        if merge and _merge_plan([s["rows"] for s in m["segments"]]):  # left unmerged by syncs with merge=False
+            m = _merge_tail(folder, m)
+            _save_manifest(folder, m)
         if not (folder / MANIFEST).exists():
             _save_manifest(folder, m)
         _cleanup(folder, m)
         return open_lists(store, coarse, check=False), added, problem
 
 
-def _next_rows(store: Any, after: int, limit: int, held: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The next (at most ``limit``, at least one where any are stored) rows with ``id > after``: from ``held`` where
-    the held runs continue right after ``after`` (a run owns its id range: nothing else was stored inside it), else
-    from the store, up to where the next held run starts."""
+def _next_rows(store: Any, after: int, limit: int, held: Sequence[dict[str, np.ndarray]],
+               until: int | None = None) -> dict[str, np.ndarray]:
+    """The next (at most ``limit``, at least one where any are stored) rows with ``after < id <= until``: from
+    ``held`` where the held runs continue right after ``after`` (a run owns its id range: nothing else was stored
+    inside it), else from the store, up to where the next held run starts."""
     runs = sorted((r for r in held if len(r["id"]) and r["id"][-1] > after), key=lambda r: int(r["id"][0]))
+    if until is not None:
+        runs = [{k: v[:int(np.searchsorted(r["id"], until, side="right"))] for k, v in r.items()} for r in runs
+                if r["id"][0] <= until]
     if not runs or runs[0]["id"][0] > after + 1:  # rows before the first held run: from the store
-        rows = store.rows(after_id=after, limit=limit, before_id=int(runs[0]["id"][0]) if runs else None)
+        stop = [int(runs[0]["id"][0])] if runs else []
+        stop += [] if until is None else [until + 1]
+        rows = store.rows(after_id=after, limit=limit, before_id=min(stop) if stop else None)
         if len(rows["id"]) or not runs:
             return rows
         after = int(runs[0]["id"][0]) - 1  # nothing listed was stored before the first held run
@@ -454,14 +469,26 @@ def set_calibration(store: Any, coarse: Any, calibration: dict[str, Any]) -> Non
         _save_manifest(folder, m)
 
 
+def _merge_plan(rows: Sequence[int]) -> int:
+    """How many of the newest segments (``rows``: each segment's rows, oldest first) to merge into one: while the
+    newest holds at least a quarter of the rows of the one before it, the two would be merged, and so on with the
+    merged one; merged in one pass (each row written once, not once per step of the cascade). 0 or 1: none."""
+    tail, n = rows[-1] if rows else 0, 1
+    while n < len(rows) and 4 * tail >= rows[-n - 1]:
+        tail += rows[-n - 1]
+        n += 1
+    return n if n >= 2 else 0
+
+
 def _merge_tail(folder: Path, m: dict[str, Any]) -> dict[str, Any]:
     segs = m["segments"]
-    while len(segs) >= 2 and 4 * segs[-1]["rows"] >= segs[-2]["rows"]:
-        a, b = (_open_segment(folder / s["file"], m["lists"], m["code_size"]) for s in segs[-2:])
+    n = _merge_plan([s["rows"] for s in segs])
+    if n:
+        parts = [_open_segment(folder / s["file"], m["lists"], m["code_size"]) for s in segs[-n:]]
         name = f"seg-{m['next']:06d}.ivf"
-        merged = _merge(folder, name, [a, b], m["lists"], m["code_size"])
+        merged = _merge(folder, name, parts, m["lists"], m["code_size"])
         m["next"] += 1
-        segs[-2:] = [{"file": name, "rows": merged.rows}]
+        segs[-n:] = [{"file": name, "rows": merged.rows}]
     return m
 
 

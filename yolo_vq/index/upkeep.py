@@ -11,7 +11,9 @@ unchanged) and builds the lists.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,16 @@ __all__ = ["SYNC_EVERY", "ListKeeper", "UpgradeSummary", "held_rows", "upgrade"]
 
 SYNC_EVERY = 1 << 18  # stored detections between two syncs while indexing (a sync of them: ~16 MB written)
 RECALIBRATE_GROWTH = 4  # the default nprobe is measured again once the lists hold this many times the rows it was
+
+
+def _one_faiss_thread() -> None:
+    """A helper thread's FAISS work runs on that thread only (OpenMP's setting is per thread: the caller's is
+    untouched): beside a thread storing detections, a second OpenMP thread would compete with it, not help it."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(1)
 
 
 def sync_lists(store: Any, codebook: Any, **kwargs: Any) -> tuple[Lists, int, str | None]:
@@ -55,13 +67,25 @@ class ListKeeper:
         store: the writable store.
         codebook: its loaded codebook (``coarse`` None: no lists).
         every: detections stored between syncs.
+        background: run the syncs :meth:`stored` starts in a thread of their own (with a read connection of their
+            own to the store), beside the writer's next batches instead of between them; at most one at a time (a
+            new one waits for the one before), its error raised by the next :meth:`stored`, :meth:`sync`,
+            :meth:`wait` or :meth:`close`. Call :meth:`close` when done.
+        defer_merges: the syncs :meth:`stored` starts only append segments; :meth:`sync` merges them (a bulk load:
+            each row rewritten once at its end instead of at every sync while its segment is among the newest).
     """
 
-    def __init__(self, store: Any, codebook: Any, *, every: int = SYNC_EVERY) -> None:
-        self.store, self.codebook, self.every = store, codebook, every
+    def __init__(self, store: Any, codebook: Any, *, every: int = SYNC_EVERY, background: bool = False,
+                 defer_merges: bool = False) -> None:
+        self.store, self.codebook, self.every, self.defer_merges = store, codebook, every, defer_merges
         self.pending = 0
         self.problem: str | None = None  # why the last sync rebuilt the lists (None: extended or new)
         self._held: list[dict[str, np.ndarray]] = []  # the search columns of rows committed since the last sync
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-sync", initializer=_one_faiss_thread)
+                      if background and self.active else None)
+        self._running: Future | None = None  # the background sync in flight
+        self._last_id = 0  # the largest id this keeper was told of: a background sync moves none past it
+        self._reader: Any = None  # the sync thread's own connection to the store (opened, and closed, there)
 
     @property
     def active(self) -> bool:
@@ -81,22 +105,68 @@ class ListKeeper:
     def stored(self, source_id: int, frames: Sequence[Frame], ids: np.ndarray) -> None:
         """``frames`` of ``source_id`` were committed, their detections given ``ids`` (what ``Store.add_frames``
         returned): keep their search columns for the next sync, which then writes them without reading them back
-        from the store; sync once :attr:`every` have gathered."""
+        from the store; sync once :attr:`every` have gathered (in the background where the keeper was made so)."""
         self.pending += len(ids)
         if not self.active:
             return
+        if len(ids):
+            self._last_id = max(self._last_id, int(ids[-1]))
         if rows := held_rows(source_id, frames, ids):
             self._held.append(rows)
         if self.pending >= self.every:
-            self.sync()
+            if self._pool is None:
+                self.sync(merge=False) if self.defer_merges else self.sync()
+            else:
+                self.wait()  # one at a time: the held rows of at most two syncs in memory
+                if self.store.get_meta("index_uuid") is None:  # sync's one write to the store: on the writer's own
+                    self.store.set_meta("index_uuid", uuid.uuid4().hex)  # connection, not beside its transactions
+                held, self._held, self.pending = self._held, [], 0
+                self._running = self._pool.submit(self._sync_beside, held, self._last_id)
 
-    def sync(self) -> int:
-        """Move every committed detection not yet in the lists into them; returns how many moved."""
+    def _sync_beside(self, held: list[dict[str, np.ndarray]], until: int) -> int:
+        """A sync in the background thread, reading the store through that thread's own connection, of the rows up to
+        id ``until`` (those committed meanwhile are held for the next one)."""
+        if self._reader is None:
+            from .registry import open_store
+
+            self._reader = open_store(self.store.directory, readonly=True)
+        _, added, self.problem = sync_lists(self._reader, self.codebook, held=held, merge=not self.defer_merges,
+                                            until=until)
+        return added
+
+    def wait(self) -> int:
+        """Block until the background sync in flight (if any) is done; returns how many detections it moved.
+
+        Raises:
+            Exception: that sync's error (e.g. a full disk): its rows stay in ``index.db`` and the next sync moves
+                them."""
+        running, self._running = self._running, None
+        return 0 if running is None else running.result()
+
+    def sync(self, *, merge: bool = True) -> int:
+        """Move every committed detection not yet in the lists into them (on the calling thread, after the background
+        sync in flight), and merge segments as :func:`segments.sync` does (``merge=False``: append only); returns
+        how many moved."""
         if not self.active:
             return 0
+        added = self.wait()
         held, self._held, self.pending = self._held, [], 0
-        _, added, self.problem = sync_lists(self.store, self.codebook, held=held)
-        return added
+        _, more, self.problem = sync_lists(self.store, self.codebook, held=held, merge=merge)
+        return added + more
+
+    def close(self) -> None:
+        """Wait for the background sync, then end its thread (its store connection closed there). Idempotent; the
+        rows not synced yet stay in ``index.db`` (call :meth:`sync` first to move them)."""
+        if self._pool is None:
+            return
+        try:
+            self.wait()
+        finally:
+            if self._reader is not None:
+                self._pool.submit(self._reader.close).result()
+                self._reader = None
+            self._pool.shutdown()
+            self._pool = None
 
 
 def held_rows(source_id: int, frames: Sequence[Frame], ids: np.ndarray) -> dict[str, np.ndarray] | None:
