@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 CHUNK = 1 << 16  # rows per transaction and per seed
-WINDOW = 8  # chunks made ahead (~2.3 GB of float vectors), then added back to back: the timed part of the build
+WINDOW = 16  # chunks made ahead (~4.6 GB of float vectors), then added back to back: the timed part of the build
 PER_FRAME, FPS, SOURCES, CLASSES = 20, 10.0, 10, 10
 ENCODED_UP_TO = 10_000_000  # rows beyond it re-use encoded chunks (see the module docstring)
 DB_BYTES_PER_ROW, LIST_BYTES_PER_ROW = 150, 116  # measured at 10M (index.db incl. its indexes; a list row): disk check
