@@ -335,3 +335,22 @@ def test_the_lists_kernel_is_safe_from_several_threads(index, data):
         with ThreadPoolExecutor(3) as pool:
             for p, got in pool.map(run, [1, 3, 8] * 4):
                 assert got == want[p]
+
+
+@pytest.mark.parametrize("k", [1, 10, 700, 5000])
+def test_one_query_the_short_way_equals_the_batched_search(index, data, k):
+    # Memory.search answers a lone unfiltered query through ListSearch.nearest_rows (no batch arrays); a batch of
+    # two takes the general path: the same rows, fields and scores (k beyond a few lists' rows: more lists probed;
+    # beyond every row: what is stored)
+    with Memory(index, mode="ivf") as mem:
+        assert mem.lists.mapped is not None
+        for q in data[1][:5]:
+            assert mem._nearest(q, k, 2) is not None  # the short way answers it
+            one = mem.search(q, k, nprobe=2)[0]
+            two = mem.search(np.stack([q, q]), k, nprobe=2)
+            assert len(one) == min(k, len(data[0])) and len(two[0]) == len(one) and len(two[1]) == len(one)
+            for name in ("xyxy", "confidence", "class_id", "track_id", "codes"):
+                assert np.array_equal(getattr(one, name), getattr(two[0], name)), name
+            assert set(one.data) == set(two[0].data)
+            for name in one.data:
+                assert np.array_equal(one.data[name], two[0].data[name]), name

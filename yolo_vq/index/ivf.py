@@ -30,7 +30,7 @@ import numpy as np
 from ..detections import Detections
 from .filters import RowFilter
 from .mapped import MappedIVF, Rows
-from .segments import RECORD, Lists
+from .segments import Lists
 
 __all__ = ["CALIBRATION_TARGET", "ListSearch", "calibrate", "decode_codes", "default_nprobe", "lists_of_codes",
            "merge_topk"]
@@ -123,27 +123,41 @@ class ListSearch:
             rows.append(r)
         return dist, ids, slot, rows
 
+    def nearest_rows(self, q: np.ndarray, lists: np.ndarray, k: int, p: int) -> tuple[np.ndarray, Rows]:
+        """An unfiltered search of one query ``q`` (D,) float32 C-contiguous whose ``p`` nearest lists are ``lists``,
+        through the segments' kernel (``self.mapped`` not None): ``(dist, rows)``, ``dist`` (k,) ascending (``inf``
+        past the rows found, where the lists hold fewer than ``k`` even after probing more) and the :class:`Rows`
+        found, in that order (ties by id, as the flat scan orders them)."""
+        n_lists = self.lists.lists
+        d, labels, seen = self._mapped.search(q, lists, k)
+        while seen is not None and seen < k and p < n_lists:  # fewer rows than asked for: probe more
+            p = min(n_lists, 2 * p)
+            d, labels, seen = self._mapped.search(q, self.coarse.probe(q[None], p)[0], k)
+        n = k if labels[-1] >= 0 else int((labels >= 0).sum())  # the rows found come first
+        rows = self._mapped.rows(labels[:n])
+        dl = d[:n].tolist()
+        if len(set(dl)) < n:  # ties (d ascends: equal values are neighbours) ordered by id, as flat scans
+            order = np.lexsort((rows.records["id"], d[:n]))
+            d[:n], rows = d[:n][order], rows.take(order)
+        return d, rows
+
+    @property
+    def mapped(self) -> MappedIVF | None:
+        """The segments' one-call kernel (None: FAISS missing or too old, no segments, no ``pread``)."""
+        return self._mapped
+
     def _one(self, q: np.ndarray, lists: np.ndarray, k: int, p: int, where: RowFilter | None,
              keep: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rows | None]:
         """:meth:`search` of one query ``q`` (D,) whose ``p`` nearest lists are ``lists``: ``(dist, ids, slot)``,
         (k,) each, and its rows."""
         n_lists = self.lists.lists
         if where is None and keep is None and self._mapped is not None:
-            d, labels, seen = self._mapped.search(q, lists, k)
-            while seen is not None and seen < k and p < n_lists:  # fewer rows than asked for: probe more
-                p = min(n_lists, 2 * p)
-                d, labels, seen = self._mapped.search(q, self.coarse.probe(q[None], p)[0], k)
-            n = k if labels[-1] >= 0 else int((labels >= 0).sum())  # the rows found come first
-            rows = self._mapped.rows(labels[:n])
+            d, rows = self.nearest_rows(q, lists, k, p)
+            n = len(rows.records)
             slot = np.arange(k)
             ids = rows.records["id"] if n == k else np.r_[rows.records["id"], np.full(k - n, -1, np.int64)]
             if n < k:
                 slot[n:] = -1
-            dl = d.tolist()
-            if len(set(dl)) < len(dl):  # ties (d ascends: equal values are neighbours) ordered by id, as flat scans
-                order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), d))
-                d, ids = d[order], ids[order]
-                rows = rows.take(order[:n])  # the rows found (finite distances) stay first: slot is unchanged
             return d, np.ascontiguousarray(ids), slot, rows
         codes, row_ids, kept, seen = self._gather(lists, where, keep)
         if where is not None and seen and kept < seen:
@@ -172,7 +186,7 @@ class ListSearch:
         if slot is None:
             rec, codes = rows.records, rows.codes
         else:
-            rec, codes = rows.raw[slot].view(RECORD)[:, 0], rows.codes[slot]
+            rec, codes = rows.records[slot], rows.codes[slot]
         c = np.ascontiguousarray
         return Detections.of_arrays(
             c(rec["xyxy"]), confidence=c(rec["confidence"]), class_id=rec["class_id"].astype(np.int64),

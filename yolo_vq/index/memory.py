@@ -252,12 +252,12 @@ class Memory:
         """The lists a query scans (None in flat mode): ``nprobe``, else the Memory's, else the one calibrated when
         the lists were last synced (recall@10 >= 0.95 against the flat scan), else
         :func:`~yolo_vq.index.ivf.default_nprobe`."""
-        from .ivf import default_nprobe
-
         nprobe = _check_nprobe(nprobe) if nprobe is not None else None
         if self.lists is None:
             return None
         if self._lists_nprobe is None:  # the lists' own default: they never change (a refresh opens new ones)
+            from .ivf import default_nprobe
+
             n, cal = self.lists.lists.lists, self.lists.lists.calibration
             self._lists_nprobe = (n, cal["nprobe"] if cal else default_nprobe(n))
         n, default = self._lists_nprobe
@@ -485,6 +485,21 @@ class Memory:
         q = Tile(placeholder(text="query: not shown") if query is None else query, "query")
         return contact_sheet(q, tiles, columns=columns, title=f"top {len(tiles)} of {len(self)}")
 
+    def _nearest(self, q: np.ndarray, k: int, nprobe: int | str | None) -> Detections | None:
+        """:meth:`search`'s common case the short way: one query (D,), no filter, nothing excluded or re-ranked, the
+        lists searched by their one-call kernel with no tail beside them (else None: the general path answers)."""
+        lst = self.lists
+        if lst is None or lst.mapped is None or len(self.scan) or not lst.rows:
+            return None
+        p = self.effective_nprobe(nprobe)
+        if p >= lst.lists.lists:  # every list: scanned in batches by the general path
+            return None
+        q = np.ascontiguousarray(q)
+        d, rows = lst.nearest_rows(q, lst.coarse.probe(q[None], p)[0], min(k, lst.rows), p)
+        score = d[: len(rows.records)] * _MINUS_HALF
+        score += 1  # cosine of unit vectors from their squared distance
+        return lst.detections(rows, None, score=score)
+
     def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), rerank: int | None = None,
                nprobe: int | None = None, per_track: int | None = None, **filters) -> list[Detections]:
         """Top-``k`` stored detections per query vector (q, D), best first, with ``data['score']``.
@@ -519,8 +534,11 @@ class Memory:
             queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
             return [self._per_track(q, k, int(per_track), exclude, rerank, nprobe, filters) for q in queries]
         where = self.where(**filters) if filters else None
-        exclude = np.unique(np.asarray(exclude, dtype=np.int64)) if len(exclude) else ()
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.codebook.dim)
+        if (where is None and not len(exclude) and rerank is None and len(queries) == 1
+                and (found := self._nearest(queries[0], k, nprobe)) is not None):
+            return [found]
+        exclude = np.unique(np.asarray(exclude, dtype=np.int64)) if len(exclude) else ()
         # the query's own ids are not a filter: ask for as many more results as are excluded, and drop them
         extra = len(exclude)
         tail = len(self.scan)  # in ivf mode the tail, else every row
