@@ -18,10 +18,12 @@ are not encoded again: chunk ``c`` takes the codes and lists of chunk ``c mod (1
 sub-codes re-drawn at random per row (list kept), under new ids, sources and times. Classes: 10 ids drawn uniformly
 (a class filter keeps ~10%); 10 sources (cameras), 20 detections per frame, 10 fps.
 
-The write path: ``Store.add_frames`` (one transaction per chunk) with each row's list assigned from its float vector
-(``CoarseQuantizer.assign``) and the lists synced every ``SYNC_EVERY`` rows (``ListKeeper``), as the indexer does;
-the add rate counts assignment + store + sync (not the synthetic vectors' generation, their PQ encoding and the
-``Detections`` objects holding them, which an indexer's predict makes).
+The write path: the bulk path ``yolo_vq.index.bulk.BulkWriter``: ``Store.add_frames`` (one transaction per chunk),
+each row's list assigned from its float vector (``CoarseQuantizer.assign``, in a worker thread one chunk ahead), the
+lists synced every ``BULK_SYNC_EVERY`` rows in a thread of their own and merged at the end. The add rate counts
+assignment + store + sync, timed over ``WINDOW`` chunks added back to back and waited for (``ready``): not the
+synthetic vectors' generation, their PQ encoding and the ``Detections`` objects holding them, which an indexer's
+predict makes, and which are made for a window before it, while none of the writer's work runs.
 
 Stores live in ``$YOLO_VQ_CACHE/search_scale/<rows>/`` (default ``~/.cache/yolo_vq``), never in the repository; each
 size's results are written to ``<cache>/search_scale/results.json`` for ``benchmarks/plot_search_scale.py``.

@@ -87,7 +87,6 @@ class MappedIVF:
         self._one_segment = len(segments) == 1
         # per stacked list: its rows, and its first row's position in its segment (Python ints, for rows())
         self._sizes = np.concatenate([np.diff(s.offsets) for s in segments])
-        # per stacked list, its first row's position in its segment (Python ints, for rows(): ~36 bytes a list)
         self._first_row = np.concatenate([s.offsets[:-1] for s in segments]).tolist()
         self._codes_at = [int(s.codes_at) for s in segments]
         self._records_at = [int(s.records_at) for s in segments]

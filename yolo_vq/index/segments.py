@@ -472,7 +472,7 @@ def set_calibration(store: Any, coarse: Any, calibration: dict[str, Any]) -> Non
 def _merge_plan(rows: Sequence[int]) -> int:
     """How many of the newest segments (``rows``: each segment's rows, oldest first) to merge into one: while the
     newest holds at least a quarter of the rows of the one before it, the two would be merged, and so on with the
-    merged one; merged in one pass (each row written once, not once per step of the cascade). 0 or 1: none."""
+    merged one; merged in one pass (each row written once, not once per step of the cascade). 0: none."""
     tail, n = rows[-1] if rows else 0, 1
     while n < len(rows) and 4 * tail >= rows[-n - 1]:
         tail += rows[-n - 1]

@@ -114,8 +114,10 @@ class ListKeeper:
         if rows := held_rows(source_id, frames, ids):
             self._held.append(rows)
         if self.pending >= self.every:
-            if self._pool is None:
-                self.sync(merge=False) if self.defer_merges else self.sync()
+            if self._pool is None and self.defer_merges:
+                self.sync(merge=False)
+            elif self._pool is None:
+                self.sync()
             else:
                 self.wait()  # one at a time: the held rows of at most two syncs in memory
                 if self.store.get_meta("index_uuid") is None:  # sync's one write to the store: on the writer's own
