@@ -21,7 +21,7 @@ import numpy as np
 
 from ..detections import LIST_ID
 from .store import Frame
-from .upkeep import ListKeeper, _one_faiss_thread
+from .upkeep import ListKeeper, faiss_on_one_thread
 
 __all__ = ["BULK_SYNC_EVERY", "BulkWriter"]
 
@@ -49,7 +49,7 @@ class BulkWriter:
         self.keeper = ListKeeper(store, codebook, every=every, background=True, defer_merges=True)
         self.stored = 0  # detections inserted so far (frames already stored are skipped)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-lists",
-                                                                   initializer=_one_faiss_thread)
+                                                                   initializer=faiss_on_one_thread)
         self._pending: tuple[int, list[Frame], Future | None] | None = None
 
     def add(self, source_id: int, frames: list[Frame], *, vectors: np.ndarray | None = None,

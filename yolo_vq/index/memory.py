@@ -65,6 +65,13 @@ FLAT_BELOW = 200_000
 TRACK_WINDOW = 15
 
 
+def _cosine(d: np.ndarray) -> np.ndarray:
+    """Cosine similarities of unit vectors from their squared distances ``d`` (float32): ``1 - d / 2``."""
+    score = d * _MINUS_HALF
+    score += 1
+    return score
+
+
 class Memory:
     """Search stored detections by visual similarity.
 
@@ -496,9 +503,7 @@ class Memory:
             return None
         q = np.ascontiguousarray(q)
         d, rows = lst.nearest_rows(q, lst.coarse.probe(q[None], p)[0], min(k, lst.rows), p)
-        score = d[: len(rows.records)] * _MINUS_HALF
-        score += 1  # cosine of unit vectors from their squared distance
-        return lst.detections(rows, None, score=score)
+        return lst.detections(rows, None, score=_cosine(d[: len(rows.records)]))
 
     def search(self, vectors: np.ndarray, k: int = 10, *, exclude: Sequence[int] = (), rerank: int | None = None,
                nprobe: int | None = None, per_track: int | None = None, **filters) -> list[Detections]:
@@ -571,8 +576,7 @@ class Memory:
                     keep &= ~np.isin(i, exclude)
                     keep &= np.cumsum(keep) <= want
             if rerank is None:
-                score = d[keep] * _MINUS_HALF
-                score += 1  # cosine of unit vectors from their squared distance
+                score = _cosine(d[keep])
                 if rows is not None and rows[r] is not None and not merged and keep is _EVERY:  # rows in order
                     out.append(self.lists.detections(rows[r], None, score=score))
                 elif rows is not None and rows[r] is not None and (s := slot[r][keep]).min(initial=0) >= 0:

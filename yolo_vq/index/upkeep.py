@@ -30,7 +30,7 @@ SYNC_EVERY = 1 << 18  # stored detections between two syncs while indexing (a sy
 RECALIBRATE_GROWTH = 4  # the default nprobe is measured again once the lists hold this many times the rows it was
 
 
-def _one_faiss_thread() -> None:
+def faiss_on_one_thread() -> None:
     """A helper thread's FAISS work runs on that thread only (OpenMP's setting is per thread: the caller's is
     untouched): beside a thread storing detections, a second OpenMP thread would compete with it, not help it."""
     try:
@@ -81,7 +81,7 @@ class ListKeeper:
         self.pending = 0
         self.problem: str | None = None  # why the last sync rebuilt the lists (None: extended or new)
         self._held: list[dict[str, np.ndarray]] = []  # the search columns of rows committed since the last sync
-        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-sync", initializer=_one_faiss_thread)
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="yolo_vq-sync", initializer=faiss_on_one_thread)
                       if background and self.active else None)
         self._running: Future | None = None  # the background sync in flight
         self._last_id = 0  # the largest id this keeper was told of: a background sync moves none past it
